@@ -1,0 +1,149 @@
+"""CacheBlend: fuse cached chunk KV into one prompt and recompute only the tokens that deviate.
+
+Modes (the project's vocabulary):
+    full    no reuse: every prompt token computed at every layer.
+    prefix  what prefix caching gives: the prefix and the leading chunk reused, the rest computed.
+    reuse   every chunk reused as cached, only the question computed.
+    blend   every chunk reused, then selective recomputation (Yao et al., CacheBlend, 2024):
+            layers [0, check_layer] recompute all reused tokens; at check_layer the fraction r
+            whose K or V deviates most from the cache is kept, and from there on only those
+            tokens and the question are recomputed, their fresh K/V written into the fused
+            buffer. r=0 is `reuse`, r=1 recomputes every chunk token (full prefill's KV).
+
+Buffer layout of a prompt with prefix P, chunks L1..Ln and question Q:
+
+    slots  [0, P)        prefix   cached, exact (it is a true prefix)
+           [P, P+L1)     chunk 1  cached, exact: computed after this very prefix at these positions
+           [P+L1, C)     chunks 2..n  cached, deviate (they never saw the chunks before them)
+           [C, T)        question computed in every mode
+
+Only chunks 2..n are blend candidates: chunk 1's KV already equals full prefill's, so
+recomputing it would be work for nothing. Attention masks are exact causal: a recomputed
+token sees slots up to its own, never the later chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ragcache.engine.forward import RunOutput, TokenRun, run_tokens
+from ragcache.engine.kvbuffer import KVBuffer
+from ragcache.engine.prompt import PromptParts
+from ragcache.engine.stack import DecoderStack
+from ragcache.kv import KVChunk
+
+MODES = ("full", "prefix", "reuse", "blend")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """check_layer: the layer whose deviation picks the tokens (the paper and its code use 1).
+    deviation: 'value' (the paper's code) or 'key'."""
+
+    check_layer: int = 1
+    deviation: str = "value"
+
+    def __post_init__(self) -> None:
+        if self.check_layer < 0:
+            raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
+        if self.deviation not in ("value", "key"):
+            raise ValueError(f"deviation must be 'value' or 'key', got {self.deviation!r}")
+
+
+@dataclass(frozen=True)
+class BlendResult:
+    buffer: KVBuffer  # the fused KV, length = prompt tokens, room for decoding after
+    last_logits: torch.Tensor  # (vocab,) float32: the first generated token's distribution
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV was taken from cache
+    recomputed_tokens: int  # cached tokens recomputed past the check layer
+    recomputed_fraction: float  # (token, layer) K/V entries computed / full prefill's
+
+
+class DeviationSelector:
+    """Keeps the top-ratio candidates by KV deviation at one layer, plus every non-candidate.
+
+    The run's first num_candidates tokens are the candidates (reused chunk tokens); the
+    rest (the question) are always kept.
+    """
+
+    def __init__(self, layer: int, ratio: float, deviation: str, num_candidates: int) -> None:
+        self.layer = layer
+        self.ratio = ratio
+        self.deviation = deviation
+        self.num_candidates = num_candidates
+        self.chosen_slots: torch.Tensor | None = None
+
+    def select(self, layer, buffer, slots, keys, values):
+        if layer != self.layer:
+            return None
+        n = self.num_candidates
+        cached_all = buffer.values if self.deviation == "value" else buffer.keys
+        cached = cached_all[layer, :, slots[:n]]  # (kv_heads, n, dim), as reused
+        fresh = (values if self.deviation == "value" else keys)[:, :n]
+        deviation = (fresh.float() - cached.float()).square().sum(dim=(0, 2))  # (n,)
+        count = min(n, max(1, round(self.ratio * n)))
+        chosen = deviation.topk(count).indices.sort().values
+        self.chosen_slots = slots[chosen]
+        return torch.cat([chosen, torch.arange(n, slots.shape[0], device=slots.device)])
+
+
+def blend(
+    stack: DecoderStack,
+    parts: PromptParts,
+    prefix_kv: KVChunk | None,
+    chunk_kvs: Sequence[KVChunk],
+    *,
+    mode: str = "blend",
+    ratio: float = 0.15,
+    config: BlendConfig = BlendConfig(),
+    extra_capacity: int = 0,
+) -> BlendResult:
+    """Build the prompt's KV in buffer by the given mode; return it with the last token's logits."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"blend ratio must be in [0, 1], got {ratio}")
+    ids = torch.tensor(parts.all_ids, device=stack.device)
+    total = ids.shape[0]
+    buffer = KVBuffer(stack, total + extra_capacity)
+    buffer.length = total
+    if mode == "full":
+        out = run_tokens(stack, buffer, TokenRun.contiguous(ids, 0))
+        return _result(stack, buffer, out, total, cached=0, recomputed=0)
+
+    placed = [prefix_kv, *(chunk_kvs[:1] if mode == "prefix" else chunk_kvs)]
+    cos, sin = stack.rope_tables(torch.arange(total, device=stack.device))
+    end = 0
+    for kv in placed:
+        buffer.place(kv, end, cos[end : end + kv.num_tokens], sin[end : end + kv.num_tokens])
+        end += kv.num_tokens
+    exact_end = len(parts.prefix_ids) + (len(parts.chunk_ids[0]) if parts.chunk_ids else 0)
+    num_candidates = end - exact_end
+    selector = None
+    if mode != "blend" or ratio == 0.0 or num_candidates == 0:
+        start = end  # compute only what follows the reused KV
+    else:
+        start = exact_end
+        if ratio < 1.0:
+            selector = DeviationSelector(config.check_layer, ratio, config.deviation, num_candidates)
+    out = run_tokens(stack, buffer, TokenRun.contiguous(ids[start:], start), selector=selector)
+    if selector is not None:
+        recomputed = int(selector.chosen_slots.shape[0])
+    else:
+        recomputed = end - start if start < end else 0
+    return _result(stack, buffer, out, total, cached=end, recomputed=recomputed)
+
+
+def _result(stack: DecoderStack, buffer: KVBuffer, out: RunOutput, total: int, cached: int, recomputed: int):
+    return BlendResult(
+        buffer=buffer,
+        last_logits=stack.logits(out.hidden[-1:])[0],
+        prompt_tokens=total,
+        cached_tokens=cached,
+        recomputed_tokens=recomputed,
+        recomputed_fraction=out.token_layers / (total * stack.num_layers),
+    )

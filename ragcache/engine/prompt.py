@@ -1,0 +1,113 @@
+"""Turn a question and its documents into token ids: system prefix, one chunk per document, suffix.
+
+The model's chat template is rendered once with a marker where the documents go and split
+there, and each piece is tokenised on its own, so a document's tokens never depend on its
+neighbours: that is what lets its KV be reused anywhere. Full prefill uses the very same
+ids, so modes differ only in how KV is obtained, never in the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ragcache.engine.errors import InvalidRequestError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question using the documents the user provides. "
+    "Answer briefly."
+)
+_DOCUMENTS_MARK = "\x00ragcache-documents\x00"
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    max_documents: int = 64
+    max_chunk_tokens: int = 4096
+    max_prompt_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        for name in ("max_documents", "max_chunk_tokens", "max_prompt_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """Token ids of a RAG prompt in the order the model reads them: prefix, chunks..., suffix."""
+
+    prefix_ids: tuple[int, ...]
+    chunk_ids: tuple[tuple[int, ...], ...]
+    suffix_ids: tuple[int, ...]
+
+    @property
+    def all_ids(self) -> list[int]:
+        return [*self.prefix_ids, *(t for chunk in self.chunk_ids for t in chunk), *self.suffix_ids]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prefix_ids) + self.num_chunk_tokens + len(self.suffix_ids)
+
+    @property
+    def num_chunk_tokens(self) -> int:
+        return sum(len(chunk) for chunk in self.chunk_ids)
+
+
+def document_text(document: str) -> str:
+    """How a document appears in the prompt: stripped, followed by a blank line."""
+    return document.strip() + "\n\n"
+
+
+def encode(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_documents(tokenizer, documents: Sequence[str], limits: PromptLimits) -> list[tuple[int, ...]]:
+    """Token ids of each document as a chunk; empty or over-long documents are refused by index."""
+    if len(documents) > limits.max_documents:
+        raise InvalidRequestError(f"documents: {len(documents)} given, at most {limits.max_documents} allowed")
+    chunks = []
+    for index, document in enumerate(documents):
+        if not isinstance(document, str) or not document.strip():
+            raise InvalidRequestError(f"documents[{index}] is empty")
+        ids = encode(tokenizer, document_text(document))
+        if len(ids) > limits.max_chunk_tokens:
+            raise InvalidRequestError(
+                f"documents[{index}] has {len(ids)} tokens, more than the limit of {limits.max_chunk_tokens}"
+            )
+        chunks.append(ids)
+    return chunks
+
+
+def split_template(tokenizer, system_prompt: str, question: str, has_documents: bool) -> tuple[str, str]:
+    """The rendered chat prompt before and after the documents."""
+    if has_documents:
+        user = f"Documents:\n\n{_DOCUMENTS_MARK}Question: {question}"
+    else:
+        user = f"{_DOCUMENTS_MARK}{question}"
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        rendered = f"System: {system_prompt}\n\nUser: {user}\n\nAssistant:"
+    before, _, after = rendered.partition(_DOCUMENTS_MARK)
+    return before, after
+
+
+def build_rag_prompt(
+    tokenizer,
+    question: str,
+    documents: Sequence[str] = (),
+    system_prompt: str | None = None,
+    limits: PromptLimits = PromptLimits(),
+) -> PromptParts:
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidRequestError("question is empty")
+    chunks = encode_documents(tokenizer, documents, limits)
+    before, after = split_template(tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT, question.strip(), bool(chunks))
+    parts = PromptParts(encode(tokenizer, before), tuple(chunks), encode(tokenizer, after))
+    if parts.num_tokens > limits.max_prompt_tokens:
+        raise InvalidRequestError(
+            f"prompt has {parts.num_tokens} tokens, more than the limit of {limits.max_prompt_tokens}"
+        )
+    return parts

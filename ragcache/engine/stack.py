@@ -1,0 +1,89 @@
+"""The model's decoder layers, run one at a time on any subset of tokens.
+
+Blending recomputes different tokens at different layers, which transformers' forward
+cannot express, so the runner drives the Llama-shaped layers itself: the same modules
+and weights (norms, projections, rotary tables, MLP), with its own attention mask and KV
+buffer. tests/test_stack.py holds this against the model's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ragcache.kernels import apply_rope
+
+
+class DecoderStack:
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = model.config
+        self.model = model
+        self.layers = model.model.layers
+        self.embed_tokens = model.model.embed_tokens
+        self.norm = model.model.norm
+        self.rotary = model.model.rotary_emb
+        self.lm_head = model.lm_head
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.windows = layer_windows(config)
+        self.device = self.embed_tokens.weight.device
+        self.dtype = self.embed_tokens.weight.dtype
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids)  # (tokens, hidden)
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (tokens, head_dim) from the model's rotary module (scaling included)."""
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self.rotary(probe, positions.to(self.device)[None])
+        return cos[0], sin[0]
+
+    def project_qkv(
+        self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (heads, tokens, dim) rotated; k_raw pre-RoPE, k rotated, v: (kv_heads, tokens, dim)."""
+        attn = self.layers[layer].self_attn
+        normed = self.layers[layer].input_layernorm(hidden)
+        num_tokens = hidden.shape[0]
+        q = attn.q_proj(normed).view(num_tokens, self.num_heads, self.head_dim).transpose(0, 1)
+        k_raw = attn.k_proj(normed).view(num_tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(normed).view(num_tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        return apply_rope(q, cos, sin), k_raw, apply_rope(k_raw, cos, sin), v
+
+    def attend_and_mlp(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention of q over keys/values (kv_heads, slots, dim) under mask (tokens, slots), then the MLP.
+
+        mask is boolean, True where a query may attend; None means every slot.
+        """
+        block = self.layers[layer]
+        out = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, scale=block.self_attn.scaling, enable_gqa=True
+        )[0]  # (heads, tokens, dim)
+        out = out.transpose(0, 1).reshape(hidden.shape[0], self.num_heads * self.head_dim)
+        hidden = hidden + block.self_attn.o_proj(out)
+        return hidden + block.mlp(block.post_attention_layernorm(hidden))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (float32) for the given hidden rows."""
+        return self.lm_head(self.norm(hidden)).float()
+
+
+def layer_windows(config) -> list[int | None]:
+    """The sliding-window size of each layer (None: full attention)."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2":
+        kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        return [window if kind == "sliding_attention" else None for kind in kinds]
+    if config.model_type == "mistral":
+        return [window] * config.num_hidden_layers
+    return [None] * config.num_hidden_layers
