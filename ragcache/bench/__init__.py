@@ -1,0 +1,1 @@
+"""Benchmarks behind `ragcache bench …`; each prints a table and can write JSON."""

@@ -1,0 +1,172 @@
+"""`ragcache bench rag`: TTFT and fidelity of full / prefix / reuse / blend@r on a RAG dataset.
+
+Each document's KV is computed once before timing, as a warm deployment would have it.
+Then every question runs in every mode; fidelity is measured against the full-prefill
+run of the same question (same prompt ids), answer quality against the gold answers.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from ragcache.bench.metrics import best_f1, kl_divergence, percentile, token_f1
+from ragcache.engine.errors import InvalidRequestError
+from ragcache.engine.generate import SamplingParams
+from ragcache.engine.runner import BlendEngine, Generation, RagRequest
+
+
+@dataclass(frozen=True)
+class RagExample:
+    question: str
+    answers: tuple[str, ...]
+    documents: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    limit: int | None = None
+    docs: int | None = None
+    ratios: tuple[float, ...] = (0.05, 0.15, 0.3)
+    max_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"--limit must be positive, got {self.limit}")
+        if self.docs is not None and self.docs <= 0:
+            raise ValueError(f"--docs must be positive, got {self.docs}")
+        if not self.ratios or any(not 0.0 <= r <= 1.0 for r in self.ratios):
+            raise ValueError(f"--ratios must be values in [0, 1], got {self.ratios}")
+
+
+@dataclass
+class ModeRuns:
+    ttft_s: list[float] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    recomputed_fraction: list[float] = field(default_factory=list)
+    f1: list[float] = field(default_factory=list)
+    fidelity_f1: list[float] = field(default_factory=list)
+    first_token_agreement: list[float] = field(default_factory=list)
+    first_token_kl: list[float] = field(default_factory=list)
+
+
+def load_examples(path: Path, options: BenchOptions) -> list[RagExample]:
+    """Read a JSON list of {question, answers, ctxs: [{text}]} (musique_dev.json's shape)."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read dataset {str(path)!r}: {exc}") from exc
+    if not isinstance(rows, list):
+        raise InvalidRequestError(f"dataset {str(path)!r} must be a JSON list of questions")
+    examples = []
+    for index, row in enumerate(rows[: options.limit]):
+        try:
+            documents = tuple(ctx["text"] for ctx in row["ctxs"])[: options.docs]
+            examples.append(RagExample(row["question"], tuple(row["answers"]), documents))
+        except (KeyError, TypeError) as exc:
+            raise InvalidRequestError(f"dataset row {index} lacks question/answers/ctxs[].text ({exc})") from exc
+    if not examples:
+        raise InvalidRequestError(f"dataset {str(path)!r} holds no questions")
+    return examples
+
+
+def mode_names(ratios: Sequence[float]) -> list[str]:
+    return ["full", "prefix", "reuse", *(f"blend@{r:g}" for r in ratios)]
+
+
+def request_for(example: RagExample, mode: str, max_tokens: int) -> RagRequest:
+    kind, _, ratio = mode.partition("@")
+    return RagRequest(
+        example.question,
+        example.documents,
+        mode=kind,
+        blend_ratio=float(ratio) if ratio else None,
+        sampling=SamplingParams(max_tokens=max_tokens),
+    )
+
+
+def run_rag_bench(engine: BlendEngine, examples: list[RagExample], options: BenchOptions) -> dict:
+    modes = mode_names(options.ratios)
+    for example in tqdm(examples, desc="caching documents", unit="question"):
+        engine.add_documents(list(example.documents))
+    engine.generate(request_for(examples[0], "full", 2))  # warm-up: first-call allocations are not timed
+    runs = {mode: ModeRuns() for mode in modes}
+    progress = tqdm(total=len(examples) * len(modes), desc="running modes", unit="run")
+    for example in examples:
+        reference: Generation | None = None
+        for mode in modes:
+            result = engine.generate(request_for(example, mode, options.max_tokens), return_logprobs=True)
+            reference = reference or result
+            _record(runs[mode], example, result, reference)
+            progress.update()
+    progress.close()
+    return _summary(engine, examples, runs)
+
+
+def _record(runs: ModeRuns, example: RagExample, result: Generation, reference: Generation) -> None:
+    runs.ttft_s.append(result.timings.ttft_s)
+    runs.prompt_tokens.append(result.prompt_tokens)
+    runs.recomputed_fraction.append(result.recomputed_fraction)
+    runs.f1.append(best_f1(result.text, example.answers))
+    runs.fidelity_f1.append(token_f1(result.text, reference.text))
+    first, first_ref = result.token_ids[:1], reference.token_ids[:1]
+    runs.first_token_agreement.append(float(first == first_ref))
+    runs.first_token_kl.append(kl_divergence(reference.first_token_logprobs, result.first_token_logprobs))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _summary(engine: BlendEngine, examples: list[RagExample], runs: dict[str, ModeRuns]) -> dict:
+    prompt_tokens = runs["full"].prompt_tokens
+    return {
+        "model": engine.loaded.name,
+        "device": str(engine.loaded.device),
+        "dtype": str(engine.loaded.dtype).removeprefix("torch."),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
+        "questions": len(examples),
+        "documents_per_question": len(examples[0].documents),
+        "prompt_tokens_p50": percentile(prompt_tokens, 50),
+        "modes": {
+            mode: {
+                "ttft_p50_s": percentile(r.ttft_s, 50),
+                "ttft_p90_s": percentile(r.ttft_s, 90),
+                "prompt_tokens_p50": percentile(r.prompt_tokens, 50),
+                "recomputed_fraction": _mean(r.recomputed_fraction),
+                "f1": _mean(r.f1),
+                "fidelity_f1": _mean(r.fidelity_f1),
+                "first_token_agreement": _mean(r.first_token_agreement),
+                "first_token_kl": _mean(r.first_token_kl),
+            }
+            for mode, r in runs.items()
+        },
+    }
+
+
+def format_table(summary: dict) -> str:
+    full_ttft = summary["modes"]["full"]["ttft_p50_s"]
+    header = (
+        f"{'mode':<12} {'TTFT p50 s':>10} {'p90 s':>7} {'speedup':>7} {'tokens':>7} {'recomp':>7} "
+        f"{'F1':>5} {'fid F1':>6} {'1st agr':>7} {'1st KL':>8}"
+    )
+    lines = [
+        f"model {summary['model']} on {summary['device']} ({summary['dtype']}), {summary['machine']}; "
+        f"{summary['questions']} questions x {summary['documents_per_question']} documents, "
+        f"prompt tokens p50 {summary['prompt_tokens_p50']:.0f}",
+        header,
+        "-" * len(header),
+    ]
+    for mode, m in summary["modes"].items():
+        lines.append(
+            f"{mode:<12} {m['ttft_p50_s']:>10.3f} {m['ttft_p90_s']:>7.3f} {full_ttft / m['ttft_p50_s']:>6.1f}x "
+            f"{m['prompt_tokens_p50']:>7.0f} {m['recomputed_fraction']:>7.3f} {m['f1']:>5.2f} {m['fidelity_f1']:>6.2f} "
+            f"{m['first_token_agreement']:>7.2f} {m['first_token_kl']:>8.4f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""`ragcache` command line: demo (the main job), bench rag."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ragcache.engine.errors import InvalidRequestError, ModelLoadError
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--cpu-cache-gb", type=float, default=8.0, help="byte budget of the CPU KV tier, in GiB")
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragcache", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="answer a question over embedded documents, with and without KV reuse")
+    _add_model_args(demo)
+    demo.add_argument("--ratio", type=float, default=0.15, help="blend ratio r")
+    bench = commands.add_parser("bench", help="benchmarks")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    rag = suites.add_parser("rag", help="TTFT and fidelity of full / prefix / reuse / blend@r")
+    rag.add_argument("dataset", type=Path, help="JSON list of {question, answers, ctxs: [{text}]}")
+    rag.add_argument("--limit", type=int, default=None, help="first N questions")
+    rag.add_argument("--docs", type=int, default=None, help="each question's first K passages")
+    rag.add_argument("--ratios", type=_ratios, default=(0.05, 0.15, 0.3), help="blend ratios, e.g. 0.05,0.15,0.3")
+    rag.add_argument("--max-tokens", type=int, default=32)
+    rag.add_argument("--json", type=Path, default=None, help="write the summary here")
+    _add_model_args(rag)
+    return parser
+
+
+def _engine(args):
+    from ragcache.engine.loader import ModelSpec, load_model
+    from ragcache.engine.runner import BlendEngine
+    from ragcache.storage import CpuTier
+
+    loaded = load_model(ModelSpec(args.model, args.device, args.dtype))
+    return BlendEngine(loaded, CpuTier(int(args.cpu_cache_gb * 2**30)))
+
+
+def _demo(args) -> None:
+    from ragcache.demo import format_demo, run_demo
+
+    engine = _engine(args)
+    full, blended = run_demo(engine, args.ratio)
+    print(format_demo(full, blended, args.ratio))
+
+
+def _bench_rag(args) -> None:
+    from ragcache.bench.rag import BenchOptions, format_table, load_examples, run_rag_bench
+
+    options = BenchOptions(args.limit, args.docs, args.ratios, args.max_tokens)
+    examples = load_examples(args.dataset, options)
+    summary = run_rag_bench(_engine(args), examples, options)
+    print(format_table(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            _demo(args)
+        else:
+            _bench_rag(args)
+    except (ModelLoadError, InvalidRequestError, ValueError) as exc:
+        print(f"ragcache: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

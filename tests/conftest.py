@@ -1,0 +1,76 @@
+"""Shared helpers: the real SmolLM2 tokenizer, tiny random models of each supported family, engines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragcache.engine.loader import LoadedModel, ModelSpec, default_model_file, load_model, model_fingerprint
+from ragcache.engine.runner import BlendEngine, EngineConfig
+from ragcache.engine.stack import DecoderStack
+from ragcache.storage import CpuTier
+
+DOCUMENTS = (
+    "The Amazon river flows through Brazil, Peru and Colombia into the Atlantic Ocean.",
+    "Mount Kilimanjaro in Tanzania is the highest mountain in Africa, at 5,895 metres.",
+    "The Danube passes through ten countries, more than any other river in the world.",
+    "Lake Baikal in Siberia holds about a fifth of the fresh surface water on Earth.",
+)
+QUESTION = "Which river flows into the Atlantic Ocean?"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    path = default_model_file()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 49152, **overrides):
+    """A 4-layer random model of the given family; GQA (4 query heads, 2 KV heads) as the real ones."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    common.update(overrides)
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**common)
+
+
+def tiny_model(family: str = "llama", dtype=torch.float32, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def loaded(model, tokenizer) -> LoadedModel:
+    return LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer), "tiny", torch.device("cpu"), model.dtype)
+
+
+@pytest.fixture
+def make_engine(tokenizer):
+    def make(model=None, store=None, **config) -> BlendEngine:
+        model = model if model is not None else tiny_model()
+        return BlendEngine(loaded(model, tokenizer), store or CpuTier(1 << 30), EngineConfig(**config))
+
+    return make
+
+
+@pytest.fixture
+def stack():
+    return DecoderStack(tiny_model())
+
+
+@pytest.fixture(scope="session")
+def real_model() -> LoadedModel:
+    return load_model(ModelSpec())
