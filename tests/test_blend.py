@@ -11,6 +11,7 @@ from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.prompt import build_rag_prompt
 from ragcache.engine.stack import DecoderStack
 from ragcache.engine.generate import SamplingParams
+from ragcache.kernels.rope import apply_rope_reference
 from ragcache.engine.runner import RagRequest
 
 from conftest import DOCUMENTS, QUESTION, tiny_model
@@ -123,7 +124,7 @@ def test_selection_takes_the_most_deviating_tokens(stack, tokenizer, deviation):
     cached = torch.cat([c.values if deviation == "value" else c.keys for c in chunks[1:]], dim=2)[1]
     fresh = (full.buffer.values if deviation == "value" else full.buffer.keys)[1, :, exact:end]
     if deviation == "key":
-        cached = cached * cos[exact:end] + torch.cat((-cached[..., 32:], cached[..., :32]), -1) * sin[exact:end]
+        cached = apply_rope_reference(cached, cos[exact:end], sin[exact:end])
     deviations = (fresh - cached).square().sum(dim=(0, 2))
     expected = set((deviations.topk(round(0.25 * (end - exact))).indices + exact).tolist())
     # Selected tokens are those whose late-layer KV changed (unselected keep the cached values).
@@ -164,6 +165,7 @@ def test_recomputed_tokens_never_see_later_chunks(stack, tokenizer):
                 buffer.keys[:, :, start : start + kv.num_tokens] += last_chunk_noise
                 buffer.values[:, :, start : start + kv.num_tokens] += last_chunk_noise
             start += kv.num_tokens
+        buffer.length = start  # only the chunks: the question's slots stay unwritten
         ids = torch.tensor(parts.all_ids[second_start:start])
         run_tokens(stack, buffer, TokenRun.contiguous(ids, second_start), selector=FixedSelector(1, keep))
         return buffer.values[:, :, second_start + keep]

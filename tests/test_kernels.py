@@ -18,7 +18,9 @@ def test_triton_rope_matches_reference(monkeypatch, dtype):
     got = rope.apply_rope_triton(x, cos, sin)
     rope._triton_kernel.cache_clear()
     assert got.dtype == dtype
-    assert torch.allclose(got.float(), expected.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    # float32: the same arithmetic. bfloat16: both round an fp32 result; a tie may land one step (2**-8) apart.
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-7
+    assert torch.allclose(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
 def test_dispatch_uses_the_reference_on_cpu():
