@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ragcache.engine.blend import DEVIATIONS
 from ragcache.engine.errors import InvalidRequestError, ModelLoadError
 
 
@@ -15,6 +16,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--cpu-cache-gb", type=float, default=8.0, help="byte budget of the CPU KV tier, in GiB")
+    parser.add_argument("--check-layer", type=int, default=1, help="layer whose KV deviation picks the tokens")
+    parser.add_argument("--deviation", default="value", choices=list(DEVIATIONS), help="what ranks tokens")
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -40,16 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("--max-tokens", type=int, default=32)
     rag.add_argument("--json", type=Path, default=None, help="write the summary here")
     _add_model_args(rag)
+    store = suites.add_parser("store", help="eviction policies replayed on a RAG retrieval trace")
+    store.add_argument("--documents", type=int, default=2000)
+    store.add_argument("--requests", type=int, default=5000)
+    store.add_argument("--budget-share", type=float, default=0.1, help="tier budget as a share of the corpus KV")
+    store.add_argument("--json", type=Path, default=None, help="write the summary here")
     return parser
 
 
 def _engine(args):
     from ragcache.engine.loader import ModelSpec, load_model
-    from ragcache.engine.runner import BlendEngine
+    from ragcache.engine.blend import BlendConfig
+    from ragcache.engine.runner import BlendEngine, EngineConfig
     from ragcache.storage import CpuTier
 
+    config = EngineConfig(blend=BlendConfig(args.check_layer, args.deviation))
     loaded = load_model(ModelSpec(args.model, args.device, args.dtype))
-    return BlendEngine(loaded, CpuTier(int(args.cpu_cache_gb * 2**30)))
+    return BlendEngine(loaded, CpuTier(int(args.cpu_cache_gb * 2**30)), config)
 
 
 def _demo(args) -> None:
@@ -67,18 +77,32 @@ def _bench_rag(args) -> None:
     examples = load_examples(args.dataset, options)
     summary = run_rag_bench(_engine(args), examples, options)
     print(format_table(summary))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _write_json(args.json, summary)
+
+
+def _bench_store(args) -> None:
+    from ragcache.bench.store import TraceOptions, format_store_table, run_store_bench
+
+    if args.documents < 6 or args.requests <= 0 or not 0 < args.budget_share <= 1:
+        raise ValueError("--documents must be >= 6, --requests positive, --budget-share in (0, 1]")
+    summary = run_store_bench(TraceOptions(args.documents, args.requests, budget_share=args.budget_share))
+    print(format_store_table(summary))
+    _write_json(args.json, summary)
+
+
+def _write_json(path: Path | None, summary: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+COMMANDS = {("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "store"): _bench_store}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            _demo(args)
-        else:
-            _bench_rag(args)
+        COMMANDS[(args.command, getattr(args, "suite", None))](args)
     except (ModelLoadError, InvalidRequestError, ValueError) as exc:
         print(f"ragcache: error: {exc}", file=sys.stderr)
         return 2

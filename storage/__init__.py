@@ -5,5 +5,8 @@ One tier per file behind the contract in base.py. Knows nothing of models or HTT
 
 from ragcache.storage.base import KVTier, TierUsage
 from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.memory import MemoryTier
+from ragcache.storage.tiered import PinHandle, TieredStore
 
-__all__ = ["KVTier", "TierUsage", "CpuTier"]
+__all__ = ["KVTier", "TierUsage", "CpuTier", "GpuTier", "MemoryTier", "PinHandle", "TieredStore"]

@@ -143,7 +143,7 @@ class FixedSelector:
     def __init__(self, layer, keep):
         self.layer, self.keep = layer, keep
 
-    def select(self, layer, buffer, slots, keys, values):
+    def select(self, layer, buffer, slots, queries, keys, values):
         return self.keep if layer == self.layer else None
 
 

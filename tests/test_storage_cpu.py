@@ -17,14 +17,14 @@ def test_least_recently_used_goes_first():
     tier.get(ChunkKey("a"))  # a is now the most recent
     tier.put(ChunkKey("d"), chunk(4))
     assert [tier.contains(ChunkKey(n)) for n in "abcd"] == [True, False, True, True]
-    assert tier.usage().used_bytes == 3 * chunk(4).nbytes and tier.stats.evictions == 1
+    assert tier.usage().used_bytes == 3 * chunk(4).nbytes and tier.stats().evictions == 1
 
 
 def test_too_large_is_refused_without_evicting():
     tier = CpuTier(max_bytes=chunk(4).nbytes)
     tier.put(ChunkKey("a"), chunk(4))
     assert not tier.put(ChunkKey("big"), chunk(5))
-    assert tier.contains(ChunkKey("a")) and tier.stats.rejected == 1
+    assert tier.contains(ChunkKey("a")) and tier.stats().rejected == 1
 
 
 def test_replacing_a_key_keeps_bytes_right():

@@ -131,6 +131,7 @@ def _summary(engine: BlendEngine, examples: list[RagExample], runs: dict[str, Mo
         "device": str(engine.loaded.device),
         "dtype": str(engine.loaded.dtype).removeprefix("torch."),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
+        "blend": {"check_layer": engine.config.blend.check_layer, "deviation": engine.config.blend.deviation},
         "questions": len(examples),
         "documents_per_question": len(examples[0].documents),
         "prompt_tokens_p50": percentile(prompt_tokens, 50),
@@ -159,7 +160,8 @@ def format_table(summary: dict) -> str:
     lines = [
         f"model {summary['model']} on {summary['device']} ({summary['dtype']}), {summary['machine']}; "
         f"{summary['questions']} questions x {summary['documents_per_question']} documents, "
-        f"prompt tokens p50 {summary['prompt_tokens_p50']:.0f}",
+        f"prompt tokens p50 {summary['prompt_tokens_p50']:.0f}; blend check layer "
+        f"{summary['blend']['check_layer']}, {summary['blend']['deviation']} deviation",
         header,
         "-" * len(header),
     ]

@@ -38,10 +38,20 @@ from ragcache.kv import KVChunk
 MODES = ("full", "prefix", "reuse", "blend")
 
 
+DEVIATIONS = ("value", "key", "attention")
+
+
 @dataclass(frozen=True)
 class BlendConfig:
-    """check_layer: the layer whose deviation picks the tokens (the paper and its code use 1).
-    deviation: 'value' (the paper's code) or 'key'."""
+    """How blending picks the tokens to recompute.
+
+    check_layer: the layer whose deviation picks the tokens (the paper and its code use 1).
+    deviation: what ranks the reused tokens there:
+        'value'      squared distance of fresh and cached V (the paper's code; the default)
+        'key'        the same on K
+        'attention'  value deviation weighted by the attention the question pays the token
+                     at the check layer: a deviating token matters only if it is looked at.
+    """
 
     check_layer: int = 1
     deviation: str = "value"
@@ -49,8 +59,8 @@ class BlendConfig:
     def __post_init__(self) -> None:
         if self.check_layer < 0:
             raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
-        if self.deviation not in ("value", "key"):
-            raise ValueError(f"deviation must be 'value' or 'key', got {self.deviation!r}")
+        if self.deviation not in DEVIATIONS:
+            raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class DeviationSelector:
     """Keeps the top-ratio candidates by KV deviation at one layer, plus every non-candidate.
 
     The run's first num_candidates tokens are the candidates (reused chunk tokens); the
-    rest (the question) are always kept.
+    rest (the question) are always kept. The run's slots are contiguous, ending the prompt.
     """
 
     def __init__(self, layer: int, ratio: float, deviation: str, num_candidates: int) -> None:
@@ -77,18 +87,38 @@ class DeviationSelector:
         self.num_candidates = num_candidates
         self.chosen_slots: torch.Tensor | None = None
 
-    def select(self, layer, buffer, slots, keys, values):
+    def select(self, layer, buffer, slots, queries, keys, values):
         if layer != self.layer:
             return None
         n = self.num_candidates
-        cached_all = buffer.values if self.deviation == "value" else buffer.keys
-        cached = cached_all[layer, :, slots[:n]]  # (kv_heads, n, dim), as reused
-        fresh = (values if self.deviation == "value" else keys)[:, :n]
-        deviation = (fresh.float() - cached.float()).square().sum(dim=(0, 2))  # (n,)
+        scores = self._deviation(layer, buffer, slots, keys, values)
+        if self.deviation == "attention":
+            scores = scores * _question_attention(buffer, layer, slots, queries, keys, n)
         count = min(n, max(1, round(self.ratio * n)))
-        chosen = deviation.topk(count).indices.sort().values
+        chosen = scores.topk(count).indices.sort().values
         self.chosen_slots = slots[chosen]
         return torch.cat([chosen, torch.arange(n, slots.shape[0], device=slots.device)])
+
+    def _deviation(self, layer, buffer, slots, keys, values) -> torch.Tensor:
+        n = self.num_candidates
+        on_keys = self.deviation == "key"
+        cached = (buffer.keys if on_keys else buffer.values)[layer, :, slots[:n]]  # (kv_heads, n, dim), as reused
+        fresh = (keys if on_keys else values)[:, :n]
+        return (fresh.float() - cached.float()).square().sum(dim=(0, 2))  # (n,)
+
+
+def _question_attention(buffer, layer, slots, queries, keys, num_candidates: int) -> torch.Tensor:
+    """Attention the question's tokens pay each candidate at this layer, summed over heads and queries.
+
+    The question sees the reused slots before the run plus the run's fresh keys.
+    """
+    all_keys = torch.cat([buffer.keys[layer, :, : int(slots[0])], keys], dim=1).float()  # (kv_heads, T, dim)
+    question = queries[:, num_candidates:].float()  # (heads, Q, dim)
+    grouped = all_keys.repeat_interleave(question.shape[0] // all_keys.shape[0], dim=0)
+    scores = question @ grouped.transpose(1, 2) / question.shape[-1] ** 0.5  # (heads, Q, T)
+    later = torch.arange(all_keys.shape[1], device=slots.device)[None] > slots[num_candidates:, None]
+    probs = scores.masked_fill(later, float("-inf")).softmax(-1)
+    return probs.sum(dim=(0, 1))[slots[:num_candidates]]
 
 
 def blend(

@@ -45,7 +45,7 @@ class RunOutput:
 
 
 class Selector(Protocol):
-    def select(self, layer: int, buffer: KVBuffer, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    def select(self, layer: int, buffer: KVBuffer, slots: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         """Indices (into the run) of the tokens to keep computing from this layer on, or None to keep all.
 
         Called before the layer's fresh K/V are written, so the buffer still holds the reused ones.
@@ -89,7 +89,7 @@ def run_tokens(
         if capture:
             captured_keys.append(k_raw)
             captured_values.append(v)
-        keep = selector.select(layer, buffer, slots, k, v) if selector is not None else None
+        keep = selector.select(layer, buffer, slots, q, k, v) if selector is not None else None
         buffer.write(layer, slots, k, v)
         if keep is not None:
             hidden, q, slots, cos, sin = hidden[keep], q[:, keep], slots[keep], cos[keep], sin[keep]

@@ -140,10 +140,11 @@ class BlendEngine:
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
                 f"exceeds the model's context of {self.context_len}"
             )
-        prefix_kv, chunk_kvs, hits = None, [], 0
+        prefix_kv, chunk_kvs, hits, misses = None, [], 0, 0  # full prefill looks nothing up
         lookup_s = compute_s = 0.0
         if request.mode != "full":
             prefix_kv, chunk_kvs, hits, lookup_s, compute_s = self._gather(parts, request.namespace)
+            misses = len(chunk_kvs) - hits
         blend_started = time.perf_counter()
         ratio = self.config.default_ratio if request.blend_ratio is None else request.blend_ratio
         fused = blend(
@@ -163,7 +164,7 @@ class BlendEngine:
         first_at = time.perf_counter()
         decoded = decode(self.stack, fused.buffer, first, request.sampling, self.tokenizer, self.eos_ids, generator, on_token)
         timings = PhaseTimings(lookup_s, compute_s, first_at - blend_started, first_at - started, decoded.decode_s)
-        return _generation(fused, decoded, parts, hits, timings, return_logprobs)
+        return _generation(fused, decoded, hits, misses, timings, return_logprobs)
 
     def _gather(self, parts: PromptParts, namespace: str):
         """Look up the prefix and chunks, compute and store what is missing."""
@@ -198,7 +199,7 @@ class BlendEngine:
         return chunks
 
 
-def _generation(fused: BlendResult, decoded, parts: PromptParts, hits: int, timings, return_logprobs: bool):
+def _generation(fused: BlendResult, decoded, hits: int, misses: int, timings, return_logprobs: bool):
     return Generation(
         text=decoded.text,
         token_ids=decoded.token_ids,
@@ -208,7 +209,7 @@ def _generation(fused: BlendResult, decoded, parts: PromptParts, hits: int, timi
         recomputed_tokens=fused.recomputed_tokens,
         recomputed_fraction=fused.recomputed_fraction,
         chunk_hits=hits,
-        chunk_misses=len(parts.chunk_ids) - hits,
+        chunk_misses=misses,
         timings=timings,
         first_token_logprobs=torch.log_softmax(fused.last_logits, -1) if return_logprobs else None,
     )
