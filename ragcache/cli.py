@@ -15,7 +15,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--cpu-cache-gb", type=float, default=8.0, help="byte budget of the CPU KV tier, in GiB")
+    parser.add_argument("--device-cache-gb", type=float, default=1.0, help="budget of the model device's KV tier, GiB")
+    parser.add_argument("--cpu-cache-gb", type=float, default=8.0, help="budget of the CPU KV tier, GiB")
+    parser.add_argument("--redis-url", default=None, help="add a Redis tier, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--codec", default="raw", help="codec of the Redis tier: raw, int8, int4, with optional +zlib")
+    parser.add_argument("--eviction", default="cost_aware", choices=["lru", "lfu", "cost_aware"])
     parser.add_argument("--check-layer", type=int, default=1, help="layer whose KV deviation picks the tokens")
     parser.add_argument("--deviation", default="value", choices=list(DEVIATIONS), help="what ranks tokens")
 
@@ -42,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("--ratios", type=_ratios, default=(0.05, 0.15, 0.3), help="blend ratios, e.g. 0.05,0.15,0.3")
     rag.add_argument("--max-tokens", type=int, default=32)
     rag.add_argument("--json", type=Path, default=None, help="write the summary here")
+    rag.add_argument("--roundtrip-codec", default=None, help="serve cached KV as it comes back through this codec")
     _add_model_args(rag)
     store = suites.add_parser("store", help="eviction policies replayed on a RAG retrieval trace")
     store.add_argument("--documents", type=int, default=2000)
@@ -55,11 +60,18 @@ def _engine(args):
     from ragcache.engine.loader import ModelSpec, load_model
     from ragcache.engine.blend import BlendConfig
     from ragcache.engine.runner import BlendEngine, EngineConfig
-    from ragcache.storage import CpuTier
+    from ragcache.storage.factory import GiB, StoreConfig, make_store
 
     config = EngineConfig(blend=BlendConfig(args.check_layer, args.deviation))
+    store_config = StoreConfig(
+        device_max_bytes=int(args.device_cache_gb * GiB),
+        cpu_max_bytes=int(args.cpu_cache_gb * GiB),
+        redis_url=args.redis_url,
+        redis_codec=args.codec,
+        eviction=args.eviction,
+    )
     loaded = load_model(ModelSpec(args.model, args.device, args.dtype))
-    return BlendEngine(loaded, CpuTier(int(args.cpu_cache_gb * 2**30)), config)
+    return BlendEngine(loaded, make_store(store_config, args.device, loaded.fingerprint), config)
 
 
 def _demo(args) -> None:
@@ -73,7 +85,7 @@ def _demo(args) -> None:
 def _bench_rag(args) -> None:
     from ragcache.bench.rag import BenchOptions, format_table, load_examples, run_rag_bench
 
-    options = BenchOptions(args.limit, args.docs, args.ratios, args.max_tokens)
+    options = BenchOptions(args.limit, args.docs, args.ratios, args.max_tokens, args.roundtrip_codec)
     examples = load_examples(args.dataset, options)
     summary = run_rag_bench(_engine(args), examples, options)
     print(format_table(summary))

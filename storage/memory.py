@@ -101,6 +101,9 @@ class MemoryTier:
     def contains(self, key: ChunkKey) -> bool:
         return key in self._chunks
 
+    def keys(self) -> list[ChunkKey]:
+        return list(self._chunks)
+
     def delete(self, key: ChunkKey) -> bool:
         if key not in self._chunks:
             return False

@@ -35,6 +35,7 @@ class BenchOptions:
     docs: int | None = None
     ratios: tuple[float, ...] = (0.05, 0.15, 0.3)
     max_tokens: int = 32
+    roundtrip_codec: str | None = None  # cached KV as it would come back from Redis through this codec
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit <= 0:
@@ -95,6 +96,7 @@ def run_rag_bench(engine: BlendEngine, examples: list[RagExample], options: Benc
     modes = mode_names(options.ratios)
     for example in tqdm(examples, desc="caching documents", unit="question"):
         engine.add_documents(list(example.documents))
+    codec_ratio = roundtrip_through_codec(engine.store, options.roundtrip_codec) if options.roundtrip_codec else None
     engine.generate(request_for(examples[0], "full", 2))  # warm-up: first-call allocations are not timed
     runs = {mode: ModeRuns() for mode in modes}
     progress = tqdm(total=len(examples) * len(modes), desc="running modes", unit="run")
@@ -106,7 +108,24 @@ def run_rag_bench(engine: BlendEngine, examples: list[RagExample], options: Benc
             _record(runs[mode], example, result, reference)
             progress.update()
     progress.close()
-    return _summary(engine, examples, runs)
+    summary = _summary(engine, examples, runs)
+    summary["codec"] = {"name": options.roundtrip_codec or "none", "compression_ratio": codec_ratio}
+    return summary
+
+
+def roundtrip_through_codec(store, codec: str) -> float:
+    """Replace every cached chunk by encode -> decode through codec; return raw bytes / encoded bytes."""
+    from ragcache.storage.codec import decode_chunk, encode_chunk
+
+    raw_bytes = encoded_bytes = 0
+    for tier in store.local:
+        for key in tier.keys():
+            chunk = tier.get(key)
+            data = encode_chunk(chunk, codec)
+            raw_bytes += chunk.nbytes
+            encoded_bytes += len(data)
+            tier.put(key, decode_chunk(data, chunk.model_fingerprint))
+    return raw_bytes / encoded_bytes
 
 
 def _record(runs: ModeRuns, example: RagExample, result: Generation, reference: Generation) -> None:
@@ -161,7 +180,9 @@ def format_table(summary: dict) -> str:
         f"model {summary['model']} on {summary['device']} ({summary['dtype']}), {summary['machine']}; "
         f"{summary['questions']} questions x {summary['documents_per_question']} documents, "
         f"prompt tokens p50 {summary['prompt_tokens_p50']:.0f}; blend check layer "
-        f"{summary['blend']['check_layer']}, {summary['blend']['deviation']} deviation",
+        f"{summary['blend']['check_layer']}, {summary['blend']['deviation']} deviation"
+        + (f"; cached KV through codec {summary['codec']['name']} "
+           f"(compression {summary['codec']['compression_ratio']:.2f}x)" if summary["codec"]["compression_ratio"] else ""),
         header,
         "-" * len(header),
     ]
