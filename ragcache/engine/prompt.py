@@ -14,8 +14,7 @@ from typing import Sequence
 from ragcache.engine.errors import InvalidRequestError
 
 DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Answer the question using the documents the user provides. "
-    "Answer briefly."
+    "You are a helpful assistant. Answer the question using the documents below. Answer briefly."
 )
 _DOCUMENTS_MARK = "\x00ragcache-documents\x00"
 
@@ -79,17 +78,27 @@ def encode_documents(tokenizer, documents: Sequence[str], limits: PromptLimits) 
     return chunks
 
 
-def split_template(tokenizer, system_prompt: str, question: str, has_documents: bool) -> tuple[str, str]:
-    """The rendered chat prompt before and after the documents."""
-    if has_documents:
-        user = f"Documents:\n\n{_DOCUMENTS_MARK}Question: {question}"
-    else:
-        user = f"{_DOCUMENTS_MARK}{question}"
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+Turn = tuple[str, str]  # (role, content), role "user" or "assistant"
+ROLES = ("user", "assistant")
+
+
+def split_template(
+    tokenizer, system_prompt: str, question: str, has_documents: bool, history: Sequence[Turn] = ()
+) -> tuple[str, str]:
+    """The rendered chat prompt before and after the documents.
+
+    Documents close the system message, so everything before them is the system prompt
+    alone: chunk caches computed after it serve every conversation with that system
+    prompt, single questions and multi-turn chats alike.
+    """
+    header = "\n\nDocuments:\n\n" if has_documents else ""
+    system = f"{system_prompt}{header}{_DOCUMENTS_MARK}"
+    turns = [{"role": role, "content": content} for role, content in history]
+    messages = [{"role": "system", "content": system}, *turns, {"role": "user", "content": question}]
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        rendered = f"System: {system_prompt}\n\nUser: {user}\n\nAssistant:"
+        rendered = "".join(f"{m['role'].title()}: {m['content']}\n\n" for m in messages) + "Assistant:"
     before, _, after = rendered.partition(_DOCUMENTS_MARK)
     return before, after
 
@@ -100,11 +109,16 @@ def build_rag_prompt(
     documents: Sequence[str] = (),
     system_prompt: str | None = None,
     limits: PromptLimits = PromptLimits(),
+    history: Sequence[Turn] = (),
 ) -> PromptParts:
     if not isinstance(question, str) or not question.strip():
         raise InvalidRequestError("question is empty")
+    for index, (role, content) in enumerate(history):
+        if role not in ROLES or not isinstance(content, str) or not content.strip():
+            raise InvalidRequestError(f"history[{index}] must be a non-empty user or assistant turn")
     chunks = encode_documents(tokenizer, documents, limits)
-    before, after = split_template(tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT, question.strip(), bool(chunks))
+    system = system_prompt or DEFAULT_SYSTEM_PROMPT
+    before, after = split_template(tokenizer, system, question.strip(), bool(chunks), history)
     parts = PromptParts(encode(tokenizer, before), tuple(chunks), encode(tokenizer, after))
     if parts.num_tokens > limits.max_prompt_tokens:
         raise InvalidRequestError(

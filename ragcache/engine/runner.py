@@ -51,6 +51,7 @@ class RagRequest:
     sampling: SamplingParams = SamplingParams()
     system_prompt: str | None = None
     namespace: str = DEFAULT_NAMESPACE
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a chat, oldest first
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -134,6 +135,7 @@ class BlendEngine:
             request.documents,
             request.system_prompt or self.config.system_prompt,
             self.config.limits,
+            request.history,
         )
         if parts.num_tokens + request.sampling.max_tokens > self.context_len:
             raise InvalidRequestError(
