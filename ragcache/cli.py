@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ragcache.engine.blend import DEVIATIONS
+from ragcache.config import SettingsError
 from ragcache.engine.errors import InvalidRequestError, ModelLoadError
 
 
@@ -48,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("--json", type=Path, default=None, help="write the summary here")
     rag.add_argument("--roundtrip-codec", default=None, help="serve cached KV as it comes back through this codec")
     _add_model_args(rag)
+    serve = commands.add_parser("serve", help="run the HTTP service (settings: --config, RAGCACHE_*, flags)")
+    serve.add_argument("--config", type=Path, default=None, help="TOML file of settings")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--model", default=None, help="model directory or .gguf file")
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--dtype", default=None)
+    serve.add_argument("--redis-url", default=None)
     store = suites.add_parser("store", help="eviction policies replayed on a RAG retrieval trace")
     store.add_argument("--documents", type=int, default=2000)
     store.add_argument("--requests", type=int, default=5000)
@@ -108,14 +117,26 @@ def _write_json(path: Path | None, summary: dict) -> None:
         print(f"wrote {path}")
 
 
-COMMANDS = {("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "store"): _bench_store}
+def _serve(args) -> None:
+    import logging
+    import os
+
+    from ragcache.config import load_settings
+    from ragcache.service.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {name: getattr(args, name) for name in ("host", "port", "model", "device", "dtype", "redis_url")}
+    serve(load_settings(args.config, os.environ, flags))
+
+
+COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "store"): _bench_store}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[(args.command, getattr(args, "suite", None))](args)
-    except (ModelLoadError, InvalidRequestError, ValueError) as exc:
+    except (ModelLoadError, InvalidRequestError, SettingsError, ValueError) as exc:
         print(f"ragcache: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -184,9 +184,22 @@ class TieredStore:
             self._sweeper = threading.Thread(target=sweep, name="ragcache-pin-sweeper", daemon=True)
             self._sweeper.start()
 
+    def write_back(self) -> int:
+        """Copy local entries the remote tiers lack into them (at shutdown: hot entries outlive the process)."""
+        written = 0
+        with self._lock:
+            for remote in self.remote:
+                for tier in self.local:
+                    pending = [(key, tier.get(key)) for key in tier.keys() if not remote.contains(key)]
+                    written += sum(remote.put_many(pending)) if pending else 0
+        return written
+
     def close(self) -> None:
         self._closed.set()
         self._prefetcher.shutdown(wait=True)
+        for tier in self.remote:
+            if hasattr(tier, "close"):
+                tier.close()
 
     # accounting
 

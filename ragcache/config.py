@@ -1,0 +1,135 @@
+"""One settings object for `ragcache serve`: from a TOML file, then RAGCACHE_* environment, then flags.
+
+Each layer overrides the one before. Values are checked at start-up; a bad value stops
+the service with a message naming the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "RAGCACHE_"
+
+
+class SettingsError(ValueError):
+    """Bad configuration: the message names the setting and its source."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # model
+    model: str | None = None  # directory or .gguf; None: the default SmolLM2-135M-Instruct
+    device: str = "cpu"
+    dtype: str = "float32"
+    # blending
+    blend_ratio: float = 0.15
+    check_layer: int = 1
+    deviation: str = "value"
+    # store
+    device_cache_gb: float = 1.0
+    cpu_cache_gb: float = 8.0
+    redis_url: str | None = None
+    codec: str = "raw"
+    eviction: str = "cost_aware"
+    # auth: API key -> tenant; no keys: one default tenant, no auth, localhost only
+    api_keys: dict[str, str] = field(default_factory=dict)
+    admin_key: str | None = None
+    # limits
+    max_queue: int = 32
+    max_documents: int = 64
+    max_document_tokens: int = 4096
+    max_new_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 < self.port < 65536, "port must be in 1..65535"),
+            (0.0 <= self.blend_ratio <= 1.0, "blend_ratio must be in [0, 1]"),
+            (self.device_cache_gb > 0 and self.cpu_cache_gb > 0, "device_cache_gb and cpu_cache_gb must be positive"),
+            (self.max_queue > 0, "max_queue must be positive"),
+            (self.max_documents > 0 and self.max_document_tokens > 0, "document limits must be positive"),
+            (self.max_new_tokens > 0, "max_new_tokens must be positive"),
+            (all(k and t for k, t in self.api_keys.items()), "api_keys must map non-empty keys to non-empty tenants"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+        if not self.api_keys and not _is_loopback(self.host):
+            raise SettingsError(
+                f"host {self.host!r} is not local and no api_keys are configured: "
+                "set api_keys (RAGCACHE_API_KEYS=key:tenant,...) before serving beyond localhost"
+            )
+        if self.admin_key is not None and self.admin_key in self.api_keys:
+            raise SettingsError("admin_key must differ from every tenant API key")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(
+    file: Path | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> Settings:
+    """Merge file < environment < flags into Settings; None-valued flags mean 'not given'."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            values.update(_coerce_all(tomllib.loads(Path(file).read_text()), f"config file {file}"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"cannot read config file {file}: {exc}") from exc
+    names = {f.name for f in dataclasses.fields(Settings)}
+    for key, raw in (env or {}).items():
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in names:
+            name = key[len(ENV_PREFIX):].lower()
+            values[name] = _coerce(name, _parse_env(name, raw), f"environment {key}")
+    values.update(_coerce_all({k: v for k, v in (flags or {}).items() if v is not None}, "flag"))
+    try:
+        return Settings(**values)
+    except TypeError as exc:
+        raise SettingsError(str(exc)) from exc
+
+
+def _coerce_all(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise SettingsError(f"{source}: unknown setting(s) {unknown}")
+    return {name: _coerce(name, value, source) for name, value in raw.items()}
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    if name == "api_keys":
+        pairs = [item.split(":", 1) for item in raw.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise SettingsError(f"environment {ENV_PREFIX}API_KEYS: expected key:tenant,key:tenant")
+        return {key.strip(): tenant.strip() for key, tenant in pairs}
+    return raw
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "dict[str, str]":
+            if not isinstance(value, dict):
+                raise ValueError("expected a table of key = tenant")
+            return {str(k): str(v) for k, v in value.items()}
+        if value in ("", None):
+            return None
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}: {name}: cannot use {value!r} ({exc})") from None

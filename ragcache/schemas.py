@@ -1,0 +1,190 @@
+"""Wire schemas of the HTTP API, shared by the service and the SDK (msgspec structs, no torch).
+
+Chat completions follow OpenAI's schema, so the official `openai` client works unchanged;
+ragcache's own fields ride along as extensions (`documents`, `blend_ratio`, `category`,
+`program_id`), which `openai` sends through `extra_body`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+
+class DocumentIn(msgspec.Struct, forbid_unknown_fields=True):
+    text: str
+    id: str | None = None
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    """OpenAI's request plus extensions. Unknown OpenAI fields (n, logprobs, ...) are ignored."""
+
+    messages: list[ChatMessage]
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # ragcache extensions
+    documents: list[DocumentIn] | None = None
+    document_ids: list[str] | None = None
+    blend_ratio: float | None = None
+    mode: str | None = None
+    category: str | None = None
+    program_id: str | None = None
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    recomputed_tokens: int = 0  # extension: cached tokens recomputed by blending
+
+
+class Timings(msgspec.Struct):
+    lookup_ms: float
+    chunk_compute_ms: float
+    blend_ms: float
+    ttft_ms: float
+    decode_ms: float
+
+
+class CacheReport(msgspec.Struct):
+    """What was reused for this answer (the `ragcache` extension object)."""
+
+    mode: str
+    blend_ratio: float
+    chunk_hits: int
+    chunk_misses: int
+    cached_tokens: int
+    recomputed_tokens: int
+    recomputed_fraction: float
+    timings: Timings
+    semantic_hit: bool = False
+
+
+class AssistantMessage(msgspec.Struct):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    ragcache: CacheReport
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    ragcache: CacheReport | None = None
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "ragcache"
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: Literal["list"] = "list"
+
+
+class AddDocumentsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    documents: list[DocumentIn]
+    system_prompt: str | None = None
+
+
+class DocumentRecord(msgspec.Struct):
+    id: str
+    num_tokens: int
+    cached: bool  # its KV was already stored before this call
+
+
+class AddDocumentsResponse(msgspec.Struct):
+    documents: list[DocumentRecord]
+
+
+class RagRequestBody(msgspec.Struct, forbid_unknown_fields=True):
+    question: str
+    documents: list[DocumentIn] | None = None
+    document_ids: list[str] | None = None
+    system_prompt: str | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    blend_ratio: float | None = None
+    mode: str | None = None
+    category: str | None = None
+
+
+class RagResponse(msgspec.Struct):
+    answer: str
+    finish_reason: str
+    usage: Usage
+    ragcache: CacheReport
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody

@@ -1,0 +1,60 @@
+"""Every failure a client can cause becomes a 4xx with an OpenAI-shaped JSON error naming the field."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from ragcache.engine.errors import InvalidRequestError
+from ragcache.schemas import ErrorBody, ErrorResponse
+from ragcache.service.runtime import QueueFullError, UnknownDocumentError
+
+log = logging.getLogger("ragcache.service")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> Response:
+    body = ErrorResponse(ErrorBody(message, _TYPES.get(status, "server_error"), param))
+    return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
+
+
+def on_validation(_: Request, exc: ValidationException) -> Response:
+    details = exc.extra if isinstance(exc.extra, list) else []
+    fields = [str(d.get("key")) for d in details if isinstance(d, dict) and d.get("key")]
+    reasons = "; ".join(f"{d.get('key') or 'body'}: {d.get('message')}" for d in details if isinstance(d, dict))
+    return error_response(400, reasons or exc.detail, fields[0] if fields else None)
+
+
+def on_http(_: Request, exc: HTTPException) -> Response:
+    return error_response(exc.status_code, exc.detail, headers=exc.headers)
+
+
+def on_invalid(_: Request, exc: InvalidRequestError) -> Response:
+    return error_response(400, str(exc))
+
+
+def on_unknown_document(_: Request, exc: UnknownDocumentError) -> Response:
+    return error_response(404, str(exc.args[0]))
+
+
+def on_queue_full(_: Request, exc: QueueFullError) -> Response:
+    return error_response(429, str(exc), headers={"retry-after": "1"})
+
+
+def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error; the server log has the details")
+
+
+HANDLERS = {
+    ValidationException: on_validation,
+    HTTPException: on_http,
+    InvalidRequestError: on_invalid,
+    UnknownDocumentError: on_unknown_document,
+    QueueFullError: on_queue_full,
+    Exception: on_unexpected,
+}

@@ -1,0 +1,40 @@
+"""Prometheus text exposition of Runtime.stats(), in the project's vocabulary (tier, tenant, mode)."""
+
+from __future__ import annotations
+
+
+def _line(name: str, value: float, **labels: str) -> str:
+    rendered = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return f"{name}{{{rendered}}} {value}" if rendered else f"{name} {value}"
+
+
+def prometheus_text(stats: dict) -> str:
+    lines = [
+        "# HELP ragcache_queue_depth Requests waiting for or running on the model.",
+        "# TYPE ragcache_queue_depth gauge",
+        _line("ragcache_queue_depth", stats["queue"]["depth"]),
+    ]
+    tier_metrics = {
+        "entries": ("gauge", "Chunk caches held by the tier."),
+        "used_bytes": ("gauge", "Bytes held by the tier."),
+        "max_bytes": ("gauge", "Byte budget of the tier."),
+        "hits": ("counter", "Lookups the tier answered."),
+        "misses": ("counter", "Lookups the tier could not answer."),
+        "evictions": ("counter", "Entries evicted for room."),
+        "errors": ("counter", "Failed calls to the tier (Redis faults)."),
+        "corrupt": ("counter", "Entries rejected as corrupt or foreign."),
+    }
+    for field, (kind, help_text) in tier_metrics.items():
+        name = f"ragcache_tier_{field}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [_line(name, tier[field], tier=tier["name"]) for tier in stats["tiers"] if field in tier]
+    for field in ("promotions", "demotions", "pins", "pins_expired", "write_through_failures"):
+        name = f"ragcache_store_{field}_total"
+        lines += [f"# TYPE {name} counter", _line(name, stats["store"][field])]
+    lines += ["# TYPE ragcache_requests_total counter", "# TYPE ragcache_errors_total counter",
+              "# TYPE ragcache_ttft_seconds summary"]
+    for tenant, t in stats["tenants"].items():
+        lines += [_line("ragcache_requests_total", n, tenant=tenant, mode=mode) for mode, n in t["requests"].items()]
+        lines += [_line("ragcache_errors_total", n, tenant=tenant, type=kind) for kind, n in t["errors"].items()]
+        lines += [_line("ragcache_ttft_seconds", v, tenant=tenant, quantile=f"0.{q[1:]}") for q, v in t["ttft_s"].items()]
+    return "\n".join(lines) + "\n"

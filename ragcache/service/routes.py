@@ -1,0 +1,117 @@
+"""Handlers: each translates HTTP to one Runtime call. OpenAI-compatible chat, RAG, documents."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from litestar.params import FromPath, JSONBody
+from litestar import Request, Response, delete, get, post
+from litestar.response import ServerSentEvent
+from litestar.status_codes import HTTP_204_NO_CONTENT
+
+from ragcache.engine.errors import InvalidRequestError
+from ragcache.engine.runner import Generation, RagRequest
+from ragcache.schemas import (
+    AddDocumentsRequest,
+    AddDocumentsResponse,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Delta,
+    DocumentIn,
+    DocumentRecord,
+    ModelCard,
+    ModelList,
+    RagRequestBody,
+    RagResponse,
+)
+from ragcache.service import convert
+from ragcache.service.auth import tenant_of
+from ragcache.service.deps import RuntimeDep, SettingsDep
+from ragcache.service.runtime import Runtime
+
+
+def documents_for(runtime: Runtime, tenant: str, inline: list[DocumentIn] | None, ids: list[str] | None) -> list[str]:
+    texts = [doc.text for doc in inline or []]
+    return texts + runtime.resolve_documents(tenant, ids or [])
+
+
+@get("/v1/models", operation_id="listModels", summary="The model this server runs")
+async def list_models(runtime: RuntimeDep, request: Request, settings: SettingsDep) -> ModelList:
+    tenant_of(request, settings)
+    return ModelList([ModelCard(runtime.model_name, created=int(runtime.started_s))])
+
+
+@post("/v1/chat/completions", operation_id="createChatCompletion", summary="OpenAI-compatible chat, with RAG documents",
+      status_code=200)
+async def chat_completions(
+    data: JSONBody[ChatCompletionRequest], request: Request, runtime: RuntimeDep, settings: SettingsDep
+) -> Response[ChatCompletion] | ServerSentEvent:
+    tenant = tenant_of(request, settings)
+    documents = documents_for(runtime, tenant, data.documents, data.document_ids)
+    rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens)
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        return ServerSentEvent(_sse(runtime, tenant, rag, include_usage, settings.blend_ratio))
+    result = await runtime.generate(tenant, rag)
+    body = convert.chat_completion(result, rag, runtime.model_name, settings.blend_ratio)
+    return Response(body, headers=convert.report_headers(body.ragcache))
+
+
+async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bool, default_ratio: float):
+    completion_id, created, model = convert.completion_id(), int(time.time()), runtime.model_name
+
+    def chunk(delta: Delta, finish: str | None = None, **extra) -> str:
+        body = ChatCompletionChunk(completion_id, "chat.completion.chunk", created, model,
+                                   [ChunkChoice(0, delta, finish)], **extra)
+        return msgspec.json.encode(body).decode()
+
+    yield chunk(Delta(role="assistant", content=""))
+    try:
+        async for item in runtime.stream(tenant, rag):
+            if isinstance(item, Generation):
+                report = convert.cache_report(item, rag, default_ratio)
+                yield chunk(Delta(), item.finish_reason, ragcache=report)
+                if include_usage:
+                    usage_body = ChatCompletionChunk(completion_id, "chat.completion.chunk", created, model, [],
+                                                     usage=convert.usage(item))
+                    yield msgspec.json.encode(usage_body).decode()
+            else:
+                yield chunk(Delta(content=item))
+    except (InvalidRequestError, RuntimeError) as exc:
+        yield msgspec.json.encode({"error": {"message": str(exc), "type": "invalid_request_error"}}).decode()
+    yield "[DONE]"
+
+
+@post("/v1/rag", operation_id="rag", summary="Question + documents (inline or by id) -> answer", status_code=200)
+async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> Response[RagResponse]:
+    tenant = tenant_of(request, settings)
+    documents = documents_for(runtime, tenant, data.documents, data.document_ids)
+    sampling = convert.sampling_from(data.max_tokens, data.temperature, data.top_p, data.seed, data.stop,
+                                     settings.max_new_tokens)
+    rag = RagRequest(data.question, tuple(documents), data.mode or "blend", data.blend_ratio, sampling,
+                     data.system_prompt, tenant)
+    result = await runtime.generate(tenant, rag)
+    report = convert.cache_report(result, rag, settings.blend_ratio)
+    body = RagResponse(result.text, result.finish_reason, convert.usage(result), report)
+    return Response(body, headers=convert.report_headers(report))
+
+
+@post("/v1/documents", operation_id="addDocuments", summary="Precompute and store the KV of documents")
+async def add_documents(data: JSONBody[AddDocumentsRequest], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> AddDocumentsResponse:
+    tenant = tenant_of(request, settings)
+    if not data.documents:
+        raise InvalidRequestError("documents must not be empty")
+    stored = await runtime.add_documents(tenant, [(d.id, d.text) for d in data.documents], data.system_prompt)
+    return AddDocumentsResponse([DocumentRecord(r.id, r.num_tokens, cached) for r, cached in stored])
+
+
+@delete("/v1/documents/{doc_id:str}", operation_id="deleteDocument", summary="Forget a document and drop its KV",
+        status_code=HTTP_204_NO_CONTENT)
+async def delete_document(doc_id: FromPath[str], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> None:
+    await runtime.delete_document(tenant_of(request, settings), doc_id)
+
+
+ROUTES = [list_models, chat_completions, rag_answer, add_documents, delete_document]

@@ -1,0 +1,216 @@
+"""The one object the HTTP layer calls: engine work off the event loop, documents, tenants, stats.
+
+Model work runs on one worker thread (the engine serves one request at a time); requests
+wait in a bounded queue and past max_queue are refused at once (QueueFullError -> 429)
+rather than piling up. Streaming hands each piece of text from the worker thread to the
+request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from ragcache.bench.metrics import percentile
+from ragcache.engine.errors import InvalidRequestError
+from ragcache.engine.runner import BlendEngine, Generation, RagRequest
+from ragcache.kv import ChunkKey
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than max_queue allows."""
+
+
+class UnknownDocumentError(LookupError):
+    """A document id the tenant never added (or deleted)."""
+
+
+class _Cancelled(Exception):
+    """Raised inside the engine's token callback when the client went away."""
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    id: str
+    text: str
+    key: ChunkKey
+    num_tokens: int
+
+
+@dataclass
+class RequestMetrics:
+    """Rolling service figures for /admin/stats and /metrics."""
+
+    requests: Counter
+    errors: Counter
+    ttft_s: deque
+    blend_ratios: Counter
+
+    @classmethod
+    def empty(cls) -> "RequestMetrics":
+        return cls(Counter(), Counter(), deque(maxlen=2048), Counter())
+
+
+class Runtime:
+    def __init__(self, engine: BlendEngine, max_queue: int, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_queue = max_queue
+        self.started_s = time.time()
+        self._pending = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragcache-engine")
+        self._documents: dict[str, dict[str, StoredDocument]] = defaultdict(dict)  # tenant -> id -> doc
+        self._lock = threading.Lock()
+        self.metrics: dict[str, RequestMetrics] = defaultdict(RequestMetrics.empty)  # per tenant
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    async def _run(self, work: Callable):
+        if self._pending >= self.max_queue:
+            raise QueueFullError(f"{self._pending} requests are queued (max_queue={self.max_queue}); retry later")
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+        finally:
+            self._pending -= 1
+
+    # generation
+
+    async def generate(self, tenant: str, request: RagRequest) -> Generation:
+        try:
+            result = await self._run(lambda: self.engine.generate(request))
+        except Exception as exc:
+            self.metrics[tenant].errors[type(exc).__name__] += 1
+            raise
+        self._record(tenant, request, result)
+        return result
+
+    async def stream(self, tenant: str, request: RagRequest) -> AsyncIterator[str | Generation]:
+        """Yield text pieces as they are generated, then the finished Generation."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()
+
+        def on_token(piece: str) -> None:
+            if gone.is_set():
+                raise _Cancelled
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        task = asyncio.ensure_future(self._run(lambda: self.engine.generate(request, on_token=on_token)))
+        task.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield piece
+            result = task.result()
+        except BaseException:
+            gone.set()
+            raise
+        self._record(tenant, request, result)
+        yield result
+
+    def _record(self, tenant: str, request: RagRequest, result: Generation) -> None:
+        metrics = self.metrics[tenant]
+        metrics.requests[request.mode] += 1
+        metrics.ttft_s.append(result.timings.ttft_s)
+        if request.mode == "blend":
+            ratio = self.engine.config.default_ratio if request.blend_ratio is None else request.blend_ratio
+            metrics.blend_ratios[f"{ratio:g}"] += 1
+
+    # documents
+
+    async def add_documents(self, tenant: str, documents: list[tuple[str | None, str]], system_prompt: str | None):
+        texts = [text for _, text in documents]
+        infos = await self._run(lambda: self.engine.add_documents(texts, system_prompt, namespace=tenant))
+        stored = []
+        with self._lock:
+            for (doc_id, text), info in zip(documents, infos):
+                doc_id = doc_id or hashlib.sha256(text.encode()).hexdigest()[:16]
+                record = StoredDocument(doc_id, text, info.key, info.num_tokens)
+                self._documents[tenant][doc_id] = record
+                stored.append((record, info.cached))
+        return stored
+
+    def resolve_documents(self, tenant: str, ids: list[str]) -> list[str]:
+        """Texts of the tenant's documents; another tenant's id is as unknown as a made-up one."""
+        with self._lock:
+            known = self._documents.get(tenant, {})
+            missing = [doc_id for doc_id in ids if doc_id not in known]
+            if missing:
+                raise UnknownDocumentError(f"unknown document id(s): {missing}")
+            return [known[doc_id].text for doc_id in ids]
+
+    async def delete_document(self, tenant: str, doc_id: str) -> None:
+        with self._lock:
+            record = self._documents.get(tenant, {}).pop(doc_id, None)
+        if record is None:
+            raise UnknownDocumentError(f"unknown document id: {doc_id!r}")
+        await self._run(lambda: self.engine.store.delete(record.key))
+
+    # operations
+
+    async def flush(self, tier: str | None, tenant: str | None) -> int:
+        """Drop cached chunk KV: every tier or one, every tenant's documents or one's. Returns entries dropped."""
+        store = self.engine.store
+
+        def work() -> int:
+            if tenant is None:
+                return sum(_flush_tier(t) for t in store.tiers if tier in (None, t.name))
+            with self._lock:
+                records = list(self._documents.pop(tenant, {}).values())
+            dropped = 0
+            for record in records:
+                dropped += sum(bool(t.delete(record.key)) for t in store.tiers if tier in (None, t.name))
+            return dropped
+
+        if tier is not None and tier not in [t.name for t in store.tiers]:
+            raise InvalidRequestError(f"tier must be one of {[t.name for t in store.tiers]}, got {tier!r}")
+        return await self._run(work)
+
+    def stats(self) -> dict:
+        store = self.engine.store.stats()
+        return {
+            "model": self.model_name,
+            "uptime_s": time.time() - self.started_s,
+            "queue": {"depth": self._pending, "max": self.max_queue},
+            "tiers": [_as_dict(t) for t in store["tiers"]],
+            "store": _as_dict(store["store"]) | {"active_pins": store["active_pins"]},
+            "tenants": {tenant: self._tenant_stats(tenant, m) for tenant, m in self.metrics.items()},
+        }
+
+    def _tenant_stats(self, tenant: str, metrics: RequestMetrics) -> dict:
+        ttft = list(metrics.ttft_s)
+        return {
+            "requests": dict(metrics.requests),
+            "errors": dict(metrics.errors),
+            "documents": len(self._documents.get(tenant, {})),
+            "blend_ratios": dict(metrics.blend_ratios),
+            "ttft_s": {f"p{q}": percentile(ttft, q) for q in (50, 90, 99)} if ttft else {},
+        }
+
+    def close(self) -> None:
+        """Let queued work finish, write hot local KV through to Redis (if configured), release the store."""
+        self._worker.shutdown(wait=True)
+        store = self.engine.store
+        if getattr(store, "remote", None):
+            store.write_back()
+        if hasattr(store, "close"):
+            store.close()
+
+
+def _flush_tier(tier) -> int:
+    keys = tier.keys() if hasattr(tier, "keys") else []
+    return sum(bool(tier.delete(key)) for key in keys) if keys else tier.clear()
+
+
+def _as_dict(value) -> dict:
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: getattr(value, name) for name in value.__dataclass_fields__}
+    return dict(value)

@@ -1,0 +1,42 @@
+"""A real ragcache HTTP server (uvicorn on a free port, in a thread) over a tiny-model engine."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import uvicorn
+
+from ragcache.config import Settings
+from ragcache.engine.runner import BlendEngine
+from ragcache.service.app import create_app
+from ragcache.service.runtime import Runtime
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_server(engine: BlendEngine, **settings):
+    """Yield (base_url, runtime) while a server runs; stop it (gracefully) afterwards."""
+    settings = Settings(port=free_port(), **settings)
+    runtime = Runtime(engine, settings.max_queue, "tiny-llama")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, runtime), host="127.0.0.1", port=settings.port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{settings.port}", runtime
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
