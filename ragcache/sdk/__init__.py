@@ -1,0 +1,1 @@
+"""Python client for ragcache's HTTP API (see client.py)."""
