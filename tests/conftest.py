@@ -9,6 +9,7 @@ from ragcache.engine.loader import LoadedModel, ModelSpec, default_model_file, l
 from ragcache.engine.runner import BlendEngine, EngineConfig
 from ragcache.engine.stack import DecoderStack
 from ragcache.storage import CpuTier
+from redis_server import *  # noqa: F401,F403  real Redis fixtures: redis_url, redis_namespace, throwaway_redis
 
 DOCUMENTS = (
     "The Amazon river flows through Brazil, Peru and Colombia into the Atlantic Ocean.",

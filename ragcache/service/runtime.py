@@ -206,8 +206,7 @@ class Runtime:
 
 
 def _flush_tier(tier) -> int:
-    keys = tier.keys() if hasattr(tier, "keys") else []
-    return sum(bool(tier.delete(key)) for key in keys) if keys else tier.clear()
+    return sum(bool(tier.delete(key)) for key in tier.keys())
 
 
 def _as_dict(value) -> dict:
