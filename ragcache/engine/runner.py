@@ -169,16 +169,22 @@ class BlendEngine:
         return _generation(fused, decoded, hits, misses, timings, return_logprobs)
 
     def _gather(self, parts: PromptParts, namespace: str):
-        """Look up the prefix and chunks, compute and store what is missing."""
+        """Look up the prefix and chunks, compute and store what is missing.
+
+        With a store that prefetches (TieredStore), all chunks start loading at once, in the
+        background, while the prefix is looked up (and computed, on a first request).
+        """
         started = time.perf_counter()
         fingerprint = self.loaded.fingerprint
         prefix_key = chunk_key(fingerprint, parts.prefix_ids, "", namespace)
         keys = [chunk_key(fingerprint, ids, prefix_key, namespace) for ids in parts.chunk_ids]
-        found = self.store.get_many([prefix_key, *keys])
+        prefetch = getattr(self.store, "prefetch", None)
+        loading = prefetch(keys) if prefetch is not None and keys else None
+        prefix_key, prefix_kv = self._prefix(parts.prefix_ids, namespace)
+        found = loading.result() if loading is not None else self.store.get_many(keys)
         lookup_s = time.perf_counter() - started
-        prefix_kv = found[0] or self._compute_and_store([parts.prefix_ids], [prefix_key], None)[0]
-        chunk_kvs = self._chunks(parts.chunk_ids, keys, prefix_kv, found[1:])
-        hits = sum(kv is not None for kv in found[1:])
+        chunk_kvs = self._chunks(parts.chunk_ids, keys, prefix_kv, found)
+        hits = sum(kv is not None for kv in found)
         return prefix_kv, chunk_kvs, hits, lookup_s, time.perf_counter() - started - lookup_s
 
     def _prefix(self, prefix_ids, namespace: str) -> tuple[ChunkKey, KVChunk]:
