@@ -81,6 +81,9 @@ def test_models_and_openapi(open_server):
     spec = httpx.get(f"{url}/schema/openapi.json").json()
     operations = {op["operationId"] for path in spec["paths"].values() for op in path.values()}
     assert {"createChatCompletion", "listModels", "rag", "addDocuments", "deleteDocument", "adminStats"} <= operations
+    responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+    assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 
 def test_documents_ahead_then_rag_by_id_then_delete(open_server):

@@ -6,18 +6,20 @@ from litestar.params import FromQuery
 from litestar import MediaType, Request, Response, get, post
 
 from ragcache.service.auth import require_admin
+from ragcache.service.errors import ERRORS
 from ragcache.service.metrics import prometheus_text
 from ragcache.service.deps import RuntimeDep, SettingsDep
 from ragcache.service.runtime import Runtime
 
 
-@get("/admin/stats", operation_id="adminStats", summary="Per-tier and per-tenant cache statistics")
+@get("/admin/stats", operation_id="adminStats", summary="Per-tier and per-tenant cache statistics", responses=ERRORS)
 async def admin_stats(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> dict:
     require_admin(request, settings)
     return runtime.stats()
 
 
-@post("/admin/flush", operation_id="adminFlush", summary="Drop cached KV, by tier and/or tenant", status_code=200)
+@post("/admin/flush", operation_id="adminFlush", summary="Drop cached KV, by tier and/or tenant", status_code=200,
+      responses=ERRORS)
 async def admin_flush(request: Request, runtime: RuntimeDep, settings: SettingsDep,
                       tier: FromQuery[str | None] = None, tenant: FromQuery[str | None] = None) -> dict:
     require_admin(request, settings)
@@ -38,7 +40,7 @@ async def ready(runtime: RuntimeDep) -> Response[dict]:
     return Response(body, status_code=200)
 
 
-@get("/metrics", operation_id="metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
+@get("/metrics", operation_id="metrics", summary="Prometheus metrics", media_type=MediaType.TEXT, responses=ERRORS)
 async def metrics(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> str:
     require_admin(request, settings)
     return prometheus_text(runtime.stats())

@@ -6,6 +6,7 @@ import logging
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.schemas import ErrorBody, ErrorResponse
@@ -49,6 +50,17 @@ def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; the server log has the details")
 
+
+ERRORS = {
+    status: ResponseSpec(ErrorResponse, description=description)
+    for status, description in {
+        400: "Bad input; the message names the field",
+        401: "Missing or invalid API key",
+        403: "The key may not do this (e.g. a tenant key on an admin endpoint)",
+        404: "Unknown document id (or another tenant's)",
+        429: "The request queue is full; retry after Retry-After seconds",
+    }.items()
+}
 
 HANDLERS = {
     ValidationException: on_validation,

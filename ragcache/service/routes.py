@@ -29,6 +29,7 @@ from ragcache.schemas import (
 )
 from ragcache.service import convert
 from ragcache.service.auth import tenant_of
+from ragcache.service.errors import ERRORS
 from ragcache.service.deps import RuntimeDep, SettingsDep
 from ragcache.service.runtime import Runtime
 
@@ -38,17 +39,18 @@ def documents_for(runtime: Runtime, tenant: str, inline: list[DocumentIn] | None
     return texts + runtime.resolve_documents(tenant, ids or [])
 
 
-@get("/v1/models", operation_id="listModels", summary="The model this server runs")
+@get("/v1/models", operation_id="listModels", summary="The model this server runs", responses=ERRORS)
 async def list_models(runtime: RuntimeDep, request: Request, settings: SettingsDep) -> ModelList:
     tenant_of(request, settings)
     return ModelList([ModelCard(runtime.model_name, created=int(runtime.started_s))])
 
 
 @post("/v1/chat/completions", operation_id="createChatCompletion", summary="OpenAI-compatible chat, with RAG documents",
-      status_code=200)
+      description="With `stream: true` the answer comes as server-sent `chat.completion.chunk` events ending in `[DONE]`.",
+      status_code=200, responses=ERRORS)
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], request: Request, runtime: RuntimeDep, settings: SettingsDep
-) -> Response[ChatCompletion] | ServerSentEvent:
+) -> Response[ChatCompletion]:
     tenant = tenant_of(request, settings)
     documents = documents_for(runtime, tenant, data.documents, data.document_ids)
     rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens)
@@ -85,7 +87,8 @@ async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bo
     yield "[DONE]"
 
 
-@post("/v1/rag", operation_id="rag", summary="Question + documents (inline or by id) -> answer", status_code=200)
+@post("/v1/rag", operation_id="rag", summary="Question + documents (inline or by id) -> answer", status_code=200,
+      responses=ERRORS)
 async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> Response[RagResponse]:
     tenant = tenant_of(request, settings)
     documents = documents_for(runtime, tenant, data.documents, data.document_ids)
@@ -99,7 +102,8 @@ async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: 
     return Response(body, headers=convert.report_headers(report))
 
 
-@post("/v1/documents", operation_id="addDocuments", summary="Precompute and store the KV of documents")
+@post("/v1/documents", operation_id="addDocuments", summary="Precompute and store the KV of documents",
+      responses=ERRORS)
 async def add_documents(data: JSONBody[AddDocumentsRequest], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> AddDocumentsResponse:
     tenant = tenant_of(request, settings)
     if not data.documents:
@@ -109,7 +113,7 @@ async def add_documents(data: JSONBody[AddDocumentsRequest], request: Request, r
 
 
 @delete("/v1/documents/{doc_id:str}", operation_id="deleteDocument", summary="Forget a document and drop its KV",
-        status_code=HTTP_204_NO_CONTENT)
+        status_code=HTTP_204_NO_CONTENT, responses=ERRORS)
 async def delete_document(doc_id: FromPath[str], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> None:
     await runtime.delete_document(tenant_of(request, settings), doc_id)
 
