@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,6 +21,15 @@ from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams, TokenCallback, decode, sample_token
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.prompt import PromptLimits, PromptParts, build_rag_prompt, encode_documents, split_template
+from ragcache.engine.programs import (
+    ProgramIndex,
+    ProgramMatch,
+    ProgramRecord,
+    common_prefix_len,
+    extend_program,
+    program_key,
+    program_kv,
+)
 from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, encode
 from ragcache.engine.stack import DecoderStack
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey, KVChunk, chunk_key
@@ -52,6 +61,7 @@ class RagRequest:
     system_prompt: str | None = None
     namespace: str = DEFAULT_NAMESPACE
     history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a chat, oldest first
+    program_id: str | None = None  # an agent program: its conversation KV is kept and extended turn by turn
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -82,6 +92,8 @@ class Generation:
     chunk_misses: int
     timings: PhaseTimings
     first_token_logprobs: torch.Tensor | None = field(default=None, repr=False)
+    program_key: ChunkKey | None = None  # where the program's KV now lives (agents pin it)
+    program_reused_tokens: int = 0  # prompt tokens reused from the program's previous turn
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,7 @@ class BlendEngine:
         self.config = config
         self.context_len = loaded.model.config.max_position_embeddings
         self.eos_ids = _eos_ids(loaded)
+        self.programs = ProgramIndex()
         self._lock = threading.Lock()
 
     @torch.inference_mode()
@@ -144,21 +157,27 @@ class BlendEngine:
             )
         prefix_kv, chunk_kvs, hits, misses = None, [], 0, 0  # full prefill looks nothing up
         lookup_s = compute_s = 0.0
-        if request.mode != "full":
+        program = self._match_program(request, parts) if request.program_id and request.mode != "full" else None
+        if request.mode != "full" and program is None:
             prefix_kv, chunk_kvs, hits, lookup_s, compute_s = self._gather(parts, request.namespace)
             misses = len(chunk_kvs) - hits
+        elif program is not None:
+            lookup_s = time.perf_counter() - started
         blend_started = time.perf_counter()
         ratio = self.config.default_ratio if request.blend_ratio is None else request.blend_ratio
-        fused = blend(
-            self.stack,
-            parts,
-            prefix_kv,
-            chunk_kvs,
-            mode=request.mode,
-            ratio=ratio,
-            config=self.config.blend,
-            extra_capacity=request.sampling.max_tokens,
-        )
+        if program is not None:
+            fused = extend_program(self.stack, program, parts.all_ids, request.sampling.max_tokens)
+        else:
+            fused = blend(
+                self.stack,
+                parts,
+                prefix_kv,
+                chunk_kvs,
+                mode=request.mode,
+                ratio=ratio,
+                config=self.config.blend,
+                extra_capacity=request.sampling.max_tokens,
+            )
         generator = None
         if request.sampling.seed is not None:
             generator = torch.Generator().manual_seed(request.sampling.seed)
@@ -166,7 +185,36 @@ class BlendEngine:
         first_at = time.perf_counter()
         decoded = decode(self.stack, fused.buffer, first, request.sampling, self.tokenizer, self.eos_ids, generator, on_token)
         timings = PhaseTimings(lookup_s, compute_s, first_at - blend_started, first_at - started, decoded.decode_s)
-        return _generation(fused, decoded, hits, misses, timings, return_logprobs)
+        result = _generation(fused, decoded, hits, misses, timings, return_logprobs)
+        if request.program_id:
+            key = self._save_program(request, parts, fused, decoded)
+            reused = program.reused_tokens if program is not None else 0
+            result = replace(result, program_key=key, program_reused_tokens=reused)
+        return result
+
+    def _match_program(self, request: RagRequest, parts: PromptParts) -> ProgramMatch | None:
+        """The program's stored KV if it covers at least the prompt's prefix and documents (else blend them)."""
+        record = self.programs.latest(request.namespace, request.program_id)
+        if record is None:
+            return None
+        ids = parts.all_ids
+        reused = min(common_prefix_len(record.token_ids, ids), len(ids) - 1)  # the last token must run for logits
+        if reused < len(parts.prefix_ids) + parts.num_chunk_tokens:
+            return None
+        kv = self.store.get(record.key)
+        return ProgramMatch(record, kv, reused) if kv is not None else None
+
+    def _save_program(self, request: RagRequest, parts: PromptParts, fused: BlendResult, decoded) -> ChunkKey:
+        """Store the prompt + the answer tokens that went through the model as the program's latest entry."""
+        fed = fused.buffer.length - fused.prompt_tokens
+        token_ids = [*parts.all_ids, *decoded.token_ids[:fed]]
+        fingerprint = self.loaded.fingerprint
+        key = program_key(fingerprint, token_ids, request.namespace)
+        self.store.put(key, program_kv(self.stack, fused.buffer, token_ids, fingerprint))
+        previous = self.programs.remember(request.namespace, request.program_id, ProgramRecord(key, tuple(token_ids)))
+        if previous is not None and previous.key != key:
+            self.store.delete(previous.key)
+        return key
 
     def _gather(self, parts: PromptParts, namespace: str):
         """Look up the prefix and chunks, compute and store what is missing.
