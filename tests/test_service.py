@@ -147,6 +147,23 @@ def test_full_queue_is_a_429(open_server):
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
 
 
+def test_full_queue_is_a_429_for_streams_too(open_server):
+    url, runtime = open_server
+    body = {"messages": [{"role": "user", "content": QUESTION}], "stream": True}
+    saved, runtime._pending = runtime._pending, runtime.max_queue
+    try:
+        response = httpx.post(f"{url}/v1/chat/completions", json=body)
+    finally:
+        runtime._pending = saved
+    assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_document_ids_with_a_slash_are_refused(open_server):
+    url, _ = open_server
+    response = httpx.post(f"{url}/v1/documents", json={"documents": [{"id": "a/b", "text": "text"}]})
+    assert response.status_code == 400 and "documents[0].id" in response.json()["error"]["message"]
+
+
 def test_queue_bound_is_enforced_while_the_engine_is_busy(make_engine):
     runtime = Runtime(make_engine(), max_queue=1, model_name="tiny")
     release = threading.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import msgspec
@@ -31,7 +32,10 @@ from ragcache.service import convert
 from ragcache.service.auth import tenant_of
 from ragcache.service.errors import ERRORS
 from ragcache.service.deps import RuntimeDep, SettingsDep
-from ragcache.service.runtime import Runtime
+from ragcache.service.runtime import QueueFullError, Runtime
+
+
+log = logging.getLogger("ragcache.service")
 
 
 def documents_for(runtime: Runtime, tenant: str, inline: list[DocumentIn] | None, ids: list[str] | None) -> list[str]:
@@ -55,6 +59,7 @@ async def chat_completions(
     documents = documents_for(runtime, tenant, data.documents, data.document_ids)
     rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens)
     if data.stream:
+        runtime.check_capacity()  # a full queue is a 429, not an error inside a 200 stream
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         return ServerSentEvent(_sse(runtime, tenant, rag, include_usage, settings.blend_ratio))
     result = await runtime.generate(tenant, rag)
@@ -82,9 +87,18 @@ async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bo
                     yield msgspec.json.encode(usage_body).decode()
             else:
                 yield chunk(Delta(content=item))
-    except (InvalidRequestError, RuntimeError) as exc:
-        yield msgspec.json.encode({"error": {"message": str(exc), "type": "invalid_request_error"}}).decode()
+    except Exception as exc:  # the 200 is out: report in the stream, never drop it silently
+        yield msgspec.json.encode({"error": _stream_error(exc)}).decode()
     yield "[DONE]"
+
+
+def _stream_error(exc: Exception) -> dict:
+    if isinstance(exc, InvalidRequestError):
+        return {"message": str(exc), "type": "invalid_request_error"}
+    if isinstance(exc, QueueFullError):
+        return {"message": str(exc), "type": "rate_limit_error"}
+    log.exception("generation failed mid-stream")
+    return {"message": "internal error; the server log has the details", "type": "server_error"}
 
 
 @post("/v1/rag", operation_id="rag", summary="Question + documents (inline or by id) -> answer", status_code=200,

@@ -73,9 +73,13 @@ class Runtime:
     def queue_depth(self) -> int:
         return self._pending
 
-    async def _run(self, work: Callable):
+    def check_capacity(self) -> None:
+        """Raise QueueFullError now if a new request would be refused (before a stream's 200 goes out)."""
         if self._pending >= self.max_queue:
             raise QueueFullError(f"{self._pending} requests are queued (max_queue={self.max_queue}); retry later")
+
+    async def _run(self, work: Callable):
+        self.check_capacity()
         self._pending += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._worker, work)
@@ -127,6 +131,9 @@ class Runtime:
     # documents
 
     async def add_documents(self, tenant: str, documents: list[tuple[str | None, str]], system_prompt: str | None):
+        for index, (doc_id, _) in enumerate(documents):
+            if doc_id is not None and (not doc_id.strip() or "/" in doc_id or len(doc_id) > 200):
+                raise InvalidRequestError(f"documents[{index}].id must be 1-200 characters without '/'")
         texts = [text for _, text in documents]
         infos = await self._run(lambda: self.engine.add_documents(texts, system_prompt, namespace=tenant))
         stored = []
