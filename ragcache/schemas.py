@@ -86,6 +86,7 @@ class CacheReport(msgspec.Struct):
     recomputed_fraction: float
     timings: Timings
     semantic_hit: bool = False
+    program_reused_tokens: int = 0  # agent programs: prompt tokens reused from the program's previous turn
 
 
 class AssistantMessage(msgspec.Struct):

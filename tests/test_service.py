@@ -228,3 +228,16 @@ def test_health_and_ready(open_server):
     url, _ = open_server
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{url}/ready").json()["status"] == "ready"
+
+
+def test_program_turns_reuse_the_previous_turns_kv(open_server):
+    url, _ = open_server
+    messages = [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "List /tmp."}]
+    first = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "temperature": 0},
+                       headers={"x-session-id": "agent-7"}).json()
+    answer = first["choices"][0]["message"]["content"].strip() or "ok"
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Tool result: a.txt"}]
+    second = httpx.post(f"{url}/v1/chat/completions",
+                        json={"messages": messages, "max_tokens": 3, "temperature": 0, "program_id": "agent-7"}).json()
+    assert first["ragcache"]["program_reused_tokens"] == 0
+    assert second["ragcache"]["program_reused_tokens"] >= first["usage"]["prompt_tokens"]

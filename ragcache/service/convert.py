@@ -47,7 +47,9 @@ def sampling_from(max_tokens, temperature, top_p, seed, stop, limit: int) -> Sam
         raise InvalidRequestError(str(exc)) from None
 
 
-def chat_request(body: ChatCompletionRequest, documents: list[str], tenant: str, max_new_tokens: int) -> RagRequest:
+def chat_request(
+    body: ChatCompletionRequest, documents: list[str], tenant: str, max_new_tokens: int, program_id: str | None = None
+) -> RagRequest:
     """OpenAI messages -> RagRequest: system messages form the system prompt, the last user message is the question."""
     if not body.messages:
         raise InvalidRequestError("messages must not be empty")
@@ -72,6 +74,7 @@ def chat_request(body: ChatCompletionRequest, documents: list[str], tenant: str,
         system_prompt="\n\n".join(system) or None,
         namespace=tenant,
         history=tuple(turns[:-1]),
+        program_id=program_id,
     )
 
 
@@ -86,6 +89,7 @@ def cache_report(result: Generation, request: RagRequest, default_ratio: float) 
         recomputed_tokens=result.recomputed_tokens,
         recomputed_fraction=result.recomputed_fraction,
         timings=Timings(t.lookup_s * 1e3, t.chunk_compute_s * 1e3, t.blend_s * 1e3, t.ttft_s * 1e3, t.decode_s * 1e3),
+        program_reused_tokens=result.program_reused_tokens,
     )
 
 

@@ -57,7 +57,8 @@ async def chat_completions(
 ) -> Response[ChatCompletion]:
     tenant = tenant_of(request, settings)
     documents = documents_for(runtime, tenant, data.documents, data.document_ids)
-    rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens)
+    program_id = data.program_id or request.headers.get("x-session-id")
+    rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens, program_id)
     if data.stream:
         runtime.check_capacity()  # a full queue is a 429, not an error inside a 200 stream
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
