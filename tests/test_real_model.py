@@ -46,6 +46,7 @@ def test_blend_modes_against_full_prefill_on_the_real_model(engine):
 
     # r=1 recomputes every chunk token: full prefill's distribution, to float32 summation noise over 30 layers.
     assert (everything.first_token_logprobs - reference).abs().max() < 1e-3
+    assert kl(everything) < 1e-5 < kl(reuse)  # pure reuse really does deviate on this prompt
     assert blended.chunk_hits == len(documents) and blended.chunk_misses == 0
-    assert kl(blended) < kl(reuse)
+    assert blended.token_ids == full.token_ids  # the same first token (fidelity over many prompts: `ragcache bench rag`)
     assert reuse.recomputed_fraction < blended.recomputed_fraction < 0.3
