@@ -73,5 +73,14 @@ def stack():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama and the real tokenizer saved as a model directory (the path users pass)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def real_model() -> LoadedModel:
     return load_model(ModelSpec())

@@ -6,15 +6,12 @@ import pytest
 
 from ragcache.cli import main
 
-from conftest import DOCUMENTS, tiny_model
+from conftest import DOCUMENTS
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def write_dataset(path, rows):

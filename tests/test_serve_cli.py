@@ -12,16 +12,13 @@ import pytest
 from ragcache.config import SettingsError, load_settings
 from service_server import free_port
 
-from conftest import DOCUMENTS, QUESTION, tiny_model
+from conftest import DOCUMENTS, QUESTION
 from redis_server import wait_until
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-serve")
-    tiny_model().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_serve_answers_then_shuts_down_cleanly(model_dir, redis_url, redis_namespace):
