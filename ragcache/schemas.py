@@ -52,6 +52,14 @@ class ChatCompletionRequest(msgspec.Struct):
     mode: str | None = None
     category: str | None = None
     program_id: str | None = None
+    is_last_step: bool = False  # the program ends with this turn: its KV is released
+
+
+class ProgramEvent(msgspec.Struct, forbid_unknown_fields=True):
+    """A client telling ragcache where its agent is: a tool started, ended, or the program is over."""
+
+    type: Literal["tool_start", "tool_end", "end"]
+    tool: str | None = None
 
 
 class PromptTokensDetails(msgspec.Struct):

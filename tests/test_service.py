@@ -241,3 +241,24 @@ def test_program_turns_reuse_the_previous_turns_kv(open_server):
                         json={"messages": messages, "max_tokens": 3, "temperature": 0, "program_id": "agent-7"}).json()
     assert first["ragcache"]["program_reused_tokens"] == 0
     assert second["ragcache"]["program_reused_tokens"] >= first["usage"]["prompt_tokens"]
+
+
+def test_a_tool_call_pins_the_programs_kv_until_the_next_turn(open_server):
+    url, _ = open_server
+    messages = [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "Search the web."}]
+    body = {"messages": messages, "max_tokens": 2, "temperature": 0, "program_id": "agent-pin"}
+    httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert httpx.post(f"{url}/v1/programs/agent-pin/events", json={"type": "tool_start", "tool": "search"}).status_code == 204
+    programs = httpx.get(f"{url}/admin/programs").json()
+    assert any(p["program_id"] == "agent-pin" for p in programs["programs"])
+    assert "default/search" not in programs["pins"]["predictor"]["tools"]
+    messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "Result: 3 pages."}]
+    second = httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": messages, "is_last_step": True}).json()
+    assert second["ragcache"]["program_reused_tokens"] > 0
+    after = httpx.get(f"{url}/admin/programs").json()
+    # the next turn's arrival ended the tool call: its duration is the predictor's first sample
+    assert after["pins"]["predictor"]["tools"]["default/search"]["samples"] == 1
+    assert after["pins"]["active_pins"] == []
+    bad = httpx.post(f"{url}/v1/programs/agent-pin/events", json={"type": "tool_start"})
+    assert bad.status_code == 400 and "tool" in bad.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/programs/agent-pin/events", json={"type": "nap"}).status_code == 400

@@ -17,18 +17,21 @@ from ragcache.sdk.errors import (
     RateLimitError,
     ServerError,
 )
+from ragcache.sdk.programs import AsyncProgram, Program
 from ragcache.sdk.stream import AsyncChatStream, ChatStream
 
 __all__ = [
     "APIError",
     "AsyncChatStream",
     "AsyncClient",
+    "AsyncProgram",
     "AuthenticationError",
     "BadRequestError",
     "ChatStream",
     "Client",
     "NotFoundError",
     "PermissionDeniedError",
+    "Program",
     "RagcacheConnectionError",
     "RagcacheError",
     "RagcacheTimeoutError",

@@ -30,6 +30,8 @@ from ragcache.schemas import (
 Document = Union[str, tuple[str, str], Mapping[str, Any], DocumentIn]
 # A conversation: one user message as text, or OpenAI-style messages (dicts or ChatMessage).
 Messages = Union[str, Iterable[Union[Mapping[str, Any], ChatMessage]]]
+# The header alias of the program_id extension; a program's turns send both.
+PROGRAM_HEADER = "X-Session-ID"
 
 
 class RagOptions(TypedDict, total=False):
@@ -73,6 +75,7 @@ class Call(NamedTuple):
     params: dict | None = None
     admin: bool = False
     stream: bool = False
+    headers: dict | None = None  # extra request headers (X-Session-ID for a program's turns)
 
 
 def _decoder(kind: type) -> Callable[[bytes], Any]:
@@ -128,6 +131,25 @@ def chat(messages: Messages, documents: Iterable[Document] | None, stream: bool,
     body = ChatCompletionRequest(messages=messages_in(messages), documents=documents_in(documents), stream=stream,
                                  stream_options=StreamOptions(include_usage=True) if stream else None, **options)
     return Call("POST", "/v1/chat/completions", _decoder(ChatCompletion), _compact(body), stream=stream)
+
+
+def program_chat(program_id: str, messages: Messages, documents: Iterable[Document] | None, stream: bool,
+                 options: ChatOptions, system_prompt: str | None = None, is_last_step: bool = False) -> Call:
+    """chat() as a turn of an agent program: the id rides as the `program_id` extension and as the
+    X-Session-ID header; system_prompt leads the messages unless they start with a system message;
+    is_last_step (an extension) tells the server the program ends with this answer."""
+    turn = messages_in(messages)
+    if system_prompt is not None and not (turn and turn[0].role == "system"):
+        turn = [ChatMessage("system", system_prompt), *turn]
+    call = chat(turn, documents, stream, {**options, "program_id": program_id})
+    body = {**call.body, "is_last_step": True} if is_last_step else call.body
+    return call._replace(body=body, headers={PROGRAM_HEADER: program_id})
+
+
+def program_event(program_id: str, type: Literal["tool_start", "tool_end", "end"], tool: str | None = None) -> Call:
+    """POST /v1/programs/{id}/events with {"type", "tool"}: a tool started or ended, or the program ended (204)."""
+    body = {"type": type} if tool is None else {"type": type, "tool": tool}
+    return Call("POST", f"/v1/programs/{quote(program_id, safe='')}/events", _nothing, body)
 
 
 def add_documents(documents: Iterable[Document], system_prompt: str | None) -> Call:

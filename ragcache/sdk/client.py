@@ -26,6 +26,7 @@ from ragcache import __version__
 from ragcache.schemas import ChatCompletion, DocumentRecord, ModelList, RagResponse
 from ragcache.sdk import calls
 from ragcache.sdk.calls import Call, ChatOptions, Document, Messages, RagOptions
+from ragcache.sdk.programs import AsyncProgram, Program
 from ragcache.sdk.retry import RetryPolicy
 from ragcache.sdk.stream import AsyncChatStream, ChatStream
 
@@ -53,6 +54,7 @@ class _BaseClient:
     def _request(self, http: httpx.Client | httpx.AsyncClient, call: Call) -> httpx.Request:
         key = self._admin_key if call.admin else self._api_key
         headers = {"authorization": f"Bearer {key}"} if key else {}
+        headers.update(call.headers or {})
         content = None
         if call.body is not None:
             content, headers["content-type"] = msgspec.json.encode(call.body), "application/json"
@@ -94,6 +96,11 @@ class Client(_BaseClient):
         then read its `report` and `usage`."""
         call = calls.chat(messages, documents, stream, options)
         return ChatStream(self._send(call)) if stream else self._call(call)
+
+    def program(self, program_id: str | None = None, *, system_prompt: str | None = None) -> Program:
+        """A handle on one agent program (a fresh id unless given): its chat() turns reuse the
+        program's KV turn by turn, its tool_call(name) tells the server while a tool runs."""
+        return Program(self, program_id, system_prompt=system_prompt)
 
     def add_documents(self, documents: Iterable[Document], system_prompt: str | None = None) -> list[DocumentRecord]:
         """Compute and store each document's KV now, so later questions reuse it. Documents
@@ -176,6 +183,10 @@ class AsyncClient(_BaseClient):
     async def chat(self, messages, documents=None, *, stream=False, **options):
         call = calls.chat(messages, documents, stream, options)
         return AsyncChatStream(await self._send(call)) if stream else await self._call(call)
+
+    def program(self, program_id: str | None = None, *, system_prompt: str | None = None) -> AsyncProgram:
+        """Client.program's twin: `await program.chat(...)`, `async with program.tool_call(name)`."""
+        return AsyncProgram(self, program_id, system_prompt=system_prompt)
 
     async def add_documents(self, documents: Iterable[Document],
                             system_prompt: str | None = None) -> list[DocumentRecord]:

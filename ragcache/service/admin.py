@@ -18,6 +18,13 @@ async def admin_stats(request: Request, runtime: RuntimeDep, settings: SettingsD
     return runtime.stats()
 
 
+@get("/admin/programs", operation_id="adminPrograms", summary="Agent programs, pins, TTLs, tool durations",
+     responses=ERRORS)
+async def admin_programs(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> dict:
+    require_admin(request, settings)
+    return runtime.program_stats()
+
+
 @post("/admin/flush", operation_id="adminFlush", summary="Drop cached KV, by tier and/or tenant", status_code=200,
       responses=ERRORS)
 async def admin_flush(request: Request, runtime: RuntimeDep, settings: SettingsDep,
@@ -46,4 +53,4 @@ async def metrics(request: Request, runtime: RuntimeDep, settings: SettingsDep) 
     return prometheus_text(runtime.stats())
 
 
-ROUTES = [admin_stats, admin_flush, health, ready, metrics]
+ROUTES = [admin_stats, admin_programs, admin_flush, health, ready, metrics]

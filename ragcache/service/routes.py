@@ -25,6 +25,7 @@ from ragcache.schemas import (
     DocumentRecord,
     ModelCard,
     ModelList,
+    ProgramEvent,
     RagRequestBody,
     RagResponse,
 )
@@ -62,13 +63,14 @@ async def chat_completions(
     if data.stream:
         runtime.check_capacity()  # a full queue is a 429, not an error inside a 200 stream
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return ServerSentEvent(_sse(runtime, tenant, rag, include_usage, settings.blend_ratio))
-    result = await runtime.generate(tenant, rag)
+        return ServerSentEvent(_sse(runtime, tenant, rag, include_usage, settings.blend_ratio, data.is_last_step))
+    result = await runtime.generate(tenant, rag, data.is_last_step)
     body = convert.chat_completion(result, rag, runtime.model_name, settings.blend_ratio)
     return Response(body, headers=convert.report_headers(body.ragcache))
 
 
-async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bool, default_ratio: float):
+async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bool, default_ratio: float,
+               is_last_step: bool):
     completion_id, created, model = convert.completion_id(), int(time.time()), runtime.model_name
 
     def chunk(delta: Delta, finish: str | None = None, **extra) -> str:
@@ -78,7 +80,7 @@ async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bo
 
     yield chunk(Delta(role="assistant", content=""))
     try:
-        async for item in runtime.stream(tenant, rag):
+        async for item in runtime.stream(tenant, rag, is_last_step):
             if isinstance(item, Generation):
                 report = convert.cache_report(item, rag, default_ratio)
                 yield chunk(Delta(), item.finish_reason, ragcache=report)
@@ -133,4 +135,11 @@ async def delete_document(doc_id: FromPath[str], request: Request, runtime: Runt
     await runtime.delete_document(tenant_of(request, settings), doc_id)
 
 
-ROUTES = [list_models, chat_completions, rag_answer, add_documents, delete_document]
+@post("/v1/programs/{program_id:str}/events", operation_id="programEvent", status_code=HTTP_204_NO_CONTENT,
+      summary="An agent's tool started or ended, or its program is over", responses=ERRORS)
+async def program_event(program_id: FromPath[str], data: JSONBody[ProgramEvent], request: Request,
+                        runtime: RuntimeDep, settings: SettingsDep) -> None:
+    runtime.program_event(tenant_of(request, settings), program_id, data.type, data.tool)
+
+
+ROUTES = [list_models, chat_completions, rag_answer, add_documents, delete_document, program_event]

@@ -17,10 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from ragcache.agents.coordinator import AgentConfig, ProgramCoordinator
+from ragcache.agents.profile import kv_bytes_per_token, measure_prefill_profile, stack_prefill_fn
 from ragcache.bench.metrics import percentile
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.runner import BlendEngine, Generation, RagRequest
 from ragcache.kv import ChunkKey
+from ragcache.storage.tiered import TieredStore
 
 
 class QueueFullError(RuntimeError):
@@ -58,6 +61,9 @@ class RequestMetrics:
 
 
 class Runtime:
+    """coordinator: the agents layer (program-level scheduling, tool-aware pins); built here over
+    the engine's store when that is a TieredStore, with the engine's prefill profile measured once."""
+
     def __init__(self, engine: BlendEngine, max_queue: int, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -68,6 +74,8 @@ class Runtime:
         self._documents: dict[str, dict[str, StoredDocument]] = defaultdict(dict)  # tenant -> id -> doc
         self._lock = threading.Lock()
         self.metrics: dict[str, RequestMetrics] = defaultdict(RequestMetrics.empty)  # per tenant
+        self.coordinator = _coordinator(engine)
+        self.kv_bytes_per_token = kv_bytes_per_token(engine.stack)
 
     @property
     def queue_depth(self) -> int:
@@ -78,26 +86,30 @@ class Runtime:
         if self._pending >= self.max_queue:
             raise QueueFullError(f"{self._pending} requests are queued (max_queue={self.max_queue}); retry later")
 
-    async def _run(self, work: Callable):
+    async def _run(self, work: Callable, tenant: str | None = None, program_id: str | None = None):
+        """Run work on the engine's worker; generation (tenant given) first takes its turn in the program scheduler."""
         self.check_capacity()
         self._pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+            if tenant is None or self.coordinator is None:
+                return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+            async with self.coordinator.turn(tenant, program_id):
+                return await asyncio.get_running_loop().run_in_executor(self._worker, work)
         finally:
             self._pending -= 1
 
     # generation
 
-    async def generate(self, tenant: str, request: RagRequest) -> Generation:
+    async def generate(self, tenant: str, request: RagRequest, is_last_step: bool = False) -> Generation:
         try:
-            result = await self._run(lambda: self.engine.generate(request))
+            result = await self._run(lambda: self.engine.generate(request), tenant, request.program_id)
         except Exception as exc:
             self.metrics[tenant].errors[type(exc).__name__] += 1
             raise
-        self._record(tenant, request, result)
+        self._finish(tenant, request, result, is_last_step)
         return result
 
-    async def stream(self, tenant: str, request: RagRequest) -> AsyncIterator[str | Generation]:
+    async def stream(self, tenant: str, request: RagRequest, is_last_step: bool = False) -> AsyncIterator[str | Generation]:
         """Yield text pieces as they are generated, then the finished Generation."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
@@ -108,7 +120,8 @@ class Runtime:
                 raise _Cancelled
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        task = asyncio.ensure_future(self._run(lambda: self.engine.generate(request, on_token=on_token)))
+        work = lambda: self.engine.generate(request, on_token=on_token)  # noqa: E731
+        task = asyncio.ensure_future(self._run(work, tenant, request.program_id))
         task.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
         try:
             while (piece := await pieces.get()) is not None:
@@ -117,8 +130,30 @@ class Runtime:
         except BaseException:
             gone.set()
             raise
-        self._record(tenant, request, result)
+        self._finish(tenant, request, result, is_last_step)
         yield result
+
+    def program_event(self, tenant: str, program_id: str, kind: str, tool: str | None) -> None:
+        """A client's tool_start / tool_end / end for a program; tool_start pins its KV for the tool's TTL."""
+        if self.coordinator is None:
+            raise InvalidRequestError("program events need a tiered KV store")
+        try:
+            self.coordinator.event(tenant, program_id, kind, tool)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        if kind == "end":
+            record = self.engine.programs.forget(tenant, program_id)
+            if record is not None:
+                self.engine.store.delete(record.key)
+
+    def _finish(self, tenant: str, request: RagRequest, result: Generation, is_last_step: bool) -> None:
+        self._record(tenant, request, result)
+        if self.coordinator is None or request.program_id is None or result.program_key is None:
+            return
+        record = self.engine.programs.latest(tenant, request.program_id)
+        num_tokens = len(record.token_ids) if record is not None else 0
+        self.coordinator.finish(tenant, request.program_id, result.program_key,
+                                num_tokens * self.kv_bytes_per_token, num_tokens, is_last_step=is_last_step)
 
     def _record(self, tenant: str, request: RagRequest, result: Generation) -> None:
         metrics = self.metrics[tenant]
@@ -192,6 +227,12 @@ class Runtime:
             "tenants": {tenant: self._tenant_stats(tenant, m) for tenant, m in self.metrics.items()},
         }
 
+    def program_stats(self) -> dict:
+        programs = [{"tenant": ns, "program_id": pid, "tokens": len(record.token_ids)}
+                    for ns, pid, record in self.engine.programs.programs()]
+        agents = self.coordinator.stats() if self.coordinator is not None else {}
+        return {"programs": programs, **agents}
+
     def _tenant_stats(self, tenant: str, metrics: RequestMetrics) -> dict:
         ttft = list(metrics.ttft_s)
         return {
@@ -203,13 +244,23 @@ class Runtime:
         }
 
     def close(self) -> None:
-        """Let queued work finish, write hot local KV through to Redis (if configured), release the store."""
+        """Let queued work finish, release pins, write hot local KV through to Redis (if configured), close the store."""
         self._worker.shutdown(wait=True)
+        if self.coordinator is not None:
+            self.coordinator.close()
         store = self.engine.store
         if getattr(store, "remote", None):
             store.write_back()
         if hasattr(store, "close"):
             store.close()
+
+
+def _coordinator(engine: BlendEngine) -> ProgramCoordinator | None:
+    """The agents layer over a tiered store; the reload cost profile is measured on this engine now."""
+    if not isinstance(engine.store, TieredStore) or not engine.store.local:
+        return None
+    profile = measure_prefill_profile(stack_prefill_fn(engine.stack), (64, 256, 1024), repeats=1)
+    return ProgramCoordinator(engine.store, profile, AgentConfig())
 
 
 def _flush_tier(tier) -> int:

@@ -1,0 +1,116 @@
+"""PinBudget: the program pins held, what each is still worth, and how much of each tier they may hold.
+
+Why a ledger beside the store's own pins: the store knows handles and expiries; deciding
+which pin gives way needs what a pin was judged worth (its saving, its memory ratio, its
+tool's duration CDF) and whose it is. Values change as pins age: a pin's value now is
+
+    P(tool returns before expiry | not returned yet)·saving_s − seconds left·mem_ratio
+
+so a pin whose tool has outlived every observed duration is worth nothing and goes first.
+Holds no tensors and takes no lock: ProgramPins owns it and serialises access.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ragcache.agents.predictor import ToolDurationPredictor
+
+if TYPE_CHECKING:
+    from ragcache.storage.memory import MemoryTier
+    from ragcache.storage.tiered import PinHandle
+
+ProgramRef = tuple[str, str]  # (tenant, program id): the same id in two tenants is two programs
+
+
+@dataclass(frozen=True)
+class HeldPin:
+    """One program's pin: the store's handle and what the pin was judged worth when made."""
+
+    tenant: str
+    program_id: str
+    tool: str
+    handle: PinHandle
+    nbytes: int
+    ttl_s: float
+    pinned_s: float  # on the store's clock, as handle.expires_s
+    saving_s: float  # T·η + reload when pinned
+    mem_ratio: float  # mem / M when pinned
+
+    @property
+    def ref(self) -> ProgramRef:
+        return (self.tenant, self.program_id)
+
+
+class PinBudget:
+    def __init__(self, tiers: list[MemoryTier], predictor: ToolDurationPredictor, share: float) -> None:
+        self.tiers = {tier.name: tier for tier in tiers}
+        self.predictor = predictor
+        self.share = share
+        self.held: dict[ProgramRef, HeldPin] = {}
+
+    def budget_bytes(self, tier: str) -> int:
+        return int(self.share * self.tier(tier).max_bytes)
+
+    def pinned_bytes(self, tier: str) -> int:
+        return sum(pin.nbytes for pin in self.held.values() if pin.handle.tier == tier)
+
+    def value(self, pin: HeldPin, now: float) -> float:
+        """What keeping pin from now until it expires is still worth, in seconds."""
+        age = now - pin.pinned_s
+        probability = self.predictor.hold_probability(pin.tenant, pin.tool, pin.ttl_s, age)
+        return probability * pin.saving_s - max(0.0, pin.ttl_s - age) * pin.mem_ratio
+
+    def by_value(self, tier: str, now: float) -> list[HeldPin]:
+        """The tier's pins, least valuable per byte first: the order they give way in."""
+        pins = [pin for pin in self.held.values() if pin.handle.tier == tier]
+        return sorted(pins, key=lambda pin: self.value(pin, now) / max(pin.nbytes, 1))
+
+    def room_for(self, tier: str, nbytes: int, value_s: float, now: float) -> list[HeldPin] | None:
+        """The pins to displace so that nbytes more fit the tier's budget ([] when they fit already);
+        None when they can never fit, or are worth no more than all they would displace."""
+        budget = self.budget_bytes(tier)
+        excess = self.pinned_bytes(tier) + nbytes - budget
+        if nbytes > budget:
+            return None
+        if excess <= 0:
+            return []
+        victims, freed, lost_s = [], 0, 0.0
+        for pin in self.by_value(tier, now):
+            if freed >= excess:
+                break
+            victims.append(pin)
+            freed += pin.nbytes
+            lost_s += max(0.0, self.value(pin, now))
+        return victims if freed >= excess and value_s > lost_s else None
+
+    def expired(self, now: float) -> list[HeldPin]:
+        """Remove and return the pins whose handles are past their expiry."""
+        gone = [pin for pin in self.held.values() if pin.handle.expires_s <= now]
+        for pin in gone:
+            del self.held[pin.ref]
+        return gone
+
+    def tier(self, name: str) -> MemoryTier:
+        if name not in self.tiers:
+            raise ValueError(f"no local tier named {name!r}; local tiers: {list(self.tiers)}")
+        return self.tiers[name]
+
+    def describe(self, now: float) -> list[dict]:
+        """The active pins for stats: program, tool, tier, TTL, age, bytes, value now."""
+        return [{
+            "tenant": pin.tenant,
+            "program_id": pin.program_id,
+            "tool": pin.tool,
+            "tier": pin.handle.tier,
+            "ttl_s": pin.ttl_s,
+            "age_s": now - pin.pinned_s,
+            "expires_in_s": pin.handle.expires_s - now,
+            "nbytes": pin.nbytes,
+            "value_s": self.value(pin, now),
+        } for pin in self.held.values()]
+
+    def usage(self) -> dict:
+        return {name: {"budget_bytes": self.budget_bytes(name), "pinned_bytes": self.pinned_bytes(name),
+                       "max_bytes": tier.max_bytes} for name, tier in self.tiers.items()}

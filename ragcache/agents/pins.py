@@ -1,0 +1,359 @@
+"""ProgramPins: each agent program's KV pinned in the store while its tool runs, within a budget.
+
+A program between two turns, as this class sees it (one record per (tenant, program id)):
+
+    turn_finished(key, tool)  the turn's KV is stored under key and it ended in a call to tool:
+                              pin_for_tool pins key for τ* (the predictor) if that pays and fits
+    tool_started(tool)        a client event: the same, for a turn that did not end in a tool call
+    tool_ended()              a client event: the tool's duration is recorded; the pin stays (at
+                              least resume_grace_s more) for the next turn, which is on its way
+    turn_arrived()            the next turn: the duration is recorded unless tool_ended did; the
+                              pin is released, and counted a hit if it still held
+    end() / is_last_step      the program is over: release and forget it
+
+Budget (budget.py): program pins hold at most budget_share of each local tier's bytes. A
+pin that does not fit displaces held pins in its tier, least valuable per byte first, only
+if it is worth more than all of them together; a displaced pin is unpinned, so the store
+may evict or demote it as it would any entry.
+
+Deadlock freedom: budget_share < 1 leaves every local tier (1 − share) of its bytes that
+pins never hold, and reclaim() force-releases pins, least valuable first, when the head of
+the queue needs more room than is unpinned.
+
+Expiry is the store's: TieredStore.release_expired demotes an expired pin's entry one tier
+down; this class notices a handle past its expires_s and counts the pin as expired.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
+
+from ragcache.agents.budget import HeldPin, PinBudget, ProgramRef
+from ragcache.agents.predictor import ToolDurationPredictor
+from ragcache.agents.profile import PrefillProfile
+
+if TYPE_CHECKING:
+    from ragcache.kv import ChunkKey
+    from ragcache.storage.tiered import TieredStore
+
+
+@dataclass(frozen=True)
+class PinConfig:
+    budget_share: float = 0.5  # of each local tier's max_bytes that program pins may hold
+    eta: float = 1.0  # Continuum's η: how much of the queueing delay a held pin saves
+    memory_weight: float = 1.0  # seconds of cost per second an average-sized program's KV is held
+    resume_grace_s: float = 2.0  # after tool_end, the pin holds at least this long for the next turn
+    delay_window: int = 64  # queueing delays of returning programs averaged into T
+    size_window: int = 256  # program KV sizes averaged into M
+    max_programs: int = 10_000  # programs remembered between turns; the least recently active go first
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget_share < 1.0:
+            raise ValueError(f"budget_share must be in (0, 1) (a whole tier pinned could stall the queue), "
+                             f"got {self.budget_share}")
+        if min(self.eta, self.memory_weight, self.resume_grace_s) < 0:
+            raise ValueError(f"eta, memory_weight and resume_grace_s must be >= 0, got "
+                             f"{self.eta}, {self.memory_weight}, {self.resume_grace_s}")
+        if min(self.delay_window, self.size_window, self.max_programs) < 1:
+            raise ValueError("delay_window, size_window and max_programs must be >= 1")
+
+
+@dataclass(frozen=True)
+class PinDecision:
+    """What pin_for_tool did. reason: "pinned", "not_worth_it" (τ* = 0), "not_local" (no local
+    tier holds the key), "over_budget" (it would not fit, or is worth less than what it displaces)."""
+
+    pinned: bool
+    reason: str
+    ttl_s: float
+    value_s: float
+    source: str  # the predictor's CDF: "tool", "global" or "default"
+    tier: str | None = None
+    displaced: int = 0  # pins unpinned to make room for this one
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What a program's next turn found when it arrived."""
+
+    returning: bool  # the program was waiting on a tool call
+    pin_held: bool  # its pin still held: its KV is where the last turn left it
+    tool: str | None
+    tool_duration_s: float | None  # recorded now (None: no tool, or tool_ended recorded it)
+
+
+@dataclass
+class PinCounters:
+    created: int = 0
+    returned_held: int = 0  # the next turn arrived while the pin held: a hit
+    returned_lost: int = 0  # it arrived after the pin expired, was displaced or was reclaimed
+    returned_unpinned: int = 0  # it followed a tool call that was never pinned
+    expired: int = 0
+    displaced: int = 0
+    reclaimed: int = 0
+    released: int = 0  # by end, is_last_step, a newer tool call, forgetting or shutdown
+    not_worth_it: int = 0
+    not_local: int = 0
+    over_budget: int = 0
+    extended: int = 0  # pins held on past tool_end for the next turn
+
+
+@dataclass
+class _Program:
+    """A program between turns (internal, mutable under the lock)."""
+
+    key: ChunkKey | None = None
+    nbytes: int = 0
+    num_tokens: int = 0
+    tool: str | None = None  # the last tool call since the program's last turn
+    tool_started_s: float | None = None  # None once the tool returned
+    predicted_ttl_s: float | None = None
+    pinned: bool = False  # a pin was made for this tool call (it may be gone since)
+
+
+class ProgramPins:
+    """Pins, budgets and the per-program bookkeeping around them. Thread-safe."""
+
+    def __init__(self, store: TieredStore, predictor: ToolDurationPredictor, profile: PrefillProfile,
+                 config: PinConfig = PinConfig()) -> None:
+        if not store.local:
+            raise ValueError("program pins need a store with at least one local (memory) tier")
+        self.store = store
+        self.predictor = predictor
+        self.profile = profile
+        self.config = config
+        self.clock = store.clock  # pin expiries are on the store's clock
+        self.counters = PinCounters()
+        self._programs: OrderedDict[ProgramRef, _Program] = OrderedDict()
+        self.budget = PinBudget(store.local, predictor, config.budget_share)
+        self._delays: deque[float] = deque(maxlen=config.delay_window)
+        self._sizes: deque[int] = deque(maxlen=config.size_window)
+        self._lock = threading.RLock()
+
+    # the program's life
+
+    def turn_arrived(self, tenant: str, program_id: str) -> Arrival:
+        """The program's next turn arrived: record its tool's duration, release its pin."""
+        with self._lock:
+            self._sweep()
+            ref = (tenant, program_id)
+            program = self._programs.get(ref)
+            if program is None:
+                return Arrival(False, False, None, None)
+            tool, duration = program.tool, self.tool_returned(tenant, program_id)
+            held = self._release(ref, "returned")
+            if held:
+                self.counters.returned_held += 1
+            elif program.pinned:
+                self.counters.returned_lost += 1
+            elif tool is not None:
+                self.counters.returned_unpinned += 1
+            program.tool, program.pinned, program.predicted_ttl_s = None, False, None
+            return Arrival(tool is not None, held, tool, duration)
+
+    def turn_finished(self, tenant: str, program_id: str, key: ChunkKey, nbytes: int, num_tokens: int,
+                      tool: str | None = None, is_last_step: bool = False) -> PinDecision | None:
+        """The turn's KV is stored under key; tool: the tool it called (finish_reason "tool_calls"), if any."""
+        with self._lock:
+            if is_last_step:
+                self.end(tenant, program_id)
+                return None
+            self._set_kv(self._program((tenant, program_id)), key, nbytes, num_tokens)
+            return self.pin_for_tool(tenant, program_id, key, tool, nbytes, num_tokens) if tool else None
+
+    def tool_started(self, tenant: str, program_id: str, tool: str) -> PinDecision | None:
+        """A client says tool starts now. The same tool already pending (the turn ended in a call to
+        it) only restarts its clock; otherwise the program's latest KV is pinned for it (None: no
+        KV known yet, or nothing new to pin)."""
+        with self._lock:
+            self._sweep()
+            ref = (tenant, program_id)
+            program = self._program(ref)
+            if program.tool == tool and program.tool_started_s is not None:
+                program.tool_started_s = self.clock()
+                return None
+            if program.key is None:
+                program.tool, program.tool_started_s = tool, self.clock()
+                return None
+            return self.pin_for_tool(tenant, program_id, program.key, tool, program.nbytes, program.num_tokens)
+
+    def tool_returned(self, tenant: str, program_id: str) -> float | None:
+        """Record the pending tool's duration (now − its start) in the predictor; None if none is pending."""
+        with self._lock:
+            program = self._programs.get((tenant, program_id))
+            if program is None or program.tool is None or program.tool_started_s is None:
+                return None
+            duration = max(0.0, self.clock() - program.tool_started_s)
+            self.predictor.record(tenant, program.tool, duration, program.predicted_ttl_s)
+            program.tool_started_s = None
+            return duration
+
+    def tool_ended(self, tenant: str, program_id: str) -> float | None:
+        """A client says the tool returned: record its duration; keep the pin resume_grace_s at least."""
+        with self._lock:
+            self._sweep()
+            duration = self.tool_returned(tenant, program_id)
+            pin = self.budget.held.get((tenant, program_id))
+            now = self.clock()
+            grace_s = self.config.resume_grace_s
+            if pin is not None and grace_s > 0 and pin.handle.expires_s - now < grace_s:
+                handle = self.store.pin(pin.handle.key, grace_s)
+                if handle is not None:
+                    self.store.unpin(pin.handle)
+                    self.budget.held[pin.ref] = replace(pin, handle=handle, ttl_s=handle.expires_s - pin.pinned_s)
+                    self.counters.extended += 1
+            return duration
+
+    def end(self, tenant: str, program_id: str) -> bool:
+        """The program is over (is_last_step, or an end event): release its pin and forget it."""
+        with self._lock:
+            held = self._release((tenant, program_id), "released")
+            self._programs.pop((tenant, program_id), None)
+            return held
+
+    # pins
+
+    def pin_for_tool(self, tenant: str, program_id: str, key: ChunkKey, tool: str, nbytes: int,
+                     num_tokens: int) -> PinDecision:
+        """A call of tool starts now: pin key (the program's KV, nbytes for num_tokens) for τ*, within the budget.
+
+        Any pin the program still holds is released first: the new call supersedes it."""
+        with self._lock:
+            self._sweep()
+            ref = (tenant, program_id)
+            program = self._program(ref)
+            self._release(ref, "released")
+            self._set_kv(program, key, nbytes, num_tokens)
+            now = self.clock()
+            program.tool, program.tool_started_s, program.pinned = tool, now, False
+            reload_s, mem_ratio = self.profile.reload_s(num_tokens, nbytes), self._mem_ratio(nbytes)
+            choice = self.predictor.choose(tenant, tool, reload_s, mem_ratio, self.queue_delay_s, self.config.eta)
+            program.predicted_ttl_s = choice.ttl_s or None
+            decision = PinDecision(False, "not_worth_it", choice.ttl_s, choice.value_s, choice.source)
+            if choice.ttl_s <= 0:
+                self.counters.not_worth_it += 1
+                return decision
+            handle = self.store.pin(key, choice.ttl_s)
+            if handle is None:
+                self.counters.not_local += 1
+                return replace(decision, reason="not_local")
+            victims = self.budget.room_for(handle.tier, nbytes, choice.value_s, now)
+            if victims is None:
+                self.store.unpin(handle)
+                self.counters.over_budget += 1
+                return replace(decision, reason="over_budget", tier=handle.tier)
+            for victim in victims:
+                self._release(victim.ref, "displaced")
+            self.budget.held[ref] = HeldPin(tenant, program_id, tool, handle, nbytes, choice.ttl_s, now,
+                                            choice.saving_s, mem_ratio)
+            program.pinned = True
+            self.counters.created += 1
+            return PinDecision(True, "pinned", choice.ttl_s, choice.value_s, choice.source, handle.tier, len(victims))
+
+    def release(self, tenant: str, program_id: str, reason: str = "released") -> bool:
+        """Unpin the program's KV now; True if its pin still held. reason: "released", "displaced" or "reclaimed"."""
+        with self._lock:
+            return self._release((tenant, program_id), reason)
+
+    def reclaim(self, nbytes: int, tier: str | None = None) -> int:
+        """Make sure nbytes of a local tier (the top one by default) are not pinned, force-releasing
+        program pins there, least valuable per byte first. Returns how many were released.
+
+        The scheduler's escape hatch: call it when the request at the head of the queue needs
+        more room than the tier has unpinned, so pinned memory can never stall the queue."""
+        with self._lock:
+            self._sweep()
+            target = self.budget.tier(tier) if tier is not None else self.store.local[0]
+            unpinned = target.max_bytes - target.stats().pinned_bytes
+            released = 0
+            for pin in self.budget.by_value(target.name, self.clock()):
+                if unpinned >= nbytes:
+                    break
+                self._release(pin.ref, "reclaimed")
+                unpinned += pin.nbytes
+                released += 1
+            return released
+
+    def observe_queue_delay(self, waited_s: float) -> None:
+        """A returning program whose KV was not kept waited waited_s in the queue: feeds T."""
+        with self._lock:
+            self._delays.append(max(0.0, waited_s))
+
+    @property
+    def queue_delay_s(self) -> float:
+        """T: the sliding mean of observe_queue_delay's samples (0 before any)."""
+        return sum(self._delays) / len(self._delays) if self._delays else 0.0
+
+    def close(self) -> int:
+        """Release every pin (at shutdown); returns how many still held."""
+        with self._lock:
+            return sum(self._release(ref, "released") for ref in list(self.budget.held))
+
+    # accounting
+
+    def pinned_bytes(self, tier: str) -> int:
+        with self._lock:
+            return self.budget.pinned_bytes(tier)
+
+    def budget_bytes(self, tier: str) -> int:
+        return self.budget.budget_bytes(tier)
+
+    def stats(self) -> dict:
+        """Active pins (program, tool, ttl, age, bytes, value), budget use per tier, counters, hit rate."""
+        with self._lock:
+            self._sweep()
+            now = self.clock()
+            c = self.counters
+            returns = c.returned_held + c.returned_lost
+            return {
+                "active_pins": self.budget.describe(now),
+                "budget": self.budget.usage(),
+                "counters": asdict(c),
+                "pin_hit_rate": c.returned_held / returns if returns else None,
+                "programs": len(self._programs),
+                "queue_delay_s": self.queue_delay_s,
+                "mean_program_bytes": sum(self._sizes) / len(self._sizes) if self._sizes else 0.0,
+                "predictor": self.predictor.stats(),
+            }
+
+    # internals
+
+    def _program(self, ref: ProgramRef) -> _Program:
+        program = self._programs.get(ref)
+        if program is None:
+            program = self._programs[ref] = _Program()
+            while len(self._programs) > self.config.max_programs:
+                oldest = next(iter(self._programs))
+                self._release(oldest, "released")
+                del self._programs[oldest]
+        self._programs.move_to_end(ref)
+        return program
+
+    def _set_kv(self, program: _Program, key: ChunkKey, nbytes: int, num_tokens: int) -> None:
+        if key != program.key:
+            self._sizes.append(nbytes)
+        program.key, program.nbytes, program.num_tokens = key, nbytes, num_tokens
+
+    def _mem_ratio(self, nbytes: int) -> float:
+        """mem / M: this program's KV against the mean of recent programs' (1.0 before any), weighted."""
+        mean = sum(self._sizes) / len(self._sizes) if self._sizes else 0.0
+        return self.config.memory_weight * (nbytes / mean if mean > 0 else 1.0)
+
+    def _release(self, ref: ProgramRef, reason: str) -> bool:
+        pin = self.budget.held.pop(ref, None)
+        if pin is None:
+            return False
+        held = self.store.unpin(pin.handle)
+        if reason in ("displaced", "reclaimed"):
+            setattr(self.counters, reason, getattr(self.counters, reason) + 1)
+        elif reason != "returned":
+            self.counters.released += 1
+        return held
+
+    def _sweep(self) -> None:
+        """Let the store demote entries whose pins expired, and forget those pins here."""
+        self.store.release_expired()
+        self.counters.expired += len(self.budget.expired(self.clock()))

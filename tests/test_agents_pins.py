@@ -1,0 +1,212 @@
+"""Program pins over a real TieredStore on a hand-set clock: TTLs, returns, expiry, budget, reclaim, tenants."""
+
+import pytest
+import torch
+
+from ragcache.agents.pins import Arrival, PinConfig, ProgramPins
+from ragcache.agents.predictor import PredictorConfig, ToolDurationPredictor
+from ragcache.agents.profile import PrefillProfile
+from ragcache.kv import ChunkKey, KVChunk
+from ragcache.storage import CpuTier, GpuTier, TieredStore
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def chunk(tokens: int = 4) -> KVChunk:
+    return KVChunk(tuple(range(tokens)), torch.zeros(1, 1, tokens, 2), torch.zeros(1, 1, tokens, 2), "fp")
+
+
+SIZE = chunk().nbytes  # 64 bytes for 4 tokens
+SLOW_PREFILL = PrefillProfile(((4, 10.0),))  # re-prefilling a program costs 10 s: pins pay
+
+
+def make_pins(profile=SLOW_PREFILL, device_entries=4, cpu_entries=16, **config):
+    clock = Clock()
+    device, cpu = GpuTier(device_entries * SIZE, device="cpu"), CpuTier(cpu_entries * SIZE)
+    device.clock = cpu.clock = clock
+    store = TieredStore([device, cpu], clock=clock)
+    pins = ProgramPins(store, ToolDurationPredictor(PredictorConfig(min_samples=3)), profile, PinConfig(**config))
+    return pins, store, device, cpu, clock
+
+
+def stored(store, name, tokens=4) -> ChunkKey:
+    store.put(ChunkKey(name), chunk(tokens))
+    return ChunkKey(name)
+
+
+def finish(pins, store, program, tool, tenant="t", name=None, tokens=4):
+    key = stored(store, name or f"{tenant}-{program}", tokens)
+    return pins.turn_finished(tenant, program, key, chunk(tokens).nbytes, tokens, tool=tool)
+
+
+def teach(pins, tool, durations, tenant="t"):
+    for duration in durations:
+        pins.predictor.record(tenant, tool, duration)
+
+
+def test_a_tool_call_pins_the_programs_kv_for_the_predicted_ttl():
+    pins, store, device, _, _ = make_pins()
+    decision = finish(pins, store, "p1", "search")
+    assert (decision.pinned, decision.reason, decision.tier, decision.source) == (True, "pinned", "device", "default")
+    assert decision.ttl_s == 2.0 and decision.value_s == pytest.approx(0.5 * 10 - 2.0)
+    for name in "abcdef":  # other work fills the tier: the pinned program stays
+        stored(store, name)
+    assert device.contains(ChunkKey("t-p1")) and device.is_pinned(ChunkKey("t-p1"))
+
+
+def test_the_next_turn_releases_the_pin_and_records_the_tools_duration():
+    pins, store, device, _, clock = make_pins()
+    finish(pins, store, "p1", "search")
+    clock.now += 1.5
+    assert pins.turn_arrived("t", "p1") == Arrival(returning=True, pin_held=True, tool="search", tool_duration_s=1.5)
+    assert not device.is_pinned(ChunkKey("t-p1")) and device.contains(ChunkKey("t-p1"))
+    stats = pins.stats()
+    assert stats["counters"]["returned_held"] == 1 and stats["pin_hit_rate"] == 1.0 and stats["active_pins"] == []
+    outcome = stats["predictor"]["tools"]["t/search"]["predicted_vs_actual"]
+    assert outcome == {"pins": 1, "mean_predicted_ttl_s": 2.0, "mean_actual_s": 1.5, "covered": 1.0}
+
+
+def test_an_expired_pin_demotes_the_kv_and_its_return_is_a_miss():
+    pins, store, device, cpu, clock = make_pins()
+    finish(pins, store, "p1", "search")
+    clock.now += 2.5
+    assert pins.stats()["counters"]["expired"] == 1
+    assert not device.contains(ChunkKey("t-p1")) and cpu.contains(ChunkKey("t-p1"))  # demoted, not dropped
+    arrival = pins.turn_arrived("t", "p1")
+    assert (arrival.pin_held, arrival.tool_duration_s) == (False, 2.5)
+    stats = pins.stats()
+    assert (stats["counters"]["returned_lost"], stats["pin_hit_rate"]) == (1, 0.0)
+    assert stats["predictor"]["tools"]["t/search"]["predicted_vs_actual"]["covered"] == 0.0
+
+
+def test_the_budget_share_holds_and_the_least_valuable_pin_gives_way():
+    pins, store, device, _, _ = make_pins(budget_share=0.5)  # 2 of the device's 4 entries
+    teach(pins, "quick", [1.0, 1.0, 1.0])  # τ=1, worth 10·1 − 1 = 9 s
+    teach(pins, "flaky", [0.5, 8.0, 8.0])  # τ=0.5, worth 10/3 − 0.5 = 2.83 s
+    assert finish(pins, store, "p1", "flaky").pinned
+    assert finish(pins, store, "p2", "quick").pinned
+    third = finish(pins, store, "p3", "quick")
+    assert (third.pinned, third.displaced) == (True, 1)
+    assert not device.is_pinned(ChunkKey("t-p1")) and device.contains(ChunkKey("t-p1"))  # unpinned, still there
+    fourth = finish(pins, store, "p4", "flaky")  # worth less than either pin it would displace
+    assert (fourth.pinned, fourth.reason) == (False, "over_budget")
+    assert not device.is_pinned(ChunkKey("t-p4"))
+    assert pins.pinned_bytes("device") == device.stats().pinned_bytes == 2 * SIZE == pins.budget_bytes("device")
+    assert pins.turn_arrived("t", "p1").pin_held is False
+    counters = pins.stats()["counters"]
+    assert (counters["displaced"], counters["over_budget"], counters["returned_lost"]) == (1, 1, 1)
+
+
+def test_a_pin_larger_than_the_budget_is_refused():
+    pins, store, device, _, _ = make_pins(budget_share=0.5)
+    decision = finish(pins, store, "big", "search", tokens=12)  # 3 entries' worth > 2
+    assert (decision.pinned, decision.reason) == (False, "over_budget")
+    assert device.stats().pinned_bytes == 0
+
+
+def test_the_pin_goes_to_the_fastest_tier_holding_the_kv_within_that_tiers_budget():
+    pins, store, device, cpu, _ = make_pins()
+    key = stored(store, "old")
+    for name in "abcd":
+        stored(store, name)  # "old" is demoted to the cpu tier
+    assert cpu.contains(key) and not device.contains(key)
+    decision = pins.turn_finished("t", "p1", key, SIZE, 4, tool="search")
+    assert (decision.pinned, decision.tier) == (True, "cpu") and cpu.is_pinned(key)
+    assert pins.stats()["budget"]["cpu"] == {"budget_bytes": 8 * SIZE, "pinned_bytes": SIZE, "max_bytes": 16 * SIZE}
+
+
+def test_no_pin_when_waiting_never_pays_or_the_kv_is_not_local():
+    pins, store, device, _, _ = make_pins(profile=PrefillProfile(((4, 0.0),)))  # reload is free
+    decision = finish(pins, store, "p1", "search")
+    assert (decision.pinned, decision.reason, decision.ttl_s) == (False, "not_worth_it", 0.0)
+    assert device.stats().pinned_bytes == 0
+    pins, *_ = make_pins()
+    gone = pins.turn_finished("t", "p2", ChunkKey("never-stored"), SIZE, 4, tool="search")
+    assert (gone.pinned, gone.reason) == (False, "not_local")
+    assert pins.turn_arrived("t", "p1") == Arrival(False, False, None, None)  # unknown here: nothing to do
+
+
+def test_reclaim_unpins_least_valuable_first_until_the_head_of_the_queue_fits():
+    pins, store, device, _, _ = make_pins(budget_share=0.5)
+    teach(pins, "quick", [1.0, 1.0, 1.0])
+    teach(pins, "flaky", [0.5, 8.0, 8.0])
+    finish(pins, store, "p1", "quick")
+    finish(pins, store, "p2", "flaky")
+    assert pins.reclaim(2 * SIZE) == 0  # half the tier is unpinned already
+    assert pins.reclaim(3 * SIZE) == 1 and not device.is_pinned(ChunkKey("t-p2"))
+    assert device.is_pinned(ChunkKey("t-p1"))
+    assert pins.reclaim(4 * SIZE) == 1 and device.stats().pinned_bytes == 0
+    assert pins.stats()["counters"]["reclaimed"] == 2
+
+
+def test_client_tool_events_time_the_tool_and_keep_the_pin_for_the_next_turn():
+    pins, store, device, _, clock = make_pins(resume_grace_s=2.0)
+    assert pins.tool_started("t", "p1", "search") is None  # no KV known yet: timed, not pinned
+    clock.now += 0.25
+    assert pins.tool_ended("t", "p1") == 0.25
+    finish(pins, store, "p1", None)  # a turn without a tool call: nothing pinned
+    assert device.stats().pinned_bytes == 0
+    assert pins.tool_started("t", "p1", "search").pinned  # the client says a tool runs: pin now
+    clock.now += 1.5
+    assert pins.tool_ended("t", "p1") == 1.5
+    [pin] = pins.stats()["active_pins"]
+    assert pin["expires_in_s"] == 2.0 and pin["ttl_s"] == 3.5  # held on past the 2 s TTL for the next turn
+    clock.now += 1.0  # past the original expiry
+    arrival = pins.turn_arrived("t", "p1")
+    assert (arrival.pin_held, arrival.tool_duration_s) == (True, None)  # tool_end already recorded it
+    assert pins.stats()["counters"]["extended"] == 1
+
+
+def test_a_turn_ending_in_a_tool_call_and_the_clients_tool_start_pin_once():
+    pins, store, _, _, clock = make_pins()
+    finish(pins, store, "p1", "search")
+    clock.now += 0.1
+    assert pins.tool_started("t", "p1", "search") is None  # the same call: its clock restarts
+    clock.now += 1.0
+    assert pins.turn_arrived("t", "p1").tool_duration_s == 1.0
+    assert pins.stats()["counters"]["created"] == 1
+
+
+def test_a_new_tool_call_supersedes_the_programs_pin():
+    pins, store, device, _, _ = make_pins()
+    finish(pins, store, "p1", "search")
+    finish(pins, store, "p1", "shell", name="t-p1-next")
+    assert [p["tool"] for p in pins.stats()["active_pins"]] == ["shell"]
+    assert not device.is_pinned(ChunkKey("t-p1")) and device.is_pinned(ChunkKey("t-p1-next"))
+
+
+def test_the_last_step_releases_and_forgets_the_program():
+    pins, store, device, _, _ = make_pins()
+    finish(pins, store, "p1", "search")
+    assert pins.turn_finished("t", "p1", ChunkKey("t-p1"), SIZE, 4, is_last_step=True) is None
+    assert device.stats().pinned_bytes == 0 and pins.stats()["programs"] == 0
+
+
+def test_the_same_program_id_in_two_tenants_is_two_programs():
+    pins, store, device, _, clock = make_pins()
+    finish(pins, store, "p", "search", tenant="alpha")
+    finish(pins, store, "p", "search", tenant="beta")
+    clock.now += 1.0
+    assert pins.turn_arrived("alpha", "p").pin_held
+    assert not device.is_pinned(ChunkKey("alpha-p")) and device.is_pinned(ChunkKey("beta-p"))
+    assert [p["tenant"] for p in pins.stats()["active_pins"]] == ["beta"]
+    tools = pins.stats()["predictor"]["tools"]
+    assert set(tools) == {"alpha/search"}  # beta's tool has not returned yet
+
+
+def test_close_releases_every_pin():
+    pins, store, device, _, _ = make_pins()
+    finish(pins, store, "p1", "search")
+    finish(pins, store, "p2", "search")
+    assert pins.close() == 2 and device.stats().pinned_bytes == 0
+
+
+def test_a_share_of_the_whole_tier_is_refused():
+    with pytest.raises(ValueError, match="budget_share"):
+        PinConfig(budget_share=1.0)
