@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default=None)
     serve.add_argument("--redis-url", default=None)
+    sem = suites.add_parser("semantic", help="semantic cache on fow-cache's labelled pairs, and lookup latency")
+    sem.add_argument("--datasets", default="questions,conversations")
+    sem.add_argument("--sizes", default="1000,10000,100000", help="index sizes for the latency runs ('' skips them)")
+    sem.add_argument("--indexes", default="hnsw,faiss")
+    sem.add_argument("--no-unguarded", action="store_true", help="skip the run with the guards off")
+    sem.add_argument("--json", type=Path, default=None, help="write the summary here")
     store = suites.add_parser("store", help="eviction policies replayed on a RAG retrieval trace")
     store.add_argument("--documents", type=int, default=2000)
     store.add_argument("--requests", type=int, default=5000)
@@ -111,6 +117,21 @@ def _bench_store(args) -> None:
     _write_json(args.json, summary)
 
 
+def _bench_semantic(args) -> None:
+    from ragcache.bench.semantic import SemanticBenchOptions, format_semantic_table, run_semantic_bench
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+
+    options = SemanticBenchOptions(
+        datasets=names(args.datasets), compare_unguarded=not args.no_unguarded,
+        sizes=tuple(int(n) for n in names(args.sizes)), indexes=names(args.indexes),
+    )
+    summary = run_semantic_bench(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_semantic_table(summary))
+    _write_json(args.json, summary)
+
+
 def _write_json(path: Path | None, summary: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -129,7 +150,8 @@ def _serve(args) -> None:
     serve(load_settings(args.config, os.environ, flags))
 
 
-COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "store"): _bench_store}
+COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "store"): _bench_store,
+            ("bench", "semantic"): _bench_semantic}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,8 @@ class Settings:
     redis_url: str | None = None
     codec: str = "raw"
     eviction: str = "cost_aware"
+    # semantic cache: answers in Redis when redis_url is set, in process memory otherwise
+    semantic_cache: bool = True
     # auth: API key -> tenant; no keys: one default tenant, no auth, localhost only
     api_keys: dict[str, str] = field(default_factory=dict)
     admin_key: str | None = None
@@ -124,6 +126,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return str(value).lower() in ("1", "true", "yes", "on")
+            raise ValueError("expected true or false")
         if kind == "dict[str, str]":
             if not isinstance(value, dict):
                 raise ValueError("expected a table of key = tenant")

@@ -53,6 +53,8 @@ class ChatCompletionRequest(msgspec.Struct):
     category: str | None = None
     program_id: str | None = None
     is_last_step: bool = False  # the program ends with this turn: its KV is released
+    cache: bool = True  # false: bypass the semantic cache
+    cache_sampled: bool = False  # true: let a temperature > 0 request use the semantic cache
 
 
 class ProgramEvent(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,6 +97,8 @@ class CacheReport(msgspec.Struct):
     timings: Timings
     semantic_hit: bool = False
     program_reused_tokens: int = 0  # agent programs: prompt tokens reused from the program's previous turn
+    semantic_similarity: float | None = None  # set on a semantic hit
+    semantic_entry_id: str | None = None  # the entry served (report a bad one to /v1/feedback)
 
 
 class AssistantMessage(msgspec.Struct):
@@ -179,6 +183,7 @@ class RagRequestBody(msgspec.Struct, forbid_unknown_fields=True):
     blend_ratio: float | None = None
     mode: str | None = None
     category: str | None = None
+    cache: bool = True
 
 
 class RagResponse(msgspec.Struct):
@@ -197,3 +202,19 @@ class ErrorBody(msgspec.Struct):
 
 class ErrorResponse(msgspec.Struct):
     error: ErrorBody
+
+
+class Feedback(msgspec.Struct, forbid_unknown_fields=True):
+    """A client saying a semantic-cache answer was wrong for its question."""
+
+    entry_id: str
+
+
+class CategoryPolicyIn(msgspec.Struct, forbid_unknown_fields=True):
+    threshold: float
+    ttl_s: float
+    max_entries: int
+    enabled: bool = True
+    min_threshold: float | None = None
+    max_threshold: float | None = None
+    max_ttl_s: float | None = None

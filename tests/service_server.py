@@ -22,10 +22,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(engine: BlendEngine, **settings):
+def running_server(engine: BlendEngine, semantic=None, **settings):
     """Yield (base_url, runtime) while a server runs; stop it (gracefully) afterwards."""
     settings = Settings(port=free_port(), **settings)
-    runtime = Runtime(engine, settings.max_queue, "tiny-llama")
+    runtime = Runtime(engine, settings.max_queue, "tiny-llama", semantic)
     server = uvicorn.Server(uvicorn.Config(create_app(settings, runtime), host="127.0.0.1", port=settings.port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

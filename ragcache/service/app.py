@@ -10,7 +10,7 @@ from litestar.openapi import OpenAPIConfig
 
 from ragcache import __version__
 from ragcache.config import Settings
-from ragcache.service import admin, routes
+from ragcache.service import admin, routes, semantic
 from ragcache.service.errors import HANDLERS
 from ragcache.service.runtime import Runtime
 
@@ -26,7 +26,7 @@ def create_app(settings: Settings, runtime: Runtime) -> Litestar:
             runtime.close()  # in-flight requests finish first; then hot entries reach Redis
 
     return Litestar(
-        route_handlers=[*routes.ROUTES, *admin.ROUTES],
+        route_handlers=[*routes.ROUTES, *admin.ROUTES, *semantic.ROUTES],
         dependencies={
             "runtime": Provide(lambda: runtime, use_cache=True, sync_to_thread=False),
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),

@@ -104,6 +104,18 @@ def usage(result: Generation) -> Usage:
     )
 
 
+def no_usage() -> Usage:
+    """Usage of an answer served from the semantic cache: the model processed nothing."""
+    return Usage(0, 0, 0, PromptTokensDetails(cached_tokens=0))
+
+
+def cached_completion(answer: str, report: CacheReport, model: str) -> ChatCompletion:
+    return ChatCompletion(
+        id=completion_id(), object="chat.completion", created=int(time.time()), model=model,
+        choices=[Choice(0, AssistantMessage("assistant", answer), "stop")], usage=no_usage(), ragcache=report,
+    )
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
@@ -129,4 +141,5 @@ def report_headers(report: CacheReport) -> dict[str, str]:
         "x-ragcache-cached-tokens": str(report.cached_tokens),
         "x-ragcache-ttft-ms": f"{report.timings.ttft_ms:.1f}",
         "x-ragcache-semantic-hit": str(report.semantic_hit).lower(),
+        **({"x-ragcache-semantic-similarity": f"{report.semantic_similarity:.4f}"} if report.semantic_hit else {}),
     }

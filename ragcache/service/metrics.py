@@ -37,4 +37,10 @@ def prometheus_text(stats: dict) -> str:
         lines += [_line("ragcache_requests_total", n, tenant=tenant, mode=mode) for mode, n in t["requests"].items()]
         lines += [_line("ragcache_errors_total", n, tenant=tenant, type=kind) for kind, n in t["errors"].items()]
         lines += [_line("ragcache_ttft_seconds", v, tenant=tenant, quantile=f"0.{q[1:]}") for q, v in t["ttft_s"].items()]
+    semantic = {"lookups": "counter", "hits": "counter", "false_hits": "counter", "entries": "gauge",
+                "threshold": "gauge"}
+    for field, kind in semantic.items():
+        name = f"ragcache_semantic_{field}" + ("_total" if kind == "counter" else "")
+        lines.append(f"# TYPE {name} {kind}")
+        lines += [_line(name, c[field], tenant=c["tenant"], category=c["category"]) for c in stats.get("semantic", [])]
     return "\n".join(lines) + "\n"

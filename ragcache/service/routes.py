@@ -29,7 +29,7 @@ from ragcache.schemas import (
     RagRequestBody,
     RagResponse,
 )
-from ragcache.service import convert
+from ragcache.service import convert, semantic
 from ragcache.service.auth import tenant_of
 from ragcache.service.errors import ERRORS
 from ragcache.service.deps import RuntimeDep, SettingsDep
@@ -60,38 +60,69 @@ async def chat_completions(
     documents = documents_for(runtime, tenant, data.documents, data.document_ids)
     program_id = data.program_id or request.headers.get("x-session-id")
     rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens, program_id)
+    started = time.perf_counter()
+    query = None
+    if program_id is None:  # an agent's turn depends on its tool results: never answered from the semantic cache
+        messages = [{"role": m.role, "content": convert.message_text(m, i)} for i, m in enumerate(data.messages)]
+        query = semantic.semantic_query(runtime, tenant, messages, documents, data.category,
+                                        rag.sampling.temperature, data.cache, data.cache_sampled)
+    hit = await semantic.lookup(runtime, query)
+    include_usage = bool(data.stream_options and data.stream_options.include_usage)
+    if hit is not None:
+        report = semantic.hit_report(hit, started)
+        if data.stream:
+            return ServerSentEvent(_sse_cached(runtime.model_name, hit.answer, report, include_usage))
+        return Response(convert.cached_completion(hit.answer, report, runtime.model_name),
+                        headers=convert.report_headers(report))
     if data.stream:
         runtime.check_capacity()  # a full queue is a 429, not an error inside a 200 stream
-        include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return ServerSentEvent(_sse(runtime, tenant, rag, include_usage, settings.blend_ratio, data.is_last_step))
+        return ServerSentEvent(_sse(runtime, tenant, rag, include_usage, settings.blend_ratio, data.is_last_step, query))
     result = await runtime.generate(tenant, rag, data.is_last_step)
+    await semantic.remember(runtime, query, result)
     body = convert.chat_completion(result, rag, runtime.model_name, settings.blend_ratio)
     return Response(body, headers=convert.report_headers(body.ragcache))
 
 
-async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bool, default_ratio: float,
-               is_last_step: bool):
-    completion_id, created, model = convert.completion_id(), int(time.time()), runtime.model_name
+class _Chunks:
+    """Serialises the chunks of one streamed completion."""
 
-    def chunk(delta: Delta, finish: str | None = None, **extra) -> str:
-        body = ChatCompletionChunk(completion_id, "chat.completion.chunk", created, model,
+    def __init__(self, model: str) -> None:
+        self.id, self.created, self.model = convert.completion_id(), int(time.time()), model
+
+    def delta(self, delta: Delta, finish: str | None = None, **extra) -> str:
+        body = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.model,
                                    [ChunkChoice(0, delta, finish)], **extra)
         return msgspec.json.encode(body).decode()
 
-    yield chunk(Delta(role="assistant", content=""))
+    def usage(self, usage) -> str:
+        body = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.model, [], usage=usage)
+        return msgspec.json.encode(body).decode()
+
+
+async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bool, default_ratio: float,
+               is_last_step: bool, query):
+    chunks = _Chunks(runtime.model_name)
+    yield chunks.delta(Delta(role="assistant", content=""))
     try:
         async for item in runtime.stream(tenant, rag, is_last_step):
             if isinstance(item, Generation):
-                report = convert.cache_report(item, rag, default_ratio)
-                yield chunk(Delta(), item.finish_reason, ragcache=report)
+                await semantic.remember(runtime, query, item)
+                yield chunks.delta(Delta(), item.finish_reason, ragcache=convert.cache_report(item, rag, default_ratio))
                 if include_usage:
-                    usage_body = ChatCompletionChunk(completion_id, "chat.completion.chunk", created, model, [],
-                                                     usage=convert.usage(item))
-                    yield msgspec.json.encode(usage_body).decode()
+                    yield chunks.usage(convert.usage(item))
             else:
-                yield chunk(Delta(content=item))
+                yield chunks.delta(Delta(content=item))
     except Exception as exc:  # the 200 is out: report in the stream, never drop it silently
         yield msgspec.json.encode({"error": _stream_error(exc)}).decode()
+    yield "[DONE]"
+
+
+async def _sse_cached(model: str, answer: str, report, include_usage: bool):
+    chunks = _Chunks(model)
+    yield chunks.delta(Delta(role="assistant", content=answer))
+    yield chunks.delta(Delta(), "stop", ragcache=report)
+    if include_usage:
+        yield chunks.usage(convert.no_usage())
     yield "[DONE]"
 
 
@@ -113,7 +144,18 @@ async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: 
                                      settings.max_new_tokens)
     rag = RagRequest(data.question, tuple(documents), data.mode or "blend", data.blend_ratio, sampling,
                      data.system_prompt, tenant)
+    started = time.perf_counter()
+    messages = [*([{"role": "system", "content": data.system_prompt}] if data.system_prompt else []),
+                {"role": "user", "content": data.question}]
+    query = semantic.semantic_query(runtime, tenant, messages, documents, data.category, sampling.temperature,
+                                    data.cache)
+    hit = await semantic.lookup(runtime, query)
+    if hit is not None:
+        report = semantic.hit_report(hit, started)
+        return Response(RagResponse(hit.answer, "stop", convert.no_usage(), report),
+                        headers=convert.report_headers(report))
     result = await runtime.generate(tenant, rag)
+    await semantic.remember(runtime, query, result)
     report = convert.cache_report(result, rag, settings.blend_ratio)
     body = RagResponse(result.text, result.finish_reason, convert.usage(result), report)
     return Response(body, headers=convert.report_headers(report))

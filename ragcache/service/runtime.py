@@ -64,8 +64,9 @@ class Runtime:
     """coordinator: the agents layer (program-level scheduling, tool-aware pins); built here over
     the engine's store when that is a TieredStore, with the engine's prefill profile measured once."""
 
-    def __init__(self, engine: BlendEngine, max_queue: int, model_name: str) -> None:
+    def __init__(self, engine: BlendEngine, max_queue: int, model_name: str, semantic=None) -> None:
         self.engine = engine
+        self.semantic = semantic  # ragcache.semantic.SemanticCache, or None: every request goes to the engine
         self.model_name = model_name
         self.max_queue = max_queue
         self.started_s = time.time()
@@ -225,6 +226,7 @@ class Runtime:
             "tiers": [_as_dict(t) for t in store["tiers"]],
             "store": _as_dict(store["store"]) | {"active_pins": store["active_pins"]},
             "tenants": {tenant: self._tenant_stats(tenant, m) for tenant, m in self.metrics.items()},
+            "semantic": _semantic_categories(self.semantic),
         }
 
     def program_stats(self) -> dict:
@@ -253,6 +255,14 @@ class Runtime:
             store.write_back()
         if hasattr(store, "close"):
             store.close()
+
+
+def _semantic_categories(semantic) -> list[dict]:
+    if semantic is None:
+        return []
+    import msgspec
+
+    return msgspec.to_builtins(semantic.stats().categories)
 
 
 def _coordinator(engine: BlendEngine) -> ProgramCoordinator | None:

@@ -36,7 +36,20 @@ def build_runtime(settings: Settings) -> Runtime:
         limits=PromptLimits(settings.max_documents, settings.max_document_tokens,
                             loaded.model.config.max_position_embeddings),
     )
-    return Runtime(BlendEngine(loaded, store, config), settings.max_queue, loaded.name)
+    return Runtime(BlendEngine(loaded, store, config), settings.max_queue, loaded.name, _semantic_cache(settings))
+
+
+def _semantic_cache(settings: Settings):
+    """The semantic cache: MiniLM embeddings, HNSW in memory, answers in Redis (rebuilt from it) or memory."""
+    if not settings.semantic_cache:
+        return None
+    from ragcache.semantic import SemanticCache
+    from ragcache.semantic.answers import make_answer_store
+    from ragcache.semantic.embedder import SentenceTransformerEmbedder
+
+    cache = SemanticCache(SentenceTransformerEmbedder(), make_answer_store(settings.redis_url))
+    log.info("semantic cache ready: %d entries rebuilt", cache.rebuilt)
+    return cache
 
 
 def serve(settings: Settings) -> None:

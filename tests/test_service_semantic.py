@@ -1,0 +1,95 @@
+"""The semantic cache in front of the engine, over a real server: hits marked, feedback, admin."""
+
+import httpx
+import pytest
+
+from ragcache.engine.runner import BlendEngine
+from ragcache.semantic import SemanticCache, SemanticQuery, documents_hash
+from ragcache.semantic.answers import make_answer_store
+from ragcache.storage import CpuTier, GpuTier, TieredStore
+
+from conftest import DOCUMENTS, QUESTION, loaded, tiny_model
+from semantic_fixtures import embedder  # noqa: F401  the real MiniLM, once per session
+from service_server import running_server
+
+DOCS = [{"text": d} for d in DOCUMENTS]
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer, embedder):  # noqa: F811
+    engine = BlendEngine(loaded(tiny_model(), tokenizer), TieredStore([GpuTier(64 << 20, device="cpu"), CpuTier(64 << 20)]))
+    with running_server(engine, SemanticCache(embedder, make_answer_store(None))) as (url, runtime):
+        yield url, runtime
+
+
+def chat(url, question, documents=DOCS, **extra):
+    """A sampled request that asks to be cached: the tiny random model says something other than newlines then."""
+    body = {"messages": [{"role": "user", "content": question}], "documents": documents, "max_tokens": 8,
+            "temperature": 2.0, "seed": 7, "cache_sampled": True, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+
+
+def generate_and_store(url, question):
+    """A complete answer (cut by a stop string, so finish_reason is "stop") is stored; a truncated one is not."""
+    free = chat(url, question).json()
+    assert free["choices"][0]["finish_reason"] == "length" and not free["ragcache"]["semantic_hit"]
+    text = free["choices"][0]["message"]["content"]
+    stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if text[:i].strip() and text[i : i + 2].strip())
+    complete = chat(url, question, stop=[stop]).json()
+    assert complete["choices"][0]["finish_reason"] == "stop" and complete["choices"][0]["message"]["content"].strip()
+    return complete["choices"][0]["message"]["content"]
+
+
+def test_a_repeated_question_is_answered_from_the_semantic_cache(server):
+    url, _ = server
+    answer = generate_and_store(url, QUESTION)
+    again = chat(url, QUESTION)
+    report = again.json()["ragcache"]
+    assert again.headers["x-ragcache-semantic-hit"] == "true" and report["mode"] == "semantic"
+    assert again.json()["choices"][0]["message"]["content"] == answer and report["semantic_similarity"] > 0.99
+    assert again.json()["usage"]["prompt_tokens"] == 0  # the model did no work
+    assert not chat(url, QUESTION, documents=DOCS[:2]).json()["ragcache"]["semantic_hit"]  # other documents
+    assert not chat(url, QUESTION, cache=False).json()["ragcache"]["semantic_hit"]
+    assert not chat(url, QUESTION, cache_sampled=False).json()["ragcache"]["semantic_hit"]  # sampled: bypass
+
+
+def test_rag_endpoint_serves_and_streams_cached_answers(server):
+    url, runtime = server
+    question = "Which mountain is the highest in Africa?"
+    query = SemanticQuery.from_messages("default", [{"role": "user", "content": question}], model="tiny-llama",
+                                        documents_hash=documents_hash(DOCUMENTS))
+    assert runtime.semantic.store(query, "Mount Kilimanjaro.")
+    rag = httpx.post(f"{url}/v1/rag", json={"question": question, "documents": DOCS}).json()
+    assert rag["answer"] == "Mount Kilimanjaro." and rag["ragcache"]["semantic_hit"]
+    body = {"messages": [{"role": "user", "content": question}], "documents": DOCS, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "Mount Kilimanjaro." in events[0] and '"semantic_hit":true' in events[1]
+
+
+def test_feedback_removes_a_wrong_answer(server):
+    url, _ = server
+    question = "How many countries does the Danube pass through?"
+    generate_and_store(url, question)
+    hit = chat(url, question).json()["ragcache"]
+    assert hit["semantic_hit"]
+    assert httpx.post(f"{url}/v1/feedback", json={"entry_id": hit["semantic_entry_id"]}).status_code == 204
+    assert not chat(url, question).json()["ragcache"]["semantic_hit"]
+    unknown = httpx.post(f"{url}/v1/feedback", json={"entry_id": "nope"})
+    assert unknown.status_code == 400 and "nope" in unknown.json()["error"]["message"]
+
+
+def test_admin_sees_and_changes_the_semantic_cache(server):
+    url, _ = server
+    generate_and_store(url, "Where is Lake Baikal?")
+    stats = httpx.get(f"{url}/admin/semantic").json()
+    assert any(c["tenant"] == "default" and c["entries"] >= 1 for c in stats["categories"])
+    policy = {"threshold": 0.97, "ttl_s": 60, "max_entries": 100}
+    changed = httpx.put(f"{url}/admin/semantic/categories/factual", json=policy)
+    assert changed.status_code == 200 and changed.json()["policy"]["threshold"] == 0.97
+    assert httpx.get(f"{url}/admin/semantic").json()["thresholds"]["factual"] == 0.97
+    assert httpx.put(f"{url}/admin/semantic/categories/factual", json={**policy, "threshold": 1.5}).status_code == 400
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'ragcache_semantic_hits_total{tenant="default",category=' in metrics
+    assert httpx.delete(f"{url}/admin/semantic", params={"tenant": "default"}).json()["dropped"] >= 1
+    assert not chat(url, "Where is Lake Baikal?").json()["ragcache"]["semantic_hit"]
