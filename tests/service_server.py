@@ -22,12 +22,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(engine: BlendEngine, semantic=None, **settings):
-    """Yield (base_url, runtime) while a server runs; stop it (gracefully) afterwards."""
-    settings = Settings(port=free_port(), **settings)
-    runtime = Runtime(engine, settings.max_queue, "tiny-llama", semantic)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, runtime), host="127.0.0.1", port=settings.port,
-                                           log_level="warning"))
+def serving(app, port: int):
+    """Run an ASGI app under uvicorn on 127.0.0.1:port in a thread until the block ends (then shut down gracefully)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -36,7 +33,16 @@ def running_server(engine: BlendEngine, semantic=None, **settings):
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{settings.port}", runtime
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def running_server(engine: BlendEngine, semantic=None, **settings):
+    """Yield (base_url, runtime) while a ragcache server runs over engine."""
+    settings = Settings(port=free_port(), **settings)
+    runtime = Runtime(engine, settings.max_queue, "tiny-llama", semantic)
+    with serving(create_app(settings, runtime), settings.port) as url:
+        yield url, runtime

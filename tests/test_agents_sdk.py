@@ -6,13 +6,11 @@ reply) and `POST /v1/programs/{id}/events` with the ProgramEvent body the servic
 
 import asyncio
 import threading
-import time
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import msgspec
 import pytest
-import uvicorn
 from litestar import Litestar, Request, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody
@@ -20,7 +18,7 @@ from litestar.params import FromPath, JSONBody
 from ragcache.schemas import AssistantMessage, CacheReport, ChatCompletion, Choice, PromptTokensDetails, Timings, Usage
 from ragcache.sdk import AsyncClient, AsyncProgram, Client, Program
 
-from service_server import free_port
+from service_server import free_port, serving
 
 
 class ProgramEvent(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,20 +67,9 @@ def recording_app(recorder: Recorder) -> Litestar:
 
 @contextmanager
 def recording_server():
-    recorder, port = Recorder(), free_port()
-    server = uvicorn.Server(uvicorn.Config(recording_app(recorder), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the recording server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", recorder
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    recorder = Recorder()
+    with serving(recording_app(recorder), free_port()) as url:
+        yield url, recorder
 
 
 @pytest.fixture(scope="module")
