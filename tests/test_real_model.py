@@ -1,7 +1,6 @@
 """The default model, SmolLM2-135M-Instruct from its GGUF file: where the claims are about the real thing."""
 
 import pytest
-import torch
 
 from ragcache.demo import demo_example
 from ragcache.engine.generate import SamplingParams

@@ -1,6 +1,5 @@
 """The engine over a TieredStore with a real Redis tier: replicas share chunks, a dead Redis costs nothing but reuse."""
 
-import pytest
 import torch
 
 from ragcache.engine.generate import SamplingParams

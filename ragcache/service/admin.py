@@ -9,7 +9,6 @@ from ragcache.service.auth import require_admin
 from ragcache.service.errors import ERRORS
 from ragcache.service.metrics import prometheus_text
 from ragcache.service.deps import RuntimeDep, SettingsDep
-from ragcache.service.runtime import Runtime
 
 
 @get("/admin/stats", operation_id="adminStats", summary="Per-tier and per-tenant cache statistics", responses=ERRORS)
