@@ -8,6 +8,7 @@ import torch
 from ragcache.engine.loader import LoadedModel, ModelSpec, default_model_file, load_model, model_fingerprint
 from ragcache.engine.runner import BlendEngine, EngineConfig
 from ragcache.engine.stack import DecoderStack
+from ragcache.kv import KVChunk
 from ragcache.storage import CpuTier
 from redis_server import *  # noqa: F401,F403  real Redis fixtures: redis_url, redis_namespace, throwaway_redis
 
@@ -26,6 +27,21 @@ def tokenizer():
 
     path = default_model_file()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def kv_chunk(tokens: int = 4) -> KVChunk:
+    """A small all-zero chunk for store tests: (1 layer, 1 head, tokens, 2 dims) of K and V."""
+    return KVChunk(tuple(range(tokens)), torch.zeros(1, 1, tokens, 2), torch.zeros(1, 1, tokens, 2), "fp")
+
+
+class ManualClock:
+    """A clock that moves only when a test sets .now."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 49152, **overrides):

@@ -3,24 +3,13 @@
 import asyncio
 
 import pytest
-import torch
 
 from ragcache.agents import AgentConfig, PinConfig, PrefillProfile, ProgramCoordinator
-from ragcache.kv import ChunkKey, KVChunk
+from ragcache.kv import ChunkKey
 from ragcache.storage import CpuTier, GpuTier, TieredStore
 
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
-def chunk(tokens: int = 4) -> KVChunk:
-    return KVChunk(tuple(range(tokens)), torch.zeros(1, 1, tokens, 2), torch.zeros(1, 1, tokens, 2), "fp")
-
+from conftest import ManualClock as Clock
+from conftest import kv_chunk as chunk
 
 SIZE = chunk().nbytes
 

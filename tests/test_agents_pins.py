@@ -1,26 +1,15 @@
 """Program pins over a real TieredStore on a hand-set clock: TTLs, returns, expiry, budget, reclaim, tenants."""
 
 import pytest
-import torch
 
 from ragcache.agents.pins import Arrival, PinConfig, ProgramPins
 from ragcache.agents.predictor import PredictorConfig, ToolDurationPredictor
 from ragcache.agents.profile import PrefillProfile
-from ragcache.kv import ChunkKey, KVChunk
+from ragcache.kv import ChunkKey
 from ragcache.storage import CpuTier, GpuTier, TieredStore
 
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
-def chunk(tokens: int = 4) -> KVChunk:
-    return KVChunk(tuple(range(tokens)), torch.zeros(1, 1, tokens, 2), torch.zeros(1, 1, tokens, 2), "fp")
-
+from conftest import ManualClock as Clock
+from conftest import kv_chunk as chunk
 
 SIZE = chunk().nbytes  # 64 bytes for 4 tokens
 SLOW_PREFILL = PrefillProfile(((4, 10.0),))  # re-prefilling a program costs 10 s: pins pay

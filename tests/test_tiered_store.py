@@ -3,9 +3,8 @@
 import random
 
 import pytest
-import torch
 
-from ragcache.kv import ChunkKey, KVChunk
+from ragcache.kv import ChunkKey
 from ragcache.storage import CpuTier, GpuTier, TieredStore
 from ragcache.storage.eviction import CostAware, LFU, LRU, EntryInfo
 
@@ -19,8 +18,7 @@ class Clock:
         return self.now
 
 
-def chunk(tokens: int = 4) -> KVChunk:
-    return KVChunk(tuple(range(tokens)), torch.zeros(1, 1, tokens, 2), torch.zeros(1, 1, tokens, 2), "fp")
+from conftest import kv_chunk as chunk
 
 
 SIZE = chunk().nbytes
