@@ -143,7 +143,7 @@ def blend(
     buffer.length = total
     if mode == "full":
         out = run_tokens(stack, buffer, TokenRun.contiguous(ids, 0))
-        return _result(stack, buffer, out, total, cached=0, recomputed=0)
+        return blend_result(stack, buffer, out, total, cached=0, recomputed=0)
 
     placed = [prefix_kv, *(chunk_kvs[:1] if mode == "prefix" else chunk_kvs)]
     cos, sin = stack.rope_tables(torch.arange(total, device=stack.device))
@@ -165,10 +165,11 @@ def blend(
         recomputed = int(selector.chosen_slots.shape[0])
     else:
         recomputed = end - start if start < end else 0
-    return _result(stack, buffer, out, total, cached=end, recomputed=recomputed)
+    return blend_result(stack, buffer, out, total, cached=end, recomputed=recomputed)
 
 
-def _result(stack: DecoderStack, buffer: KVBuffer, out: RunOutput, total: int, cached: int, recomputed: int):
+def blend_result(stack: DecoderStack, buffer: KVBuffer, out: RunOutput, total: int, cached: int, recomputed: int):
+    """The BlendResult of a finished run: the last token's logits and the work done."""
     return BlendResult(
         buffer=buffer,
         last_logits=stack.logits(out.hidden[-1:])[0],

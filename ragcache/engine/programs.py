@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ragcache.engine.blend import BlendResult
+from ragcache.engine.blend import BlendResult, blend_result
 from ragcache.engine.forward import TokenRun, run_tokens
 from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.stack import DecoderStack
@@ -86,14 +86,7 @@ def extend_program(stack: DecoderStack, match: ProgramMatch, ids: Sequence[int],
     buffer.place(prefix, 0, cos, sin)
     rest = torch.tensor(list(ids[reused:]), device=stack.device)
     out = run_tokens(stack, buffer, TokenRun.contiguous(rest, reused))
-    return BlendResult(
-        buffer=buffer,
-        last_logits=stack.logits(out.hidden[-1:])[0],
-        prompt_tokens=total,
-        cached_tokens=reused,
-        recomputed_tokens=0,
-        recomputed_fraction=out.token_layers / (total * stack.num_layers),
-    )
+    return blend_result(stack, buffer, out, total, cached=reused, recomputed=0)
 
 
 def program_kv(stack: DecoderStack, buffer: KVBuffer, token_ids: Sequence[int], fingerprint: str) -> KVChunk:

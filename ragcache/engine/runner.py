@@ -127,7 +127,8 @@ class BlendEngine:
         chunk_ids = encode_documents(self.tokenizer, documents, self.config.limits)
         prefix_ids = encode(self.tokenizer, split_template(self.tokenizer, system_prompt or self.config.system_prompt, "", True)[0])
         with self._lock:
-            prefix_key, prefix_kv = self._prefix(prefix_ids, namespace)
+            prefix_key = chunk_key(self.loaded.fingerprint, prefix_ids, "", namespace)
+            prefix_kv = self._prefix_kv(prefix_key, prefix_ids)
             keys = [chunk_key(self.loaded.fingerprint, ids, prefix_key, namespace) for ids in chunk_ids]
             cached = [self.store.contains(key) for key in keys]
             self._chunks(chunk_ids, keys, prefix_kv, [None] * len(keys))
@@ -228,17 +229,16 @@ class BlendEngine:
         keys = [chunk_key(fingerprint, ids, prefix_key, namespace) for ids in parts.chunk_ids]
         prefetch = getattr(self.store, "prefetch", None)
         loading = prefetch(keys) if prefetch is not None and keys else None
-        prefix_key, prefix_kv = self._prefix(parts.prefix_ids, namespace)
+        prefix_kv = self._prefix_kv(prefix_key, parts.prefix_ids)
         found = loading.result() if loading is not None else self.store.get_many(keys)
         lookup_s = time.perf_counter() - started
         chunk_kvs = self._chunks(parts.chunk_ids, keys, prefix_kv, found)
         hits = sum(kv is not None for kv in found)
         return prefix_kv, chunk_kvs, hits, lookup_s, time.perf_counter() - started - lookup_s
 
-    def _prefix(self, prefix_ids, namespace: str) -> tuple[ChunkKey, KVChunk]:
-        key = chunk_key(self.loaded.fingerprint, prefix_ids, "", namespace)
-        kv = self.store.get(key) or self._compute_and_store([prefix_ids], [key], None)[0]
-        return key, kv
+    def _prefix_kv(self, key: ChunkKey, prefix_ids) -> KVChunk:
+        """The system prefix's KV from the store, computed and stored on its first use."""
+        return self.store.get(key) or self._compute_and_store([prefix_ids], [key], None)[0]
 
     def _chunks(self, chunk_ids, keys, prefix_kv: KVChunk, found: list[KVChunk | None]) -> list[KVChunk]:
         """found with its gaps filled: missing chunks (each distinct one once) computed in one prepacked pass."""
