@@ -43,8 +43,8 @@ class Harness:
         for program_id in program_ids:
             await self.run(f"{tenant}/{program_id}#1", tenant, program_id)
 
-    async def queued_behind_a_blocker(self, arrivals):
-        """Start `arrivals` (name, tenant, program id) while a plain request holds the worker; release it."""
+    async def hold_worker(self):
+        """A plain request holds the worker until the returned event is set; returns (event, its task)."""
         release = asyncio.Event()
 
         async def blocker():
@@ -53,6 +53,11 @@ class Harness:
 
         blocking = asyncio.create_task(blocker())
         await settle(lambda: self.scheduler.stats()["busy"])
+        return release, blocking
+
+    async def queued_behind_a_blocker(self, arrivals):
+        """Start `arrivals` (name, tenant, program id) while a plain request holds the worker; release it."""
+        release, blocking = await self.hold_worker()
         self.order.clear()
         tasks = []
         for name, tenant, program_id in arrivals:
@@ -98,14 +103,7 @@ def test_a_new_program_waits_at_most_max_wait_s():
     async def scenario():
         h = Harness(max_wait_s=10.0)
         await h.seen("p1")
-        release = asyncio.Event()
-
-        async def blocker():
-            async with h.scheduler.turn("t", None):
-                await release.wait()
-
-        blocking = asyncio.create_task(blocker())
-        await settle(lambda: h.scheduler.stats()["busy"])
+        release, blocking = await h.hold_worker()
         h.order.clear()
         new = asyncio.create_task(h.run("new", "t", "n1"))
         await settle(lambda: h.scheduler.depth == 1)
@@ -151,14 +149,7 @@ def test_forgotten_and_idle_programs_count_as_new_again():
 def test_a_cancelled_waiter_leaves_the_queue_and_the_next_one_goes():
     async def scenario():
         h = Harness()
-        release = asyncio.Event()
-
-        async def blocker():
-            async with h.scheduler.turn("t", None):
-                await release.wait()
-
-        blocking = asyncio.create_task(blocker())
-        await settle(lambda: h.scheduler.stats()["busy"])
+        release, blocking = await h.hold_worker()
         gone = asyncio.create_task(h.run("gone", "t", "a"))
         kept = asyncio.create_task(h.run("kept", "t", "b"))
         await settle(lambda: h.scheduler.depth == 2)

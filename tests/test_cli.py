@@ -9,17 +9,12 @@ from ragcache.cli import main
 from conftest import DOCUMENTS
 
 
-@pytest.fixture
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
 def write_dataset(path, rows):
     path.write_text(json.dumps(rows))
     return path
 
 
-def test_bench_rag_writes_every_mode(tmp_path, model_dir, capsys):
+def test_bench_rag_writes_every_mode(tmp_path, tiny_model_dir, capsys):
     rows = [
         {"question": "Which river reaches the Atlantic?", "answers": ["Amazon"], "ctxs": [{"text": d} for d in DOCUMENTS]},
         {"question": "How high is Kilimanjaro?", "answers": ["5,895 metres"], "ctxs": [{"text": d} for d in DOCUMENTS]},
@@ -27,7 +22,7 @@ def test_bench_rag_writes_every_mode(tmp_path, model_dir, capsys):
     dataset = write_dataset(tmp_path / "data.json", rows)
     out = tmp_path / "summary.json"
     args = ["bench", "rag", str(dataset), "--docs", "3", "--ratios", "0.15,0.5", "--max-tokens", "4"]
-    assert main([*args, "--model", str(model_dir), "--json", str(out)]) == 0
+    assert main([*args, "--model", str(tiny_model_dir), "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["questions"] == 2 and summary["documents_per_question"] == 3
     assert list(summary["modes"]) == ["full", "prefix", "reuse", "blend@0.15", "blend@0.5"]
@@ -47,10 +42,10 @@ def test_bench_rag_writes_every_mode(tmp_path, model_dir, capsys):
         (["bench", "rag", "DATA", "--ratios", "0.1,2"], "--ratios"),
     ],
 )
-def test_bench_rag_bad_input_exits_2_with_a_message(tmp_path, model_dir, capsys, args, message):
+def test_bench_rag_bad_input_exits_2_with_a_message(tmp_path, tiny_model_dir, capsys, args, message):
     dataset = write_dataset(tmp_path / "data.json", [{"question": "q", "answers": ["a"], "ctxs": [{"text": "t"}]}])
     args = [str(dataset) if a == "DATA" else a for a in args]
-    assert main([*args, "--model", str(model_dir)]) == 2
+    assert main([*args, "--model", str(tiny_model_dir)]) == 2
     assert message in capsys.readouterr().err
 
 

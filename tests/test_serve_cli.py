@@ -15,16 +15,11 @@ from conftest import DOCUMENTS, QUESTION
 from redis_server import wait_until
 
 
-@pytest.fixture
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
-def test_serve_answers_then_shuts_down_cleanly(model_dir, redis_url, redis_namespace):
+def test_serve_answers_then_shuts_down_cleanly(tiny_model_dir, redis_url, redis_namespace):
     port = free_port()
     tenant = redis_namespace  # a tenant of this run's own: its chunk keys are new to the shared Redis
     env = {**os.environ, "RAGCACHE_API_KEYS": f"k1:{tenant}", "RAGCACHE_ADMIN_KEY": "ops", "RAGCACHE_CPU_CACHE_GB": "0.5"}
-    command = [sys.executable, "-m", "ragcache.cli", "serve", "--model", str(model_dir), "--port", str(port),
+    command = [sys.executable, "-m", "ragcache.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
                "--redis-url", redis_url]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -35,7 +30,7 @@ def test_serve_answers_then_shuts_down_cleanly(model_dir, redis_url, redis_names
         answer = httpx.post(f"{url}/v1/rag", json=body, headers=headers, timeout=30)
         assert answer.status_code == 200 and answer.json()["ragcache"]["chunk_misses"] == 4
         ready = httpx.get(f"{url}/ready").json()
-        assert ready == {"status": "ready", "model": model_dir.name, "redis": "ok"}
+        assert ready == {"status": "ready", "model": tiny_model_dir.name, "redis": "ok"}
         stats = httpx.get(f"{url}/admin/stats", headers={"authorization": "Bearer ops"}).json()
         assert [t["name"] for t in stats["tiers"]] == ["device", "cpu", "redis"]
         assert stats["tiers"][1]["max_bytes"] == 2**29
