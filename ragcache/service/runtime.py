@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+import msgspec
+
 from ragcache.agents.coordinator import AgentConfig, ProgramCoordinator
 from ragcache.agents.profile import kv_bytes_per_token, measure_prefill_profile, stack_prefill_fn
 from ragcache.bench.metrics import percentile
@@ -223,8 +225,8 @@ class Runtime:
             "model": self.model_name,
             "uptime_s": time.time() - self.started_s,
             "queue": {"depth": self._pending, "max": self.max_queue},
-            "tiers": [_as_dict(t) for t in store["tiers"]],
-            "store": _as_dict(store["store"]) | {"active_pins": store["active_pins"]},
+            "tiers": msgspec.to_builtins(store["tiers"]),
+            "store": msgspec.to_builtins(store["store"]) | {"active_pins": store["active_pins"]},
             "tenants": {tenant: self._tenant_stats(tenant, m) for tenant, m in self.metrics.items()},
             "semantic": _semantic_categories(self.semantic),
         }
@@ -260,8 +262,6 @@ class Runtime:
 def _semantic_categories(semantic) -> list[dict]:
     if semantic is None:
         return []
-    import msgspec
-
     return msgspec.to_builtins(semantic.stats().categories)
 
 
@@ -275,9 +275,3 @@ def _coordinator(engine: BlendEngine) -> ProgramCoordinator | None:
 
 def _flush_tier(tier) -> int:
     return sum(bool(tier.delete(key)) for key in tier.keys())
-
-
-def _as_dict(value) -> dict:
-    if hasattr(value, "__dataclass_fields__"):
-        return {name: getattr(value, name) for name in value.__dataclass_fields__}
-    return dict(value)
