@@ -13,7 +13,7 @@ from pathlib import Path
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.loader import load_model
 from ragcache.engine.runner import BlendEngine, RagRequest
-from ragcache.storage import CpuTier
+from ragcache.storage import CpuTier, TieredStore
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     if not documents:
         parser.error(f"no .txt files in {args.folder}")
 
-    engine = BlendEngine(load_model(), CpuTier(max_bytes=4 << 30))
+    engine = BlendEngine(load_model(), TieredStore([CpuTier(max_bytes=4 << 30)]))
     for info in engine.add_documents(documents):
         print(f"cached {info.key} ({info.num_tokens} tokens)")
     sampling = SamplingParams(max_tokens=96)

@@ -10,6 +10,7 @@ from ragcache.engine.runner import BlendEngine, EngineConfig
 from ragcache.engine.stack import DecoderStack
 from ragcache.kv import KVChunk
 from ragcache.storage import CpuTier
+from ragcache.storage.tiered import TieredStore
 from redis_server import *  # noqa: F401,F403  real Redis fixtures: redis_url, redis_namespace, throwaway_redis
 
 DOCUMENTS = (
@@ -78,7 +79,7 @@ def loaded(model, tokenizer) -> LoadedModel:
 def make_engine(tokenizer):
     def make(model=None, store=None, **config) -> BlendEngine:
         model = model if model is not None else tiny_model()
-        return BlendEngine(loaded(model, tokenizer), store or CpuTier(1 << 30), EngineConfig(**config))
+        return BlendEngine(loaded(model, tokenizer), store or TieredStore([CpuTier(1 << 30)]), EngineConfig(**config))
 
     return make
 

@@ -7,13 +7,14 @@ from ragcache.engine.generate import SamplingParams
 from ragcache.engine.loader import ModelSpec, load_model
 from ragcache.engine.runner import BlendEngine, RagRequest
 from ragcache.storage import CpuTier
+from ragcache.storage.tiered import TieredStore
 
 pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
 def engine(real_model):
-    return BlendEngine(real_model, CpuTier(1 << 30))
+    return BlendEngine(real_model, TieredStore([CpuTier(1 << 30)]))
 
 
 def test_default_model_loads_once_with_its_architecture(real_model):

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from ragcache.engine.forward import RunOutput, TokenRun, run_tokens
+from ragcache.engine.forward import TokenRun, run_tokens
 from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.prompt import PromptParts
 from ragcache.engine.stack import DecoderStack
@@ -121,6 +121,85 @@ def _question_attention(buffer, layer, slots, queries, keys, num_candidates: int
     return probs.sum(dim=(0, 1))[slots[:num_candidates]]
 
 
+@dataclass
+class Prefill:
+    """A prompt's KV as placed before any computation: reused KV in the buffer, the rest still to compute.
+
+    Slots [0, start) are final; the run ids[start:] computes the rest (with selector, at
+    once; without, in any number of consecutive pieces: the causal mask makes that exact).
+    """
+
+    buffer: KVBuffer
+    ids: torch.Tensor  # (prompt tokens,) int64
+    start: int
+    cached_tokens: int  # prompt tokens whose KV was placed from cache
+    selector: "DeviationSelector | None" = None
+
+    @property
+    def splittable(self) -> bool:
+        return self.selector is None
+
+    def recomputed_tokens(self) -> int:
+        """Cached tokens recomputed past the check layer (known once the run is done)."""
+        if self.selector is not None:
+            return int(self.selector.chosen_slots.shape[0]) if self.selector.chosen_slots is not None else 0
+        return max(0, self.cached_tokens - self.start)
+
+
+def place_prompt(
+    stack: DecoderStack,
+    parts: PromptParts,
+    prefix_kv: KVChunk | None,
+    chunk_kvs: Sequence[KVChunk],
+    *,
+    mode: str = "blend",
+    ratio: float = 0.15,
+    config: BlendConfig = BlendConfig(),
+    capacity: int | None = None,
+) -> Prefill:
+    """Lay out the prompt's KV by the given mode: cached KV placed, the computation left to run."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"blend ratio must be in [0, 1], got {ratio}")
+    layout = prompt_layout(parts, mode, ratio)
+    ids = torch.tensor(parts.all_ids, device=stack.device)
+    total = ids.shape[0]
+    buffer = KVBuffer(stack, max(total, capacity or total))
+    placed = [] if mode == "full" else [prefix_kv, *(chunk_kvs[:1] if mode == "prefix" else chunk_kvs)]
+    cos, sin = stack.rope_tables(torch.arange(layout.cached_tokens, device=stack.device))
+    for kv in placed:
+        start = buffer.length
+        buffer.place(kv, start, cos[start : start + kv.num_tokens], sin[start : start + kv.num_tokens])
+        buffer.length += kv.num_tokens
+    selector = None
+    if layout.selective:
+        num_candidates = layout.cached_tokens - layout.start
+        selector = DeviationSelector(config.check_layer, ratio, config.deviation, num_candidates)
+    return Prefill(buffer, ids, layout.start, layout.cached_tokens, selector)
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Where a prompt's computation starts under a mode, known from token counts alone."""
+
+    start: int  # first slot computed
+    cached_tokens: int  # slots [0, cached_tokens) placed from cache
+    selective: bool  # blend selection narrows the run at the check layer (the run cannot be split)
+
+
+def prompt_layout(parts: PromptParts, mode: str, ratio: float) -> PromptLayout:
+    if mode == "full":
+        return PromptLayout(0, 0, False)
+    chunk_lens = [len(chunk) for chunk in parts.chunk_ids]
+    placed = sum(chunk_lens[:1] if mode == "prefix" else chunk_lens)
+    end = len(parts.prefix_ids) + placed
+    exact_end = len(parts.prefix_ids) + (chunk_lens[0] if chunk_lens else 0)
+    if mode != "blend" or ratio == 0.0 or end == exact_end:
+        return PromptLayout(end, end, False)  # compute only what follows the reused KV
+    return PromptLayout(exact_end, end, ratio < 1.0)
+
+
 def blend(
     stack: DecoderStack,
     parts: PromptParts,
@@ -132,49 +211,25 @@ def blend(
     config: BlendConfig = BlendConfig(),
     extra_capacity: int = 0,
 ) -> BlendResult:
-    """Build the prompt's KV in buffer by the given mode; return it with the last token's logits."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"blend ratio must be in [0, 1], got {ratio}")
-    ids = torch.tensor(parts.all_ids, device=stack.device)
-    total = ids.shape[0]
-    buffer = KVBuffer(stack, total + extra_capacity)
-    buffer.length = total
-    if mode == "full":
-        out = run_tokens(stack, buffer, TokenRun.contiguous(ids, 0))
-        return blend_result(stack, buffer, out, total, cached=0, recomputed=0)
-
-    placed = [prefix_kv, *(chunk_kvs[:1] if mode == "prefix" else chunk_kvs)]
-    cos, sin = stack.rope_tables(torch.arange(total, device=stack.device))
-    end = 0
-    for kv in placed:
-        buffer.place(kv, end, cos[end : end + kv.num_tokens], sin[end : end + kv.num_tokens])
-        end += kv.num_tokens
-    exact_end = len(parts.prefix_ids) + (len(parts.chunk_ids[0]) if parts.chunk_ids else 0)
-    num_candidates = end - exact_end
-    selector = None
-    if mode != "blend" or ratio == 0.0 or num_candidates == 0:
-        start = end  # compute only what follows the reused KV
-    else:
-        start = exact_end
-        if ratio < 1.0:
-            selector = DeviationSelector(config.check_layer, ratio, config.deviation, num_candidates)
-    out = run_tokens(stack, buffer, TokenRun.contiguous(ids[start:], start), selector=selector)
-    if selector is not None:
-        recomputed = int(selector.chosen_slots.shape[0])
-    else:
-        recomputed = end - start if start < end else 0
-    return blend_result(stack, buffer, out, total, cached=end, recomputed=recomputed)
+    """Build the prompt's KV in one pass by the given mode; return it with the last token's logits."""
+    total = parts.num_tokens
+    prefill = place_prompt(stack, parts, prefix_kv, chunk_kvs, mode=mode, ratio=ratio, config=config,
+                           capacity=total + extra_capacity)
+    prefill.buffer.length = total
+    run = TokenRun.contiguous(prefill.ids[prefill.start :], prefill.start)
+    out = run_tokens(stack, prefill.buffer, run, selector=prefill.selector)
+    return blend_result(stack, prefill.buffer, out.hidden, out.token_layers, total, prefill.cached_tokens,
+                        prefill.recomputed_tokens())
 
 
-def blend_result(stack: DecoderStack, buffer: KVBuffer, out: RunOutput, total: int, cached: int, recomputed: int):
-    """The BlendResult of a finished run: the last token's logits and the work done."""
+def blend_result(stack: DecoderStack, buffer: KVBuffer, hidden: torch.Tensor, token_layers: int, total: int,
+                 cached: int, recomputed: int) -> BlendResult:
+    """The BlendResult of a finished prompt: the last token's logits and the work done."""
     return BlendResult(
         buffer=buffer,
-        last_logits=stack.logits(out.hidden[-1:])[0],
+        last_logits=stack.logits(hidden[-1:])[0],
         prompt_tokens=total,
         cached_tokens=cached,
         recomputed_tokens=recomputed,
-        recomputed_fraction=out.token_layers / (total * stack.num_layers),
+        recomputed_fraction=token_layers / (total * stack.num_layers),
     )

@@ -10,7 +10,7 @@ when it is recomputed out of order among reused ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -64,6 +64,17 @@ def causal_mask(q_slots: torch.Tensor, length: int, window: int | None) -> torch
     return mask
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """One sequence's share of a batched pass: its tokens, its own KV buffer and mask, optionally a selector."""
+
+    buffer: KVBuffer
+    run: TokenRun
+    mask_fn: MaskFn = causal_mask
+    selector: Selector | None = None
+    capture: bool = False
+
+
 def run_tokens(
     stack: DecoderStack,
     buffer: KVBuffer,
@@ -78,32 +89,61 @@ def run_tokens(
     buffer.length must already cover every slot attended to. With a selector, tokens
     dropped at a layer keep the K/V written so far and are not computed further.
     """
-    hidden = stack.embed(run.ids)  # (tokens, hidden)
-    cos, sin = stack.rope_tables(run.positions)  # (tokens, dim) each
-    slots = run.slots
-    masks: dict[int | None, torch.Tensor | None] = {}
-    captured_keys, captured_values = [], []
-    token_layers = 0
+    return run_batch(stack, [BatchItem(buffer, run, mask_fn, selector, capture)])[0]
+
+
+def run_batch(stack: DecoderStack, items: Sequence[BatchItem]) -> list[RunOutput]:
+    """run_tokens for several sequences at once: one pass, each sequence over its own KV.
+
+    Row-wise work (norms, QKV and output projections, MLP) runs over the concatenated rows
+    of every item; attention runs per item over its own buffer under its own mask, so an
+    item's result does not depend on its batch-mates beyond float rounding of the shared
+    matrix products. Each item's selector narrows only that item's rows.
+
+        rows  [0, n0)        item 0's tokens still computed at this layer
+              [n0, n0+n1)    item 1's ...
+    """
+    hidden = stack.embed(torch.cat([item.run.ids for item in items]))  # (rows, hidden)
+    cos, sin = stack.rope_tables(torch.cat([item.run.positions for item in items]))  # (rows, dim) each
+    slots = [item.run.slots for item in items]
+    masks: list[dict[int | None, torch.Tensor | None]] = [{} for _ in items]
+    captured: list[tuple[list, list]] = [([], []) for _ in items]
+    token_layers = [0] * len(items)
     for layer in range(stack.num_layers):
-        q, k_raw, k, v = stack.project_qkv(layer, hidden, cos, sin)
-        if capture:
-            captured_keys.append(k_raw)
-            captured_values.append(v)
-        keep = selector.select(layer, buffer, slots, q, k, v) if selector is not None else None
-        buffer.write(layer, slots, k, v)
-        if keep is not None:
-            hidden, q, slots, cos, sin = hidden[keep], q[:, keep], slots[keep], cos[keep], sin[keep]
-            masks.clear()
+        q, k_raw, k, v = stack.project_qkv(layer, hidden, cos, sin)  # (heads | kv_heads, rows, dim)
         window = stack.windows[layer]
-        if window not in masks:
-            masks[window] = mask_fn(slots, buffer.length, window)
-        keys, values = buffer.layer(layer)
-        hidden = stack.attend_and_mlp(layer, hidden, q, keys, values, masks[window])
-        token_layers += k.shape[1]
-    return RunOutput(
-        hidden,
-        slots,
-        token_layers,
-        torch.stack(captured_keys) if capture else None,
-        torch.stack(captured_values) if capture else None,
-    )
+        attended, kept, narrowed, offset = [], [], False, 0
+        for index, item in enumerate(items):
+            rows = slice(offset, offset + slots[index].shape[0])
+            offset = rows.stop
+            q_item, k_item, v_item = q[:, rows], k[:, rows], v[:, rows]
+            if item.capture:
+                captured[index][0].append(k_raw[:, rows])
+                captured[index][1].append(v_item)
+            keep = item.selector.select(layer, item.buffer, slots[index], q_item, k_item, v_item) if item.selector else None
+            item.buffer.write(layer, slots[index], k_item, v_item)
+            token_layers[index] += k_item.shape[1]
+            row_ids = torch.arange(rows.start, rows.stop, device=hidden.device)
+            if keep is not None:
+                q_item, slots[index], row_ids, narrowed = q_item[:, keep], slots[index][keep], row_ids[keep], True
+                masks[index].clear()
+            if window not in masks[index]:
+                masks[index][window] = item.mask_fn(slots[index], item.buffer.length, window)
+            keys, values = item.buffer.layer(layer)
+            attended.append(stack.attend(layer, q_item, keys, values, masks[index][window]))
+            kept.append(row_ids)
+        if narrowed:
+            rows_kept = torch.cat(kept)
+            hidden, cos, sin = hidden[rows_kept], cos[rows_kept], sin[rows_kept]
+        hidden = stack.output_and_mlp(layer, hidden, torch.cat(attended))
+    outputs, offset = [], 0
+    for index, item in enumerate(items):
+        rows = slice(offset, offset + slots[index].shape[0])
+        offset = rows.stop
+        keys_of, values_of = captured[index]
+        outputs.append(RunOutput(
+            hidden[rows], slots[index], token_layers[index],
+            torch.stack(keys_of) if item.capture else None,
+            torch.stack(values_of) if item.capture else None,
+        ))
+    return outputs

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ragcache.engine.blend import BlendResult, blend_result
+from ragcache.engine.blend import BlendResult, Prefill, blend_result
 from ragcache.engine.forward import TokenRun, run_tokens
 from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.stack import DecoderStack
@@ -74,19 +74,26 @@ class ProgramIndex:
             return [(ns, pid, record) for (ns, pid), record in self._records.items()]
 
 
-def extend_program(stack: DecoderStack, match: ProgramMatch, ids: Sequence[int], extra_capacity: int) -> BlendResult:
-    """The prompt's KV: the program's first reused_tokens reused as they are, the rest computed."""
+def place_program(stack: DecoderStack, match: ProgramMatch, ids: Sequence[int], capacity: int) -> Prefill:
+    """The prompt's KV: the program's first reused_tokens placed as they are, the rest left to compute."""
     total = len(ids)
     reused = match.reused_tokens
-    buffer = KVBuffer(stack, total + extra_capacity)
-    buffer.length = total
+    buffer = KVBuffer(stack, max(total, capacity))
     prefix = KVChunk(match.kv.token_ids[:reused], match.kv.keys[:, :, :reused], match.kv.values[:, :, :reused],
                      match.kv.model_fingerprint)
     cos, sin = stack.rope_tables(torch.arange(reused, device=stack.device))
     buffer.place(prefix, 0, cos, sin)
-    rest = torch.tensor(list(ids[reused:]), device=stack.device)
-    out = run_tokens(stack, buffer, TokenRun.contiguous(rest, reused))
-    return blend_result(stack, buffer, out, total, cached=reused, recomputed=0)
+    buffer.length = reused
+    return Prefill(buffer, torch.tensor(list(ids), device=stack.device), reused, reused)
+
+
+def extend_program(stack: DecoderStack, match: ProgramMatch, ids: Sequence[int], extra_capacity: int) -> BlendResult:
+    """place_program, then the rest computed in one pass."""
+    total = len(ids)
+    prefill = place_program(stack, match, ids, total + extra_capacity)
+    prefill.buffer.length = total
+    out = run_tokens(stack, prefill.buffer, TokenRun.contiguous(prefill.ids[prefill.start :], prefill.start))
+    return blend_result(stack, prefill.buffer, out.hidden, out.token_layers, total, prefill.start, 0)
 
 
 def program_kv(stack: DecoderStack, buffer: KVBuffer, token_ids: Sequence[int], fingerprint: str) -> KVChunk:

@@ -1,39 +1,62 @@
-"""The engine's request path: chunk lookup -> compute what is missing -> blend -> generate -> store.
+"""The engine: requests become sequences, one engine thread steps them in batches.
 
-    lookup        tokenize; content keys of the prefix and each document; store.get_many
-    chunk compute missing prefix / chunks through one prepacked pass; store.put_many
-    blend         fused KV with selective recomputation (blend.py)
-    first token   sampled from the blended prompt's last logits: time to first token
-    decode        the rest of the answer
+    submit        (caller's thread) tokenize; content keys; store lookups (the prefix, every
+                  chunk, the agent program's KV): store I/O never runs on the step loop
+    admit         (engine thread, scheduler.py) within the working-KV budget, in admission order;
+                  missing prefix / chunks computed in one prepacked pass, stored by a writer
+                  thread; cached KV placed into the sequence's buffer (blend.place_prompt)
+    step          (step.py) decode tokens of every running sequence + a budget of prompt
+                  tokens, one batched pass; blend selection per sequence at its check layer
+    finish        (writer thread) the program's KV stored; the Generation handed to the sink
+
+submit() returns the Sequence at once; generate() is submit + wait, and drives the steps
+itself when no engine thread was started (benchmarks, the demo, tests).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
-from ragcache.engine.blend import MODES, BlendConfig, BlendResult, blend
+from ragcache.engine.blend import MODES, BlendConfig, PromptLayout, place_prompt, prompt_layout
 from ragcache.engine.chunks import compute_chunks
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine.generate import SamplingParams, TokenCallback, decode, sample_token
+from ragcache.engine.generate import SamplingParams, TokenCallback
+from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.loader import LoadedModel
-from ragcache.engine.prompt import PromptLimits, PromptParts, build_rag_prompt, encode_documents, split_template
 from ragcache.engine.programs import (
     ProgramIndex,
     ProgramMatch,
     ProgramRecord,
     common_prefix_len,
-    extend_program,
+    place_program,
     program_key,
     program_kv,
 )
-from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, encode
+from ragcache.engine.prompt import (
+    DEFAULT_SYSTEM_PROMPT,
+    PromptLimits,
+    PromptParts,
+    build_rag_prompt,
+    encode,
+    encode_documents,
+    split_template,
+)
+from ragcache.engine.scheduler import AdmissionOrder, Scheduler, SchedulerConfig
+from ragcache.engine.sequence import GenerationSink, Lookup, Sequence, SeqState
 from ragcache.engine.stack import DecoderStack
+from ragcache.engine.step import run_step
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey, KVChunk, chunk_key
-from ragcache.storage.base import KVTier
+from ragcache.storage.base import KVStore
+
+log = logging.getLogger("ragcache.engine")
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,7 @@ class EngineConfig:
     limits: PromptLimits = PromptLimits()
     max_pack_tokens: int = 4096
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.default_ratio <= 1.0:
@@ -72,11 +96,12 @@ class RagRequest:
 
 @dataclass(frozen=True)
 class PhaseTimings:
-    lookup_s: float = 0.0
-    chunk_compute_s: float = 0.0
-    blend_s: float = 0.0
-    ttft_s: float = 0.0  # request start to first token, all phases above included
+    lookup_s: float = 0.0  # store lookups at submit
+    chunk_compute_s: float = 0.0  # missing prefix / chunks computed at admission
+    blend_s: float = 0.0  # admission to first token: placing the KV and the prompt's steps
+    ttft_s: float = 0.0  # request start to first token, all phases above and queueing included
     decode_s: float = 0.0
+    queue_s: float = 0.0  # waiting for admission (working-KV budget, admission order)
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,13 @@ class Generation:
     first_token_logprobs: torch.Tensor | None = field(default=None, repr=False)
     program_key: ChunkKey | None = None  # where the program's KV now lives (agents pin it)
     program_reused_tokens: int = 0  # prompt tokens reused from the program's previous turn
+    program_tokens: int = 0  # tokens of the program's stored KV
+    mode: str = "blend"
+    blend_ratio: float = 0.0  # the ratio blending used (the engine's default when the request gave none)
+
+
+class SequenceCancelled(Exception):
+    """The sequence was cancelled (its client went away) before it finished."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +136,10 @@ class DocumentInfo:
 
 
 class BlendEngine:
-    """Serves RAG requests over one loaded model and one KV store. One request at a time."""
+    """Serves RAG requests and agent turns over one loaded model and one KV store, batched."""
 
-    def __init__(self, loaded: LoadedModel, store: KVTier, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig = EngineConfig(),
+                 order: AdmissionOrder | None = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.stack = DecoderStack(loaded.model)
@@ -114,84 +147,327 @@ class BlendEngine:
             raise ValueError(f"check_layer {config.blend.check_layer} >= the model's {self.stack.num_layers} layers")
         self.store = store
         self.config = config
+        self.model_name = loaded.name
         self.context_len = loaded.model.config.max_position_embeddings
-        self.eos_ids = _eos_ids(loaded)
+        self.eos_ids = frozenset(_eos_ids(loaded))
         self.programs = ProgramIndex()
-        self._lock = threading.Lock()
+        self.kv_bytes_per_token = KVBuffer.bytes_per_token(self.stack)
+        self.scheduler = Scheduler(config.scheduler, self.kv_bytes_per_token, order)
+        self._inbox: deque = deque()  # Sequences and (callable, Future) pairs from other threads
+        self._wake = threading.Condition()
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not encode and decode at once
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragcache-store-writer")
+        self._thread: threading.Thread | None = None
+        self._step_lock = threading.Lock()  # generate() without the engine thread may step from several threads
+        self._closing = False
+
+    # the public surface (any thread)
+
+    def ratio_of(self, request: RagRequest) -> float:
+        """The blend ratio a request gets: its own, or the engine's default."""
+        return self.config.default_ratio if request.blend_ratio is None else request.blend_ratio
+
+    def submit(self, request: RagRequest, sink: GenerationSink, *, ticket=None,
+               return_logprobs: bool = False) -> Sequence:
+        """Check and look up the request here, then queue it for the engine thread.
+
+        Raises InvalidRequestError at once for a request that can never be served."""
+        started = time.perf_counter()
+        with self._tokenizer_lock:
+            parts = build_rag_prompt(self.tokenizer, request.question, request.documents,
+                                     request.system_prompt or self.config.system_prompt, self.config.limits,
+                                     request.history)
+        if parts.num_tokens + request.sampling.max_tokens > self.context_len:
+            raise InvalidRequestError(
+                f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
+                f"exceeds the model's context of {self.context_len}"
+            )
+        need = (parts.num_tokens + request.sampling.max_tokens) * self.kv_bytes_per_token
+        if need > self.config.scheduler.max_working_kv_bytes:
+            raise InvalidRequestError(
+                f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) needs {need} bytes "
+                f"of working KV, more than max_working_kv_bytes ({self.config.scheduler.max_working_kv_bytes})"
+            )
+        lookup = self._lookup(request, parts, started)
+        layout = (PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
+                  if lookup.program is not None else prompt_layout(parts, request.mode, self.ratio_of(request)))
+        seq = Sequence(request, parts, lookup, sink, self.eos_ids, ticket, return_logprobs, arrived_s=started)
+        seq.computed, seq.splittable = layout.start, not layout.selective
+        self._post(seq)
+        return seq
+
+    def generate(self, request: RagRequest, on_token: TokenCallback | None = None,
+                 return_logprobs: bool = False) -> Generation:
+        """submit() and wait for the answer; steps the engine here when its thread is not running."""
+        sink = BlockingSink(on_token)
+        self.submit(request, sink, return_logprobs=return_logprobs)
+        if self._thread is None:
+            while not sink.done.is_set():
+                if not self.step():
+                    sink.done.wait(0.001)  # the writer thread is storing the last KV
+        return sink.wait()
+
+    def call(self, work: Callable):
+        """Run work on the engine thread between two steps (model work that is not a sequence); its result."""
+        if self._thread is None:
+            return work()
+        future: Future = Future()
+        self._post((work, future))
+        return future.result()
 
     @torch.inference_mode()
     def add_documents(
         self, documents: list[str], system_prompt: str | None = None, namespace: str = DEFAULT_NAMESPACE
     ) -> list[DocumentInfo]:
         """Compute and store the KV of documents ahead of queries (already stored ones are skipped)."""
-        chunk_ids = encode_documents(self.tokenizer, documents, self.config.limits)
-        prefix_ids = encode(self.tokenizer, split_template(self.tokenizer, system_prompt or self.config.system_prompt, "", True)[0])
-        with self._lock:
-            prefix_key = chunk_key(self.loaded.fingerprint, prefix_ids, "", namespace)
-            prefix_kv = self._prefix_kv(prefix_key, prefix_ids)
-            keys = [chunk_key(self.loaded.fingerprint, ids, prefix_key, namespace) for ids in chunk_ids]
-            cached = [self.store.contains(key) for key in keys]
-            self._chunks(chunk_ids, keys, prefix_kv, [None] * len(keys))
+        with self._tokenizer_lock:
+            chunk_ids = encode_documents(self.tokenizer, documents, self.config.limits)
+            system = split_template(self.tokenizer, system_prompt or self.config.system_prompt, "", True)[0]
+            prefix_ids = encode(self.tokenizer, system)
+        prefix_key = chunk_key(self.loaded.fingerprint, prefix_ids, "", namespace)
+        keys = [chunk_key(self.loaded.fingerprint, ids, prefix_key, namespace) for ids in chunk_ids]
+        cached = [self.store.contains(key) for key in keys]
+        prefix_kv = self.store.get(prefix_key)
+        missing = [(key, ids) for key, ids, hit in zip(keys, chunk_ids, cached) if not hit]
+        computed = self.call(lambda: self._compute(prefix_key, prefix_ids, prefix_kv, missing))
+        self.store.put_many(computed)
         return [DocumentInfo(key, len(ids), hit) for key, ids, hit in zip(keys, chunk_ids, cached)]
 
-    @torch.inference_mode()
-    def generate(
-        self, request: RagRequest, on_token: TokenCallback | None = None, return_logprobs: bool = False
-    ) -> Generation:
-        with self._lock:
-            return self._generate(request, on_token, return_logprobs)
+    def start(self) -> None:
+        """Run the step loop on its own thread (the service does; generate() alone does not need it)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ragcache-engine", daemon=True)
+            self._thread.start()
 
-    def _generate(self, request: RagRequest, on_token, return_logprobs: bool) -> Generation:
+    def close(self) -> None:
+        """Finish every queued and running sequence, stop the engine thread, wait for the store writes."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._writer.shutdown(wait=True)
+
+    def forget_program(self, namespace: str, program_id: str) -> bool:
+        """The program ended: forget its record and drop its KV."""
+        record = self.programs.forget(namespace, program_id)
+        return record is not None and self.store.delete(record.key)
+
+    def stats(self) -> dict:
+        """Running / waiting / swapped sequences, working-KV bytes, tokens per step; the store's own stats."""
+        scheduler = self.scheduler
+        counters = scheduler.counters
+        return {
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting) + sum(isinstance(item, Sequence) for item in list(self._inbox)),
+            "swapped": len(scheduler.swapped),
+            "working_kv_bytes": scheduler.used_bytes,
+            "max_working_kv_bytes": scheduler.config.max_working_kv_bytes,
+            "swapped_kv_bytes": sum(seq.kv_len for seq in list(scheduler.swapped)) * self.kv_bytes_per_token,
+            "steps": counters.steps,
+            "tokens": counters.tokens,
+            "tokens_per_step": counters.tokens / counters.steps if counters.steps else 0.0,
+            "last_step_tokens": counters.last_step_tokens,
+            "preemptions": counters.preemptions,
+            "resumptions": counters.resumptions,
+            "admitted": counters.admitted,
+            "cancelled": counters.cancelled,
+        }
+
+    # the engine thread
+
+    def step(self) -> bool:
+        """Plan and run one batched step; False when there was nothing to do."""
+        with self._step_lock, torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> bool:
+        calls = self._take_inbox()
+        for work, future in calls:
+            _run_call(work, future)
+        plan = self.scheduler.schedule()
+        for seq in plan.dropped:
+            self._fail(seq, SequenceCancelled("the request was cancelled"))
+        for seq in plan.preempted:
+            seq.prefill.buffer.swap_out()
+        for seq in plan.resumed:
+            seq.prefill.buffer.swap_in(seq.reserved_slots)
+        for seq in plan.grown:
+            seq.prefill.buffer.resize(seq.reserved_slots)
+        for seq in plan.admitted:
+            self._admit(seq, plan)
+        try:
+            sampled = run_step(self.stack, plan)
+        except Exception as exc:  # a failed pass fails its sequences, never the engine
+            log.exception("a batched step failed")
+            for seq in {*plan.decodes, *(s for s, _ in plan.prefills)}:
+                self._fail(seq, exc)
+            return True
+        with self._tokenizer_lock:
+            for seq, token in sampled:
+                seq.accept(token, self.tokenizer, self.context_len)
+        for seq, _ in sampled:
+            if seq.state is SeqState.FINISHED:
+                self._finish(seq)
+        return bool(calls or plan.has_work or plan.dropped)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._inbox and not self.scheduler.has_unfinished and not self._closing:
+                    self._wake.wait()
+                if self._closing and not self._inbox and not self.scheduler.has_unfinished:
+                    return
+            if not self.step():
+                with self._wake:  # waiting sequences that cannot be admitted yet: wait for news
+                    self._wake.wait(0.01)
+
+    def _post(self, item) -> None:
+        with self._wake:
+            self._inbox.append(item)
+            self._wake.notify()
+
+    def _take_inbox(self) -> list:
+        calls = []
+        with self._wake:
+            items, self._inbox = list(self._inbox), deque()
+        for item in items:
+            if isinstance(item, Sequence):
+                self.scheduler.add(item)
+            else:
+                calls.append(item)
+        return calls
+
+    def _admit(self, seq: Sequence, plan) -> None:
+        """Place the sequence's cached KV (computing what is missing) into its working buffer."""
+        seq.admitted_s = time.perf_counter()
+        request, lookup = seq.request, seq.lookup
+        capacity = seq.reserved_slots
+        try:
+            if lookup.program is not None:
+                seq.prefill = place_program(self.stack, lookup.program, seq.parts.all_ids, capacity)
+            elif request.mode == "full":
+                seq.prefill = place_prompt(self.stack, seq.parts, None, [], mode="full", capacity=capacity)
+            else:
+                prefix_kv, chunk_kvs = self._fill_missing(seq)
+                seq.prefill = place_prompt(self.stack, seq.parts, prefix_kv, chunk_kvs, mode=request.mode,
+                                           ratio=self.ratio_of(request), config=self.config.blend, capacity=capacity)
+        except Exception as exc:
+            log.exception("admitting a sequence failed")
+            plan.prefills = [(s, n) for s, n in plan.prefills if s is not seq]
+            self._fail(seq, exc)
+
+    def _fill_missing(self, seq: Sequence) -> tuple[KVChunk, list[KVChunk]]:
+        """The prompt's prefix and chunk KV, the missing ones computed now (each distinct one once), stored later."""
         started = time.perf_counter()
-        parts = build_rag_prompt(
-            self.tokenizer,
-            request.question,
-            request.documents,
-            request.system_prompt or self.config.system_prompt,
-            self.config.limits,
-            request.history,
+        lookup, parts = seq.lookup, seq.parts
+        missing = [(key, ids) for key, ids, kv in zip(lookup.chunk_keys, parts.chunk_ids, lookup.chunk_kvs)
+                   if kv is None]
+        missing = list(dict(missing).items())
+        computed = self._compute(lookup.prefix_key, parts.prefix_ids, lookup.prefix_kv, missing)
+        if computed:
+            self._writer.submit(self.store.put_many, computed)
+        found = dict(computed)
+        prefix_kv = lookup.prefix_kv or found[lookup.prefix_key]
+        chunks = [kv if kv is not None else found[key] for key, kv in zip(lookup.chunk_keys, lookup.chunk_kvs)]
+        seq.chunk_compute_s = time.perf_counter() - started
+        return prefix_kv, chunks
+
+    def _compute(self, prefix_key: ChunkKey, prefix_ids, prefix_kv: KVChunk | None,
+                 missing: list[tuple[ChunkKey, tuple[int, ...]]]) -> list[tuple[ChunkKey, KVChunk]]:
+        """(key, KV) of the prefix (when not given) and of the missing chunks: the model work of chunk caching."""
+        computed = []
+        fingerprint = self.loaded.fingerprint
+        if prefix_kv is None:
+            prefix_kv = compute_chunks(self.stack, [prefix_ids], None, fingerprint, self.config.max_pack_tokens)[0]
+            computed.append((prefix_key, prefix_kv))
+        if missing:
+            kvs = compute_chunks(self.stack, [ids for _, ids in missing], prefix_kv, fingerprint,
+                                 self.config.max_pack_tokens)
+            computed.extend(zip([key for key, _ in missing], kvs))
+        return computed
+
+    def _finish(self, seq: Sequence) -> None:
+        """A finished sequence: its Generation, the program KV (tensor work here, the store write off-thread)."""
+        self.scheduler.finish(seq)
+        result = self._generation(seq)
+        saved = self._program_entry(seq) if seq.request.program_id else None
+        seq.prefill = None  # the working KV is free
+        self._writer.submit(self._deliver, seq, result, saved)
+
+    def _deliver(self, seq: Sequence, result: Generation, saved) -> None:
+        try:
+            if saved is not None:
+                key, token_ids, kv = saved
+                self.store.put(key, kv)
+                request = seq.request
+                previous = self.programs.remember(request.namespace, request.program_id, ProgramRecord(key, token_ids))
+                if previous is not None and previous.key != key:
+                    self.store.delete(previous.key)
+                result = replace(result, program_key=key, program_tokens=len(token_ids))
+            seq.sink.on_finish(result)
+        except Exception as exc:
+            log.exception("storing a finished sequence failed")
+            seq.sink.on_error(exc)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        self.scheduler.finish(seq)
+        if seq.done:
+            return
+        seq.state = SeqState.CANCELLED if isinstance(error, SequenceCancelled) else SeqState.FINISHED
+        seq.prefill = None
+        self._writer.submit(seq.sink.on_error, error)
+
+    def _program_entry(self, seq: Sequence):
+        """(key, token ids, KV) of the prompt + the answer tokens that went through the model."""
+        buffer = seq.prefill.buffer
+        fed = buffer.length - seq.prompt_len
+        token_ids = (*seq.parts.all_ids, *seq.stream.tokens[:fed])
+        fingerprint = self.loaded.fingerprint
+        key = program_key(fingerprint, token_ids, seq.request.namespace)
+        return key, token_ids, program_kv(self.stack, buffer, token_ids, fingerprint)
+
+    def _generation(self, seq: Sequence) -> Generation:
+        prefill, lookup = seq.prefill, seq.lookup
+        now = time.perf_counter()
+        first = seq.first_token_s or now
+        timings = PhaseTimings(lookup.lookup_s, seq.chunk_compute_s, first - seq.admitted_s, first - seq.arrived_s,
+                               now - first, seq.admitted_s - seq.arrived_s)
+        total = seq.prompt_len
+        request = seq.request
+        full = request.mode == "full" and lookup.program is None
+        return Generation(
+            text=seq.stream.text,
+            token_ids=list(seq.stream.tokens),
+            finish_reason=seq.finish_reason or "stop",
+            prompt_tokens=total,
+            cached_tokens=prefill.cached_tokens,
+            recomputed_tokens=prefill.recomputed_tokens(),
+            recomputed_fraction=seq.token_layers / (total * self.stack.num_layers),
+            chunk_hits=0 if full or lookup.program is not None else lookup.hits,
+            chunk_misses=0 if full or lookup.program is not None else len(lookup.chunk_kvs) - lookup.hits,
+            timings=timings,
+            first_token_logprobs=seq.first_logprobs,
+            program_reused_tokens=lookup.program.reused_tokens if lookup.program is not None else 0,
+            mode=request.mode,
+            blend_ratio=self.ratio_of(request) if request.mode == "blend" else 0.0,
         )
-        if parts.num_tokens + request.sampling.max_tokens > self.context_len:
-            raise InvalidRequestError(
-                f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
-                f"exceeds the model's context of {self.context_len}"
-            )
-        prefix_kv, chunk_kvs, hits, misses = None, [], 0, 0  # full prefill looks nothing up
-        lookup_s = compute_s = 0.0
-        program = self._match_program(request, parts) if request.program_id and request.mode != "full" else None
-        if request.mode != "full" and program is None:
-            prefix_kv, chunk_kvs, hits, lookup_s, compute_s = self._gather(parts, request.namespace)
-            misses = len(chunk_kvs) - hits
-        elif program is not None:
-            lookup_s = time.perf_counter() - started
-        blend_started = time.perf_counter()
-        ratio = self.config.default_ratio if request.blend_ratio is None else request.blend_ratio
-        if program is not None:
-            fused = extend_program(self.stack, program, parts.all_ids, request.sampling.max_tokens)
-        else:
-            fused = blend(
-                self.stack,
-                parts,
-                prefix_kv,
-                chunk_kvs,
-                mode=request.mode,
-                ratio=ratio,
-                config=self.config.blend,
-                extra_capacity=request.sampling.max_tokens,
-            )
-        generator = None
-        if request.sampling.seed is not None:
-            generator = torch.Generator().manual_seed(request.sampling.seed)
-        first = sample_token(fused.last_logits, request.sampling, generator)
-        first_at = time.perf_counter()
-        decoded = decode(self.stack, fused.buffer, first, request.sampling, self.tokenizer, self.eos_ids, generator, on_token)
-        timings = PhaseTimings(lookup_s, compute_s, first_at - blend_started, first_at - started, decoded.decode_s)
-        result = _generation(fused, decoded, hits, misses, timings, return_logprobs)
-        if request.program_id:
-            key = self._save_program(request, parts, fused, decoded)
-            reused = program.reused_tokens if program is not None else 0
-            result = replace(result, program_key=key, program_reused_tokens=reused)
-        return result
+
+    # lookups (the submitting thread)
+
+    def _lookup(self, request: RagRequest, parts: PromptParts, started: float) -> Lookup:
+        lookup = Lookup()
+        if request.program_id and request.mode != "full":
+            lookup.program = self._match_program(request, parts)
+        if request.mode != "full" and lookup.program is None:
+            fingerprint, namespace = self.loaded.fingerprint, request.namespace
+            lookup.prefix_key = chunk_key(fingerprint, parts.prefix_ids, "", namespace)
+            lookup.chunk_keys = [chunk_key(fingerprint, ids, lookup.prefix_key, namespace) for ids in parts.chunk_ids]
+            loading = self.store.prefetch(lookup.chunk_keys) if lookup.chunk_keys else None
+            lookup.prefix_kv = self.store.get(lookup.prefix_key)
+            lookup.chunk_kvs = loading.result() if loading is not None else []
+        lookup.lookup_s = time.perf_counter() - started
+        return lookup
 
     def _match_program(self, request: RagRequest, parts: PromptParts) -> ProgramMatch | None:
         """The program's stored KV if it covers at least the prompt's prefix and documents (else blend them)."""
@@ -205,70 +481,42 @@ class BlendEngine:
         kv = self.store.get(record.key)
         return ProgramMatch(record, kv, reused) if kv is not None else None
 
-    def _save_program(self, request: RagRequest, parts: PromptParts, fused: BlendResult, decoded) -> ChunkKey:
-        """Store the prompt + the answer tokens that went through the model as the program's latest entry."""
-        fed = fused.buffer.length - fused.prompt_tokens
-        token_ids = [*parts.all_ids, *decoded.token_ids[:fed]]
-        fingerprint = self.loaded.fingerprint
-        key = program_key(fingerprint, token_ids, request.namespace)
-        self.store.put(key, program_kv(self.stack, fused.buffer, token_ids, fingerprint))
-        previous = self.programs.remember(request.namespace, request.program_id, ProgramRecord(key, tuple(token_ids)))
-        if previous is not None and previous.key != key:
-            self.store.delete(previous.key)
-        return key
 
-    def _gather(self, parts: PromptParts, namespace: str):
-        """Look up the prefix and chunks, compute and store what is missing.
+class BlockingSink:
+    """A sink for generate(): forwards text to on_token, lets the caller wait for the result."""
 
-        With a store that prefetches (TieredStore), all chunks start loading at once, in the
-        background, while the prefix is looked up (and computed, on a first request).
-        """
-        started = time.perf_counter()
-        fingerprint = self.loaded.fingerprint
-        prefix_key = chunk_key(fingerprint, parts.prefix_ids, "", namespace)
-        keys = [chunk_key(fingerprint, ids, prefix_key, namespace) for ids in parts.chunk_ids]
-        prefetch = getattr(self.store, "prefetch", None)
-        loading = prefetch(keys) if prefetch is not None and keys else None
-        prefix_kv = self._prefix_kv(prefix_key, parts.prefix_ids)
-        found = loading.result() if loading is not None else self.store.get_many(keys)
-        lookup_s = time.perf_counter() - started
-        chunk_kvs = self._chunks(parts.chunk_ids, keys, prefix_kv, found)
-        hits = sum(kv is not None for kv in found)
-        return prefix_kv, chunk_kvs, hits, lookup_s, time.perf_counter() - started - lookup_s
+    def __init__(self, on_token: TokenCallback | None = None) -> None:
+        self.on_token = on_token
+        self.done = threading.Event()
+        self._result: Generation | None = None
+        self._error: BaseException | None = None
 
-    def _prefix_kv(self, key: ChunkKey, prefix_ids) -> KVChunk:
-        """The system prefix's KV from the store, computed and stored on its first use."""
-        return self.store.get(key) or self._compute_and_store([prefix_ids], [key], None)[0]
+    def on_text(self, piece: str) -> None:
+        if self.on_token is not None:
+            self.on_token(piece)
 
-    def _chunks(self, chunk_ids, keys, prefix_kv: KVChunk, found: list[KVChunk | None]) -> list[KVChunk]:
-        """found with its gaps filled: missing chunks (each distinct one once) computed in one prepacked pass."""
-        missing = list(dict.fromkeys(key for key, kv in zip(keys, found) if kv is None))
-        if missing:
-            ids_of = dict(zip(keys, chunk_ids))
-            computed = dict(zip(missing, self._compute_and_store([ids_of[k] for k in missing], missing, prefix_kv)))
-            found = [kv if kv is not None else computed[key] for key, kv in zip(keys, found)]
-        return found
+    def on_finish(self, result: Generation) -> None:
+        self._result = result
+        self.done.set()
 
-    def _compute_and_store(self, chunk_ids, keys, prefix_kv: KVChunk | None) -> list[KVChunk]:
-        chunks = compute_chunks(self.stack, chunk_ids, prefix_kv, self.loaded.fingerprint, self.config.max_pack_tokens)
-        self.store.put_many(list(zip(keys, chunks)))
-        return chunks
+    def on_error(self, error: BaseException) -> None:
+        self._error = error
+        self.done.set()
+
+    def wait(self) -> Generation:
+        self.done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
-def _generation(fused: BlendResult, decoded, hits: int, misses: int, timings, return_logprobs: bool):
-    return Generation(
-        text=decoded.text,
-        token_ids=decoded.token_ids,
-        finish_reason=decoded.finish_reason,
-        prompt_tokens=fused.prompt_tokens,
-        cached_tokens=fused.cached_tokens,
-        recomputed_tokens=fused.recomputed_tokens,
-        recomputed_fraction=fused.recomputed_fraction,
-        chunk_hits=hits,
-        chunk_misses=misses,
-        timings=timings,
-        first_token_logprobs=torch.log_softmax(fused.last_logits, -1) if return_logprobs else None,
-    )
+def _run_call(work: Callable, future: Future) -> None:
+    try:
+        future.set_result(work())
+    except BaseException as exc:  # handed to the caller, who raises it
+        future.set_exception(exc)
+
+
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

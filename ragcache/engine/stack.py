@@ -52,25 +52,22 @@ class DecoderStack:
         v = attn.v_proj(normed).view(num_tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)
         return apply_rope(q, cos, sin), k_raw, apply_rope(k_raw, cos, sin), v
 
-    def attend_and_mlp(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Attention of q over keys/values (kv_heads, slots, dim) under mask (tokens, slots), then the MLP.
+    def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q (heads, tokens, dim) over keys/values (kv_heads, slots, dim): (tokens, heads * dim).
 
-        mask is boolean, True where a query may attend; None means every slot.
+        mask is boolean (tokens, slots), True where a query may attend; None means every slot.
         """
-        block = self.layers[layer]
         out = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask, scale=block.self_attn.scaling, enable_gqa=True
+            q[None], keys[None], values[None], attn_mask=mask, scale=self.layers[layer].self_attn.scaling,
+            enable_gqa=True,
         )[0]  # (heads, tokens, dim)
-        out = out.transpose(0, 1).reshape(hidden.shape[0], self.num_heads * self.head_dim)
-        hidden = hidden + block.self_attn.o_proj(out)
+        return out.transpose(0, 1).reshape(q.shape[1], self.num_heads * self.head_dim)
+
+    def output_and_mlp(self, layer: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer for rows of any number of sequences: output projection, residual, MLP."""
+        block = self.layers[layer]
+        hidden = hidden + block.self_attn.o_proj(attended)
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,237 @@
+"""The step scheduler: which sequences run in the next batched pass, and how much of each.
+
+Bookkeeping only (no tensors). Every step it plans, in this order:
+
+    1. drop cancelled sequences, freeing their working KV;
+    2. one decode token for every running sequence past its prompt, growing a full buffer
+       by kv_block_tokens; when the budget cannot hold the growth, the most recently
+       admitted sequence is preempted (its KV swapped to host memory) until it can;
+    3. prefill work in admission order within step_tokens (decode tokens count against it,
+       as in Sarathi-Serve): a splittable prompt (no blend selection) gets as many of its
+       remaining tokens as fit, so a long full prefill spreads over several steps while
+       decodes keep flowing; a blend run, whose selection needs every candidate at once,
+       goes whole as the step's first prefill;
+    4. swapped sequences back in, oldest first, then waiting ones in the admission order
+       (program-level FCFS when the agents layer supplies it), while their first working
+       KV fits the budget and prefill budget is left.
+
+Why swap rather than recompute on preemption: a blended prompt's KV is not what full
+prefill would recompute, and decoded tokens' KV came one step at a time; a copy keeps the
+answer exactly what it would have been, and costs a memcpy instead of seconds of prefill.
+A sequence is admitted only if its whole need (prompt + max_tokens) fits the budget alone,
+so preemption always ends with at least one sequence able to grow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ragcache.engine.sequence import Sequence, SeqState
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_working_kv_bytes: int = 4 << 30
+    step_tokens: int = 512  # tokens per batched pass: decodes first, prefill chunks fill the rest
+    kv_block_tokens: int = 128  # working KV is reserved and grown in blocks of this many slots
+    max_running: int = 64
+
+    def __post_init__(self) -> None:
+        if min(self.max_working_kv_bytes, self.step_tokens, self.kv_block_tokens, self.max_running) <= 0:
+            raise ValueError("max_working_kv_bytes, step_tokens, kv_block_tokens and max_running must be positive")
+
+
+class AdmissionOrder(Protocol):
+    """Which waiting sequence is admitted next. Called on the engine thread only."""
+
+    def pick(self, waiting: list[Sequence]) -> Sequence:
+        """One of waiting (never empty); not yet removed from it."""
+
+    def admitted(self, seq: Sequence, waiting: list[Sequence]) -> None:
+        """seq was admitted; waiting are the ones still waiting (for bypass counting)."""
+
+    def dropped(self, seq: Sequence) -> None:
+        """seq left before admission (cancelled)."""
+
+
+class FcfsOrder:
+    """First come, first served."""
+
+    def pick(self, waiting: list[Sequence]) -> Sequence:
+        return min(waiting, key=lambda seq: seq.arrived_s)
+
+    def admitted(self, seq: Sequence, waiting: list[Sequence]) -> None:
+        pass
+
+    def dropped(self, seq: Sequence) -> None:
+        pass
+
+
+@dataclass
+class StepPlan:
+    dropped: list[Sequence] = field(default_factory=list)  # cancelled: free and report
+    preempted: list[Sequence] = field(default_factory=list)  # swap out
+    resumed: list[Sequence] = field(default_factory=list)  # swap in to reserved_slots
+    grown: list[Sequence] = field(default_factory=list)  # resize to reserved_slots
+    admitted: list[Sequence] = field(default_factory=list)  # place the prompt's KV (reserved_slots)
+    decodes: list[Sequence] = field(default_factory=list)  # one token each
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+@dataclass
+class SchedulerCounters:
+    steps: int = 0
+    tokens: int = 0
+    preemptions: int = 0
+    resumptions: int = 0
+    admitted: int = 0
+    cancelled: int = 0
+    last_step_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, bytes_per_token: int, order: AdmissionOrder | None = None) -> None:
+        self.config = config
+        self.bytes_per_token = bytes_per_token
+        self.order = order or FcfsOrder()
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # admission order: the last is preempted first
+        self.swapped: deque[Sequence] = deque()
+        self.counters = SchedulerCounters()
+
+    # bookkeeping the engine calls
+
+    def need_bytes(self, seq: Sequence) -> int:
+        """Working KV the sequence may need at most."""
+        return seq.max_len * self.bytes_per_token
+
+    def add(self, seq: Sequence) -> None:
+        if self.need_bytes(seq) > self.config.max_working_kv_bytes:
+            raise ValueError(f"sequence needs {self.need_bytes(seq)} bytes of working KV, more than the budget")
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """seq is done (finished, cancelled or failed): its working KV is free."""
+        for group in (self.running, self.waiting):
+            if seq in group:
+                group.remove(seq)
+        if seq in self.swapped:
+            self.swapped.remove(seq)
+        seq.reserved_slots = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(seq.reserved_slots for seq in self.running) * self.bytes_per_token
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    # the plan
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        self._drop_cancelled(plan)
+        self._plan_decodes(plan)
+        budget = self.config.step_tokens - len(plan.decodes)
+        budget = self._plan_prefills(plan, [s for s in self.running if s.state is SeqState.PREFILL], budget)
+        self._admit(plan, budget)
+        self.counters.steps += plan.has_work
+        self.counters.tokens += plan.num_tokens
+        self.counters.last_step_tokens = plan.num_tokens
+        return plan
+
+    def _drop_cancelled(self, plan: StepPlan) -> None:
+        for seq in [s for s in (*self.waiting, *self.running, *self.swapped) if s.cancelled]:
+            if seq in self.waiting:
+                self.order.dropped(seq)
+            self.finish(seq)
+            plan.dropped.append(seq)
+            self.counters.cancelled += 1
+
+    def _plan_decodes(self, plan: StepPlan) -> None:
+        for seq in [s for s in self.running if s.state is SeqState.DECODE]:
+            if seq not in self.running:  # preempted to make room for an earlier one
+                continue
+            if seq.kv_len + 1 > seq.reserved_slots and not self._grow(seq, plan):
+                continue
+            plan.decodes.append(seq)
+
+    def _grow(self, seq: Sequence, plan: StepPlan) -> bool:
+        """Reserve another block for seq, preempting the latest admitted until it fits; False if seq itself went."""
+        target = min(seq.reserved_slots + self.config.kv_block_tokens, seq.max_len)
+        extra = (target - seq.reserved_slots) * self.bytes_per_token
+        while self.used_bytes + extra > self.config.max_working_kv_bytes:
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        seq.reserved_slots = target
+        plan.grown.append(seq)
+        return True
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.running.remove(seq)
+        seq.state_before_swap = seq.state
+        seq.state = SeqState.SWAPPED
+        seq.reserved_slots = 0
+        self.swapped.append(seq)
+        if seq in plan.decodes:
+            plan.decodes.remove(seq)
+        if seq in plan.grown:
+            plan.grown.remove(seq)
+        plan.preempted.append(seq)
+        self.counters.preemptions += 1
+
+    def _plan_prefills(self, plan: StepPlan, seqs: list[Sequence], budget: int) -> int:
+        for seq in seqs:
+            remaining = seq.prompt_len - seq.computed
+            if budget <= 0:
+                break
+            if not seq.splittable:
+                if plan.prefills:
+                    break  # a blend run goes whole, as the first prefill of a step
+                plan.prefills.append((seq, remaining))
+                budget = 0
+                break
+            take = min(remaining, budget)
+            plan.prefills.append((seq, take))
+            budget -= take
+        return budget
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        free = self.config.max_working_kv_bytes - self.used_bytes
+        while self.swapped and len(self.running) < self.config.max_running:
+            seq = self.swapped[0]
+            slots = min(seq.kv_len + self.config.kv_block_tokens, seq.max_len)
+            if slots * self.bytes_per_token > free:
+                return  # the oldest preempted goes first: nothing new overtakes it
+            self.swapped.popleft()
+            seq.reserved_slots, seq.state = slots, seq.state_before_swap
+            free -= slots * self.bytes_per_token
+            self.running.append(seq)
+            plan.resumed.append(seq)
+            self.counters.resumptions += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.order.pick(self.waiting)
+            slots = min(seq.prompt_len + self.config.kv_block_tokens, seq.max_len)
+            if slots * self.bytes_per_token > free:
+                return  # in order: a smaller later request does not overtake
+            self.waiting.remove(seq)
+            self.order.admitted(seq, self.waiting)
+            seq.reserved_slots, seq.state = slots, SeqState.PREFILL
+            free -= slots * self.bytes_per_token
+            self.running.append(seq)
+            plan.admitted.append(seq)
+            self.counters.admitted += 1
+            budget = self._plan_prefills(plan, [seq], budget)

@@ -1,0 +1,186 @@
+"""A request inside the engine: its state, its working KV and its answer so far.
+
+    WAITING ─admit─▶ PREFILL ─prompt done─▶ DECODE ─eos / stop / max_tokens─▶ FINISHED
+       ▲               │  ▲                   │  ▲
+       └──(none: a     └──┴── preempt ──▶ SWAPPED ── resume ──┘
+          sequence is never sent back)     (KV in host memory)
+    any state ── client gone ──▶ CANCELLED (freed at the next step)
+
+The scheduler moves sequences between states; the step computes their tokens; the
+postprocess appends each sampled token here. Only the engine thread mutates a sequence,
+except cancel(), which any thread may call.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ragcache.engine.blend import Prefill
+from ragcache.engine.generate import SamplingParams, held_back
+from ragcache.engine.prompt import PromptParts
+from ragcache.kv import ChunkKey, KVChunk
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+class GenerationSink(Protocol):
+    """Where a sequence's output goes. Called from engine threads, never concurrently for one sequence."""
+
+    def on_text(self, piece: str) -> None: ...
+
+    def on_finish(self, result: Any) -> None:
+        """The finished Generation (after the program KV, if any, is stored)."""
+
+    def on_error(self, error: BaseException) -> None: ...
+
+
+@dataclass
+class Lookup:
+    """What the submitting thread found before the sequence reached the engine (store I/O off the step loop)."""
+
+    prefix_key: ChunkKey | None = None
+    prefix_kv: KVChunk | None = None
+    chunk_keys: list[ChunkKey] = field(default_factory=list)
+    chunk_kvs: list[KVChunk | None] = field(default_factory=list)
+    program: Any = None  # ProgramMatch, when the program's stored KV covers the prompt's documents
+    lookup_s: float = 0.0
+
+    @property
+    def hits(self) -> int:
+        return sum(kv is not None for kv in self.chunk_kvs)
+
+
+@dataclass
+class TextStream:
+    """The answer's text as tokens arrive: stop strings cut it, pieces are released once safe to show."""
+
+    stops: tuple[str, ...]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+
+    def push(self, token: int, tokenizer) -> tuple[str, bool]:
+        """Add token; returns (text now safe to emit, whether a stop string ended the answer)."""
+        self.tokens.append(token)
+        self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self.flush(), True
+        safe = len(self.text) - held_back(self.text, self.stops)
+        piece = self.text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return piece, False
+
+    def flush(self) -> str:
+        piece = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return piece
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)  # sequences are compared by identity
+class Sequence:
+    request: Any  # RagRequest
+    parts: PromptParts
+    lookup: Lookup
+    sink: GenerationSink
+    eos_ids: frozenset[int]
+    ticket: Any = None  # the admission order's ticket (agents: program-level FCFS)
+    return_logprobs: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    state: SeqState = SeqState.WAITING
+    arrived_s: float = field(default_factory=time.perf_counter)
+    prefill: Prefill | None = None  # set at admission
+    computed: int = 0  # prompt tokens whose KV is final
+    reserved_slots: int = 0  # working-KV slots the scheduler granted (the buffer's capacity)
+    splittable: bool = True  # the prompt's run may be computed over several steps (no blend selection)
+    state_before_swap: SeqState = SeqState.PREFILL
+    token_layers: int = 0  # (token, layer) K/V entries computed for the prompt
+    chunk_compute_s: float = 0.0
+    admitted_s: float | None = None
+    first_token_s: float | None = None
+    first_logprobs: torch.Tensor | None = None
+    next_token: int | None = None  # sampled, not yet fed through the model
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    stream: TextStream = field(init=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.stream = TextStream(self.sampling.stop)
+        if self.sampling.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.sampling.seed)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def prompt_len(self) -> int:
+        return self.parts.num_tokens
+
+    @property
+    def max_len(self) -> int:
+        """Slots the sequence may ever need: the prompt and every answer token but the last."""
+        return self.prompt_len + self.sampling.max_tokens
+
+    @property
+    def kv_len(self) -> int:
+        """Slots of working KV in use (0 before admission)."""
+        return self.prefill.buffer.length if self.prefill is not None else 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """The client went away: the scheduler frees the sequence at its next step. Any thread."""
+        self._cancelled.set()
+
+    @property
+    def done(self) -> bool:
+        return self.state in (SeqState.FINISHED, SeqState.CANCELLED)
+
+    def accept(self, token: int, tokenizer, context_len: int) -> None:
+        """A sampled token: stream its text, or finish (end of turn, stop string, max_tokens, context full)."""
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter()
+        if token in self.eos_ids:
+            self._finish("stop")
+            return
+        piece, stopped = self.stream.push(token, tokenizer)
+        if stopped:
+            self._finish("stop", piece)
+            return
+        if piece:
+            self.sink.on_text(piece)
+        fed = self.prefill.buffer.length
+        if len(self.stream.tokens) >= self.sampling.max_tokens or fed >= context_len:
+            self._finish("length", self.stream.flush())
+        else:
+            self.next_token = token
+
+    def _finish(self, reason: str, piece: str = "") -> None:
+        if piece:
+            self.sink.on_text(piece)
+        self.finish_reason = reason
+        self.next_token = None
+        self.state = SeqState.FINISHED
+
