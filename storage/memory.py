@@ -144,6 +144,9 @@ class MemoryTier:
     def put_many(self, items: Sequence[tuple[ChunkKey, KVChunk]]) -> list[bool]:
         return [self.put(key, chunk) for key, chunk in items]
 
+    def close(self) -> None:
+        """Nothing to release: the entries go with the tier."""
+
     def stats(self) -> MemoryTierStats:
         c = self.counters
         pinned_bytes = sum(self._chunks[key].nbytes for key in self._pins)

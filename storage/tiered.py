@@ -24,18 +24,10 @@ from functools import partial
 from typing import Callable, Sequence
 
 from ragcache.kv import ChunkKey, KVChunk
-from ragcache.storage.base import KVTier, TierUsage
+from ragcache.storage.base import KVTier, PinHandle, TierUsage
 from ragcache.storage.memory import MemoryTier
 
-
-@dataclass(frozen=True)
-class PinHandle:
-    """Proof of one pin: pass it to unpin(). expires_s is on the store's clock."""
-
-    id: int
-    key: ChunkKey
-    tier: str
-    expires_s: float
+__all__ = ["PinHandle", "StoreCounters", "TieredStore"]
 
 
 @dataclass
@@ -197,9 +189,8 @@ class TieredStore:
     def close(self) -> None:
         self._closed.set()
         self._prefetcher.shutdown(wait=True)
-        for tier in self.remote:
-            if hasattr(tier, "close"):
-                tier.close()
+        for tier in self.tiers:
+            tier.close()
 
     # accounting
 
