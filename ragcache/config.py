@@ -38,6 +38,11 @@ class Settings:
     redis_url: str | None = None
     codec: str = "raw"
     eviction: str = "cost_aware"
+    # batching: working KV of running sequences, tokens per batched step, KV growth block, concurrency
+    working_kv_gb: float = 4.0
+    step_tokens: int = 512
+    kv_block_tokens: int = 128
+    max_running: int = 64
     # semantic cache: answers in Redis when redis_url is set, in process memory otherwise
     semantic_cache: bool = True
     # auth: API key -> tenant; no keys: one default tenant, no auth, localhost only
@@ -55,6 +60,9 @@ class Settings:
             (0.0 <= self.blend_ratio <= 1.0, "blend_ratio must be in [0, 1]"),
             (self.device_cache_gb > 0 and self.cpu_cache_gb > 0, "device_cache_gb and cpu_cache_gb must be positive"),
             (self.max_queue > 0, "max_queue must be positive"),
+            (self.working_kv_gb > 0, "working_kv_gb must be positive"),
+            (self.step_tokens > 0 and self.kv_block_tokens > 0, "step_tokens and kv_block_tokens must be positive"),
+            (self.max_running > 0, "max_running must be positive"),
             (self.max_documents > 0 and self.max_document_tokens > 0, "document limits must be positive"),
             (self.max_new_tokens > 0, "max_new_tokens must be positive"),
             (all(k and t for k, t in self.api_keys.items()), "api_keys must map non-empty keys to non-empty tenants"),

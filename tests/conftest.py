@@ -72,7 +72,7 @@ def tiny_model(family: str = "llama", dtype=torch.float32, seed: int = 0, **over
 
 
 def loaded(model, tokenizer) -> LoadedModel:
-    return LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer), "tiny", torch.device("cpu"), model.dtype)
+    return LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer), "tiny-llama", torch.device("cpu"), model.dtype)
 
 
 @pytest.fixture

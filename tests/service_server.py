@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from ragcache.agents.coordinator import ProgramCoordinator
 from ragcache.config import Settings
 from ragcache.engine.runner import BlendEngine
 from ragcache.service.app import create_app
@@ -43,6 +44,8 @@ def serving(app, port: int):
 def running_server(engine: BlendEngine, semantic=None, **settings):
     """Yield (base_url, runtime) while a ragcache server runs over engine."""
     settings = Settings(port=free_port(), **settings)
-    runtime = Runtime(engine, settings.max_queue, "tiny-llama", semantic)
+    coordinator = ProgramCoordinator.measured(engine.store, engine.stack)
+    engine.use_admission_order(coordinator.scheduler)
+    runtime = Runtime(engine, settings.max_queue, semantic, coordinator)
     with serving(create_app(settings, runtime), settings.port) as url:
         yield url, runtime

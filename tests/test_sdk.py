@@ -111,12 +111,11 @@ def test_chat_plain_and_streamed_give_the_same_answer_and_report(open_server):
     assert stream.chunks[0].choices[0].delta.role == "assistant"
 
 
-def test_an_error_event_inside_a_stream_raises(open_server):
+def test_an_over_context_stream_is_refused_before_it_starts(open_server):
     url, _ = open_server
     with Client(url) as client:
-        stream = client.chat(QUESTION, OVER_CONTEXT, stream=True, max_tokens=8)  # the 200 arrives first
         with pytest.raises(BadRequestError, match="exceeds the model's context") as caught:
-            list(stream)
+            list(client.chat(QUESTION, OVER_CONTEXT, stream=True, max_tokens=8))  # a 400, not a 200 with an error
     assert caught.value.type == "invalid_request_error"
 
 
@@ -175,8 +174,8 @@ def test_keys_and_admin_errors(keyed_server):
 
 def occupy_queue(runtime, seconds: float) -> threading.Timer:
     """Fill the server's queue now and free it after `seconds`, from a timer thread."""
-    runtime._pending = runtime.max_queue
-    timer = threading.Timer(seconds, lambda: setattr(runtime, "_pending", 0))
+    runtime._in_flight = runtime.max_queue
+    timer = threading.Timer(seconds, lambda: setattr(runtime, "_in_flight", 0))
     timer.start()
     return timer
 

@@ -139,22 +139,22 @@ def test_malformed_json_and_prompt_over_context(open_server):
 
 def test_full_queue_is_a_429(open_server):
     url, runtime = open_server
-    saved, runtime._pending = runtime._pending, runtime.max_queue
+    saved, runtime._in_flight = runtime._in_flight, runtime.max_queue
     try:
         response = httpx.post(f"{url}/v1/rag", json={"question": QUESTION})
     finally:
-        runtime._pending = saved
+        runtime._in_flight = saved
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
 
 
 def test_full_queue_is_a_429_for_streams_too(open_server):
     url, runtime = open_server
     body = {"messages": [{"role": "user", "content": QUESTION}], "stream": True}
-    saved, runtime._pending = runtime._pending, runtime.max_queue
+    saved, runtime._in_flight = runtime._in_flight, runtime.max_queue
     try:
         response = httpx.post(f"{url}/v1/chat/completions", json=body)
     finally:
-        runtime._pending = saved
+        runtime._in_flight = saved
     assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
 
 
@@ -165,17 +165,25 @@ def test_document_ids_with_a_slash_are_refused(open_server):
 
 
 def test_queue_bound_is_enforced_while_the_engine_is_busy(make_engine):
-    runtime = Runtime(make_engine(), max_queue=1, model_name="tiny")
+    engine = make_engine()
+    runtime = Runtime(engine, max_queue=1)
     release = threading.Event()
+    request = RagRequest(QUESTION, sampling=SamplingParams(max_tokens=1))
+
+    async def answer():
+        return [item async for item in runtime.answer("default", request)][-1]
 
     async def scenario():
-        busy = asyncio.ensure_future(runtime._run(release.wait))
-        await asyncio.sleep(0)
+        busy = asyncio.ensure_future(asyncio.to_thread(engine.call, release.wait))  # the engine thread is held
+        waiting = asyncio.ensure_future(answer())
+        while runtime.engine.stats()["waiting"] < 1:
+            await asyncio.sleep(0.01)
         with pytest.raises(QueueFullError, match="max_queue=1"):
-            await runtime.generate("default", RagRequest(QUESTION, sampling=SamplingParams(max_tokens=1)))
+            await answer()
         release.set()
         await busy
-        return await runtime.generate("default", RagRequest(QUESTION, sampling=SamplingParams(max_tokens=1)))
+        assert (await waiting).token_ids
+        return await answer()
 
     assert asyncio.run(scenario()).token_ids
     runtime.close()

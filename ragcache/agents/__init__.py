@@ -20,11 +20,11 @@ from ragcache.agents.profile import (
     measure_prefill_profile,
     stack_prefill_fn,
 )
-from ragcache.agents.scheduler import Admission, ProgramScheduler, SchedulerConfig
+from ragcache.agents.scheduler import ProgramScheduler, SchedulerConfig, Ticket
 
 __all__ = [
     "EVENT_TYPES",
-    "Admission",
+    "Ticket",
     "AgentConfig",
     "Arrival",
     "HeldPin",

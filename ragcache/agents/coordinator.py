@@ -1,30 +1,31 @@
 """ProgramCoordinator: the agents layer as the service runtime calls it, in four places.
 
     coordinator = ProgramCoordinator(store, profile, AgentConfig())
+    engine = BlendEngine(loaded, store, config, order=coordinator.scheduler)   # admission order
 
-    async with coordinator.turn(tenant, program_id) as admission:    # every generation request
-        result = await run_on_the_engine_worker(request)
-    coordinator.finish(tenant, program_id, result.program_key, nbytes, num_tokens,
+    ticket = coordinator.arrive(tenant, program_id)                  # every generation request
+    result = await the engine (submit(request, sink, ticket=ticket))
+    coordinator.finish(ticket, result.program_key, nbytes, num_tokens,
                        tool=called_tool, is_last_step=last)          # after a program's turn
     coordinator.event(tenant, program_id, "tool_start", "search")    # POST /v1/programs/{id}/events
     coordinator.close()                                              # at shutdown
 
-turn() does the arrival bookkeeping before queueing (the tool's duration ends when the
-next request arrives, not when it is admitted; the pin is released then) and holds the
-program-level FCFS slot for its body. Everything but turn() is synchronous and quick.
+arrive() does the arrival bookkeeping (the tool's duration ends when the next request
+arrives, not when it is admitted; the pin is released then) and takes the turn's ticket
+in the program-level FCFS order the engine admits by. Everything here is synchronous and
+quick, and safe from any thread.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Callable
 
 from ragcache.agents.pins import PinConfig, PinDecision, ProgramPins
 from ragcache.agents.predictor import PredictorConfig, ToolDurationPredictor
 from ragcache.agents.profile import PrefillProfile
-from ragcache.agents.scheduler import Admission, ProgramScheduler, SchedulerConfig
+from ragcache.agents.scheduler import ProgramScheduler, SchedulerConfig, Ticket
 
 if TYPE_CHECKING:
     from ragcache.kv import ChunkKey
@@ -49,28 +50,40 @@ class ProgramCoordinator:
         self.pins = ProgramPins(store, self.predictor, profile, config.pins)
         self.scheduler = ProgramScheduler(config.scheduler, clock)
 
-    @asynccontextmanager
-    async def turn(self, tenant: str, program_id: str | None, need_bytes: int = 0) -> AsyncIterator[Admission]:
-        """Arrive (record the tool's duration, release the pin), wait for admission, hold it.
+    @classmethod
+    def measured(cls, store: TieredStore, stack, config: AgentConfig = AgentConfig()) -> "ProgramCoordinator":
+        """A coordinator whose reload-cost profile is measured now on the model's decoder stack (about 1 s)."""
+        from ragcache.agents.profile import measure_prefill_profile, stack_prefill_fn
 
-        need_bytes: room the request needs in the top local tier, when known; pins give way
-        (least valuable first) if less than that is unpinned once it is admitted."""
+        profile = measure_prefill_profile(stack_prefill_fn(stack), (64, 256, 1024), repeats=1)
+        return cls(store, profile, config)
+
+    def arrive(self, tenant: str, program_id: str | None) -> Ticket:
+        """A generation request arrived: record its tool's duration, release its pin, take its ticket."""
         arrival = self.pins.turn_arrived(tenant, program_id) if program_id is not None else None
-        async with self.scheduler.turn(tenant, program_id) as admission:
-            if arrival is not None and arrival.returning and not arrival.pin_held:
-                self.pins.observe_queue_delay(admission.waited_s)
-            if need_bytes > 0:
-                self.pins.reclaim(need_bytes)
-            yield admission
+        ticket = self.scheduler.arrive(tenant, program_id)
+        ticket.arrival = arrival
+        return ticket
 
-    def finish(self, tenant: str, program_id: str, key: ChunkKey, nbytes: int, num_tokens: int,
+    def abandon(self, ticket: Ticket) -> None:
+        """The turn never reached the engine (its request was refused): it no longer waits."""
+        self.scheduler.abandon(ticket)
+
+    def finish(self, ticket: Ticket, key: ChunkKey | None, nbytes: int, num_tokens: int,
                tool: str | None = None, is_last_step: bool = False) -> PinDecision | None:
-        """A program's turn is done and its KV stored under key (Generation.program_key), nbytes
-        for num_tokens. tool: the tool its answer called (finish_reason "tool_calls"), which
-        pins the KV for that tool's TTL. is_last_step: the program is over; release, forget."""
-        decision = self.pins.turn_finished(tenant, program_id, key, nbytes, num_tokens, tool, is_last_step)
+        """A turn is done. For a program's turn, its KV is stored under key (Generation.program_key),
+        nbytes for num_tokens; tool: the tool its answer called (finish_reason "tool_calls"), which
+        pins the KV for that tool's TTL; is_last_step: the program is over, release and forget.
+        A returning program whose KV was not held feeds its queueing delay to the TTL model."""
+        arrival = ticket.arrival
+        if arrival is not None and arrival.returning and not arrival.pin_held and ticket.waited_s is not None:
+            self.pins.observe_queue_delay(ticket.waited_s)
+        if ticket.program_id is None or key is None:
+            return None
+        decision = self.pins.turn_finished(ticket.tenant, ticket.program_id, key, nbytes, num_tokens, tool,
+                                           is_last_step)
         if is_last_step:
-            self.scheduler.forget(tenant, program_id)
+            self.scheduler.forget(ticket.tenant, ticket.program_id)
         return decision
 
     def event(self, tenant: str, program_id: str, type: str, tool: str | None = None) -> PinDecision | None:

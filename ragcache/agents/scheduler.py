@@ -1,8 +1,9 @@
-"""ProgramScheduler: program-level first-come-first-serve in front of the one engine worker.
+"""ProgramScheduler: program-level first-come-first-serve as the engine's admission order.
 
 An agent program alternates turns with tool calls. If its next turn queues behind programs
 that arrived after it, the program stalls on every turn and its KV sits (pinned or not)
-while it waits: Continuum's scheduling bubbles. So among waiting turns:
+while it waits: Continuum's scheduling bubbles. So when the step scheduler admits the next
+waiting sequence, among them:
 
     1. a starved new turn: a plain request or a new program's first turn that continuing
        turns have overtaken max_bypass times, or that has waited max_wait_s: oldest first
@@ -10,22 +11,20 @@ while it waits: Continuum's scheduling bubbles. So among waiting turns:
     3. a plain request or a new program's first turn: by its own arrival
 
 "In flight": the program had a turn before and neither ended nor sat idle program_idle_s.
-One turn is admitted at a time (the engine serves one request at a time); the next is
-picked when it leaves. Runs on one asyncio event loop; not thread-safe.
+Many turns run at once (the engine batches them); this only orders admissions.
 
-    async with scheduler.turn(tenant, program_id) as admission:   # program_id None: a plain request
-        result = await run_on_the_worker(...)
+    ticket = scheduler.arrive(tenant, program_id)     # when the request arrives (any thread)
+    engine.submit(request, sink, ticket=ticket)       # the engine's scheduler calls pick / admitted
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
+import threading
 import time
 from collections import OrderedDict, deque
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Callable, Protocol
 
 from ragcache.agents.cdf import quantile
 
@@ -46,23 +45,24 @@ class SchedulerConfig:
             raise ValueError("max_programs and wait_window must be >= 1")
 
 
-@dataclass(frozen=True)
-class Admission:
-    continuing: bool  # a turn of a program already in flight
-    waited_s: float
-    bypassed: int  # later continuing turns admitted ahead of this one
-    forced: bool  # admitted ahead of continuing turns because it had waited long enough
+@dataclass(eq=False)  # tickets are compared by identity
+class Ticket:
+    """One turn's place in the admission order; the engine carries it on the turn's sequence."""
 
-
-@dataclass(eq=False)  # waiters are compared by identity
-class _Waiter:
+    tenant: str
+    program_id: str | None
     seq: int  # arrival order
     rank: int  # the program's first arrival (its own seq for a new turn)
-    continuing: bool
+    continuing: bool  # a turn of a program already in flight
     arrived_s: float
-    future: asyncio.Future
-    bypassed: int = 0
-    forced: bool = False
+    bypassed: int = 0  # later continuing turns admitted ahead of this one
+    forced: bool = False  # admitted ahead of continuing turns because it had waited long enough
+    waited_s: float | None = None  # set at admission
+    arrival: object = None  # the pins' Arrival of this turn (agents coordinator)
+
+
+class Waiting(Protocol):
+    ticket: Ticket | None
 
 
 @dataclass
@@ -77,10 +77,12 @@ class SchedulerCounters:
     admitted_new: int = 0
     bypasses: int = 0  # times a continuing turn went ahead of an earlier new one
     forced: int = 0  # new turns admitted by the starvation bound
-    cancelled: int = 0  # waiters that went away before their turn
+    cancelled: int = 0  # turns that went away before admission
 
 
 class ProgramScheduler:
+    """The AdmissionOrder of ragcache.engine.scheduler: pick / admitted / dropped on the engine thread."""
+
     def __init__(self, config: SchedulerConfig = SchedulerConfig(),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -89,112 +91,96 @@ class ProgramScheduler:
         self._waits_s = {kind: deque(maxlen=config.wait_window) for kind in ("continuing", "new")}
         self._seq = itertools.count()
         self._programs: OrderedDict[tuple[str, str], _Program] = OrderedDict()
-        self._waiting: list[_Waiter] = []
-        self._busy = False
+        self._waiting = 0
+        self._lock = threading.RLock()  # admitted() may ticket a waiter (arrive) while holding it
 
-    @asynccontextmanager
-    async def turn(self, tenant: str, program_id: str | None) -> AsyncIterator[Admission]:
-        """Wait for this turn's admission; hold it for the body of the `async with`."""
-        waiter = self._arrive(tenant, program_id)
-        if not self._busy and not self._waiting:
-            self._busy = True
-            waiter.future.set_result(None)
+    def arrive(self, tenant: str, program_id: str | None) -> Ticket:
+        """A turn arrived (program_id None: a plain request); its ticket. Any thread."""
+        with self._lock:
+            now, seq = self.clock(), next(self._seq)
+            self._waiting += 1
+            if program_id is None:
+                return Ticket(tenant, None, seq, seq, False, now)
+            ref = (tenant, program_id)
+            program = self._programs.get(ref)
+            continuing = program is not None and now - program.last_seen_s < self.config.program_idle_s
+            if not continuing:
+                program = self._programs[ref] = _Program(seq, now)
+                while len(self._programs) > self.config.max_programs:
+                    self._programs.popitem(last=False)
+            program.last_seen_s = now
+            self._programs.move_to_end(ref)
+            return Ticket(tenant, program_id, seq, program.first_seq, continuing, now)
+
+    def pick(self, waiting: list[Waiting]) -> Waiting:
+        """The next to admit among waiting (each with a ticket from arrive())."""
+        now = self.clock()
+        tickets = [self._ticket(item) for item in waiting]
+        starved = [t for t in tickets if not t.continuing
+                   and (t.bypassed >= self.config.max_bypass or now - t.arrived_s >= self.config.max_wait_s)]
+        if starved:
+            chosen = min(starved, key=lambda t: t.seq)
+            chosen.forced = any(t.continuing for t in tickets)
         else:
-            self._waiting.append(waiter)
-            try:
-                await waiter.future
-            except asyncio.CancelledError:
-                self._leave(waiter)
-                raise
-        admission = Admission(waiter.continuing, self.clock() - waiter.arrived_s, waiter.bypassed, waiter.forced)
-        self._count(admission)
-        try:
-            yield admission
-        finally:
-            self._busy = False
-            self._dispatch()
+            chosen = min(tickets, key=lambda t: (not t.continuing, t.rank, t.seq))
+        return waiting[tickets.index(chosen)]
+
+    def admitted(self, item: Waiting, waiting: list[Waiting]) -> None:
+        """item was admitted; the new turns that arrived before it and still wait were bypassed."""
+        ticket = self._ticket(item)
+        with self._lock:
+            self._waiting -= 1
+            ticket.waited_s = self.clock() - ticket.arrived_s
+            if ticket.continuing:
+                for other in map(self._ticket, waiting):
+                    if not other.continuing and other.seq < ticket.seq:
+                        other.bypassed += 1
+                        self.counters.bypasses += 1
+                self.counters.admitted_continuing += 1
+            else:
+                self.counters.admitted_new += 1
+            self.counters.forced += ticket.forced
+            self._waits_s["continuing" if ticket.continuing else "new"].append(ticket.waited_s)
+
+    def dropped(self, item: Waiting) -> None:
+        """item went away before admission (its client disconnected)."""
+        self.abandon(item.ticket)
+
+    def abandon(self, ticket: Ticket | None) -> None:
+        """The ticket's turn will never be admitted (cancelled, or refused before reaching the engine)."""
+        with self._lock:
+            if ticket is not None:  # without a ticket it never counted as waiting
+                self._waiting -= 1
+            self.counters.cancelled += 1
 
     def forget(self, tenant: str, program_id: str) -> None:
         """The program ended: its next turn, if any, counts as a new program's."""
-        self._programs.pop((tenant, program_id), None)
+        with self._lock:
+            self._programs.pop((tenant, program_id), None)
 
     @property
     def depth(self) -> int:
-        """Turns waiting for admission (not counting the one admitted)."""
-        return len(self._waiting)
+        """Turns that arrived and are not admitted yet."""
+        return self._waiting
 
     def stats(self) -> dict:
-        waits = {kind: _summary(list(values)) for kind, values in self._waits_s.items()}
-        c = self.counters
-        return {
-            "depth": len(self._waiting),
-            "waiting_continuing": sum(w.continuing for w in self._waiting),
-            "waiting_new": sum(not w.continuing for w in self._waiting),
-            "busy": self._busy,
-            "programs": len(self._programs),
-            "admitted": {"continuing": c.admitted_continuing, "new": c.admitted_new},
-            "bypasses": c.bypasses,
-            "forced": c.forced,
-            "cancelled": c.cancelled,
-            "wait_s": waits,
-        }
+        with self._lock:
+            waits = {kind: _summary(list(values)) for kind, values in self._waits_s.items()}
+            c = self.counters
+            return {
+                "depth": self._waiting,
+                "programs": len(self._programs),
+                "admitted": {"continuing": c.admitted_continuing, "new": c.admitted_new},
+                "bypasses": c.bypasses,
+                "forced": c.forced,
+                "cancelled": c.cancelled,
+                "wait_s": waits,
+            }
 
-    # internals
-
-    def _arrive(self, tenant: str, program_id: str | None) -> _Waiter:
-        now, seq = self.clock(), next(self._seq)
-        future = asyncio.get_running_loop().create_future()
-        if program_id is None:
-            return _Waiter(seq, seq, False, now, future)
-        ref = (tenant, program_id)
-        program = self._programs.get(ref)
-        continuing = program is not None and now - program.last_seen_s < self.config.program_idle_s
-        if not continuing:
-            program = self._programs[ref] = _Program(seq, now)
-            while len(self._programs) > self.config.max_programs:
-                self._programs.popitem(last=False)
-        program.last_seen_s = now
-        self._programs.move_to_end(ref)
-        return _Waiter(seq, program.first_seq, continuing, now, future)
-
-    def _dispatch(self) -> None:
-        """Admit the next waiter, if the worker is free and anyone waits."""
-        if self._busy or not self._waiting:
-            return
-        now = self.clock()
-        starved = [w for w in self._waiting if not w.continuing
-                   and (w.bypassed >= self.config.max_bypass or now - w.arrived_s >= self.config.max_wait_s)]
-        if starved:
-            chosen = min(starved, key=lambda w: w.seq)
-            chosen.forced = any(w.continuing for w in self._waiting)
-        else:
-            chosen = min(self._waiting, key=lambda w: (not w.continuing, w.rank, w.seq))
-        self._waiting.remove(chosen)
-        if chosen.continuing:
-            for waiter in self._waiting:
-                if not waiter.continuing and waiter.seq < chosen.seq:
-                    waiter.bypassed += 1
-                    self.counters.bypasses += 1
-        self._busy = True
-        chosen.future.set_result(None)
-
-    def _leave(self, waiter: _Waiter) -> None:
-        """A waiter was cancelled: drop it, or hand on the admission it had just been given."""
-        self.counters.cancelled += 1
-        if waiter in self._waiting:
-            self._waiting.remove(waiter)
-        elif waiter.future.done() and not waiter.future.cancelled():
-            self._busy = False
-            self._dispatch()
-
-    def _count(self, admission: Admission) -> None:
-        kind = "continuing" if admission.continuing else "new"
-        if admission.continuing:
-            self.counters.admitted_continuing += 1
-        else:
-            self.counters.admitted_new += 1
-        self.counters.forced += admission.forced
-        self._waits_s[kind].append(admission.waited_s)
+    def _ticket(self, item: Waiting) -> Ticket:
+        if item.ticket is None:  # submitted without arriving here (e.g. the engine used directly)
+            item.ticket = self.arrive("", None)
+        return item.ticket
 
 
 def _summary(values: list[float]) -> dict:

@@ -233,6 +233,12 @@ class BlendEngine:
         self.store.put_many(computed)
         return [DocumentInfo(key, len(ids), hit) for key, ids, hit in zip(keys, chunk_ids, cached)]
 
+    def use_admission_order(self, order: AdmissionOrder) -> None:
+        """Admit waiting sequences in this order (the agents layer's program-level FCFS); before start()."""
+        if self._thread is not None:
+            raise RuntimeError("the admission order is set before the engine starts")
+        self.scheduler.order = order
+
     def start(self) -> None:
         """Run the step loop on its own thread (the service does; generate() alone does not need it)."""
         if self._thread is None:
@@ -240,18 +246,35 @@ class BlendEngine:
             self._thread.start()
 
     def close(self) -> None:
-        """Finish every queued and running sequence, stop the engine thread, wait for the store writes."""
+        """Finish every queued and running sequence, stop the engine thread, wait for the store writes, close the store."""
         with self._wake:
             self._closing = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join()
         self._writer.shutdown(wait=True)
+        self.store.close()
 
     def forget_program(self, namespace: str, program_id: str) -> bool:
         """The program ended: forget its record and drop its KV."""
         record = self.programs.forget(namespace, program_id)
         return record is not None and self.store.delete(record.key)
+
+    def program_records(self) -> list[tuple[str, str, int]]:
+        return [(ns, pid, len(record.token_ids)) for ns, pid, record in self.programs.programs()]
+
+    def forget_chunk(self, key: ChunkKey) -> bool:
+        return self.store.delete(key)
+
+    @property
+    def tier_names(self) -> list[str]:
+        return self.store.tier_names
+
+    def flush(self, tier: str | None = None, keys: list[ChunkKey] | None = None) -> int:
+        return self.store.flush(tier, keys)
+
+    def store_stats(self) -> dict:
+        return self.store.stats()
 
     def stats(self) -> dict:
         """Running / waiting / swapped sequences, working-KV bytes, tokens per step; the store's own stats."""

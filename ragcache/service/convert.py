@@ -78,11 +78,11 @@ def chat_request(
     )
 
 
-def cache_report(result: Generation, request: RagRequest, default_ratio: float) -> CacheReport:
+def cache_report(result: Generation) -> CacheReport:
     t = result.timings
     return CacheReport(
-        mode=request.mode,
-        blend_ratio=default_ratio if request.blend_ratio is None else request.blend_ratio,
+        mode=result.mode,
+        blend_ratio=result.blend_ratio,
         chunk_hits=result.chunk_hits,
         chunk_misses=result.chunk_misses,
         cached_tokens=result.cached_tokens,
@@ -120,7 +120,7 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def chat_completion(result: Generation, request: RagRequest, model: str, default_ratio: float) -> ChatCompletion:
+def chat_completion(result: Generation, model: str) -> ChatCompletion:
     return ChatCompletion(
         id=completion_id(),
         object="chat.completion",
@@ -128,7 +128,7 @@ def chat_completion(result: Generation, request: RagRequest, model: str, default
         model=model,
         choices=[Choice(0, AssistantMessage("assistant", result.text), result.finish_reason)],
         usage=usage(result),
-        ragcache=cache_report(result, request, default_ratio),
+        ragcache=cache_report(result),
     )
 
 

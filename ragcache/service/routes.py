@@ -33,7 +33,7 @@ from ragcache.service import convert, semantic
 from ragcache.service.auth import tenant_of
 from ragcache.service.errors import ERRORS
 from ragcache.service.deps import RuntimeDep, SettingsDep
-from ragcache.service.runtime import QueueFullError, Runtime
+from ragcache.service.runtime import CachedAnswer, QueueFullError, Runtime, SemanticQueryIn
 
 
 log = logging.getLogger("ragcache.service")
@@ -60,27 +60,35 @@ async def chat_completions(
     documents = documents_for(runtime, tenant, data.documents, data.document_ids)
     program_id = data.program_id or request.headers.get("x-session-id")
     rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens, program_id)
-    started = time.perf_counter()
-    query = None
-    if program_id is None:  # an agent's turn depends on its tool results: never answered from the semantic cache
-        messages = [{"role": m.role, "content": convert.message_text(m, i)} for i, m in enumerate(data.messages)]
-        query = semantic.semantic_query(runtime, tenant, messages, documents, data.category,
-                                        rag.sampling.temperature, data.cache, data.cache_sampled)
-    hit = await semantic.lookup(runtime, query)
+    messages = [{"role": m.role, "content": convert.message_text(m, i)} for i, m in enumerate(data.messages)]
+    query = SemanticQueryIn(messages, data.category, data.cache, data.cache_sampled)
+    answer = runtime.answer(tenant, rag, query, data.is_last_step)
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
-    if hit is not None:
-        report = semantic.hit_report(hit, started)
-        if data.stream:
-            return ServerSentEvent(_sse_cached(runtime.model_name, hit.answer, report, include_usage))
-        return Response(convert.cached_completion(hit.answer, report, runtime.model_name),
-                        headers=convert.report_headers(report))
     if data.stream:
-        runtime.check_capacity()  # a full queue is a 429, not an error inside a 200 stream
-        return ServerSentEvent(_sse(runtime, tenant, rag, include_usage, settings.blend_ratio, data.is_last_step, query))
-    result = await runtime.generate(tenant, rag, data.is_last_step)
-    await semantic.remember(runtime, query, result)
-    body = convert.chat_completion(result, rag, runtime.model_name, settings.blend_ratio)
+        first = await _first_item(answer)  # a full queue or a bad request is a 4xx, not an error inside a 200
+        return ServerSentEvent(_sse(runtime.model_name, first, answer, include_usage))
+    result = await _last_item(answer)
+    if isinstance(result, CachedAnswer):
+        report = semantic.hit_report(result)
+        return Response(convert.cached_completion(result.text, report, runtime.model_name),
+                        headers=convert.report_headers(report))
+    body = convert.chat_completion(result, runtime.model_name)
     return Response(body, headers=convert.report_headers(body.ragcache))
+
+
+async def _first_item(answer):
+    """The answer's first item (its first text piece, or the whole cached answer): errors surface here."""
+    try:
+        return await anext(answer)
+    except StopAsyncIteration:
+        return None
+
+
+async def _last_item(answer):
+    item = None
+    async for item in answer:
+        pass
+    return item
 
 
 class _Chunks:
@@ -99,30 +107,30 @@ class _Chunks:
         return msgspec.json.encode(body).decode()
 
 
-async def _sse(runtime: Runtime, tenant: str, rag: RagRequest, include_usage: bool, default_ratio: float,
-               is_last_step: bool, query):
-    chunks = _Chunks(runtime.model_name)
+async def _sse(model: str, first, answer, include_usage: bool):
+    chunks = _Chunks(model)
+    if isinstance(first, CachedAnswer):
+        yield chunks.delta(Delta(role="assistant", content=first.text))
+        yield chunks.delta(Delta(), "stop", ragcache=semantic.hit_report(first))
+        if include_usage:
+            yield chunks.usage(convert.no_usage())
+        yield "[DONE]"
+        return
     yield chunks.delta(Delta(role="assistant", content=""))
     try:
-        async for item in runtime.stream(tenant, rag, is_last_step):
+        item = first
+        while item is not None:
             if isinstance(item, Generation):
-                await semantic.remember(runtime, query, item)
-                yield chunks.delta(Delta(), item.finish_reason, ragcache=convert.cache_report(item, rag, default_ratio))
+                yield chunks.delta(Delta(), item.finish_reason, ragcache=convert.cache_report(item))
                 if include_usage:
                     yield chunks.usage(convert.usage(item))
             else:
                 yield chunks.delta(Delta(content=item))
+            item = await anext(answer, None)
     except Exception as exc:  # the 200 is out: report in the stream, never drop it silently
         yield msgspec.json.encode({"error": _stream_error(exc)}).decode()
-    yield "[DONE]"
-
-
-async def _sse_cached(model: str, answer: str, report, include_usage: bool):
-    chunks = _Chunks(model)
-    yield chunks.delta(Delta(role="assistant", content=answer))
-    yield chunks.delta(Delta(), "stop", ragcache=report)
-    if include_usage:
-        yield chunks.usage(convert.no_usage())
+    finally:
+        await answer.aclose()  # a client that went away frees its sequence at the next step
     yield "[DONE]"
 
 
@@ -144,19 +152,14 @@ async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: 
                                      settings.max_new_tokens)
     rag = RagRequest(data.question, tuple(documents), data.mode or "blend", data.blend_ratio, sampling,
                      data.system_prompt, tenant)
-    started = time.perf_counter()
     messages = [*([{"role": "system", "content": data.system_prompt}] if data.system_prompt else []),
                 {"role": "user", "content": data.question}]
-    query = semantic.semantic_query(runtime, tenant, messages, documents, data.category, sampling.temperature,
-                                    data.cache)
-    hit = await semantic.lookup(runtime, query)
-    if hit is not None:
-        report = semantic.hit_report(hit, started)
-        return Response(RagResponse(hit.answer, "stop", convert.no_usage(), report),
+    result = await _last_item(runtime.answer(tenant, rag, SemanticQueryIn(messages, data.category, data.cache)))
+    if isinstance(result, CachedAnswer):
+        report = semantic.hit_report(result)
+        return Response(RagResponse(result.text, "stop", convert.no_usage(), report),
                         headers=convert.report_headers(report))
-    result = await runtime.generate(tenant, rag)
-    await semantic.remember(runtime, query, result)
-    report = convert.cache_report(result, rag, settings.blend_ratio)
+    report = convert.cache_report(result)
     body = RagResponse(result.text, result.finish_reason, convert.usage(result), report)
     return Response(body, headers=convert.report_headers(report))
 

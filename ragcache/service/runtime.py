@@ -1,9 +1,14 @@
-"""The one object the HTTP layer calls: engine work off the event loop, documents, tenants, stats.
+"""The one object the HTTP layer calls: the whole request path, documents, tenants, stats.
 
-Model work runs on one worker thread (the engine serves one request at a time); requests
-wait in a bounded queue and past max_queue are refused at once (QueueFullError -> 429)
-rather than piling up. Streaming hands each piece of text from the worker thread to the
-request's asyncio queue.
+    answer(tenant, request)   semantic lookup -> (hit: the cached answer)
+                              -> engine.submit (batched with every other request)
+                              -> text pieces as they are generated -> the Generation
+                              -> the answer stored in the semantic cache, the agent's turn finished
+
+Handlers only translate wire formats around it, streamed or not. Engine work runs on the
+engine's own thread; tokenising, store lookups and embeddings run in worker threads, so
+the event loop never blocks on them. Past max_queue requests waiting for admission, a
+new request is refused at once (QueueFullError -> 429) rather than piling up.
 """
 
 from __future__ import annotations
@@ -13,19 +18,17 @@ import hashlib
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import msgspec
 
-from ragcache.agents.coordinator import AgentConfig, ProgramCoordinator
-from ragcache.agents.profile import kv_bytes_per_token, measure_prefill_profile, stack_prefill_fn
+from ragcache.agents.coordinator import ProgramCoordinator
 from ragcache.bench.metrics import percentile
+from ragcache.engine.base import Engine
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine.runner import BlendEngine, Generation, RagRequest
+from ragcache.engine.runner import Generation, RagRequest
 from ragcache.kv import ChunkKey
-from ragcache.storage.tiered import TieredStore
 
 
 class QueueFullError(RuntimeError):
@@ -36,16 +39,32 @@ class UnknownDocumentError(LookupError):
     """A document id the tenant never added (or deleted)."""
 
 
-class _Cancelled(Exception):
-    """Raised inside the engine's token callback when the client went away."""
-
-
 @dataclass(frozen=True)
 class StoredDocument:
     id: str
     text: str
     key: ChunkKey
     num_tokens: int
+
+
+@dataclass(frozen=True)
+class SemanticQueryIn:
+    """What the semantic cache needs to know of a request besides the engine's RagRequest."""
+
+    messages: list[dict]  # the conversation as the cache keys it
+    category: str | None = None
+    use_cache: bool = True
+    cache_sampled: bool = False
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    """An answer served from the semantic cache (the engine never ran)."""
+
+    text: str
+    similarity: float
+    entry_id: str
+    elapsed_s: float
 
 
 @dataclass
@@ -62,109 +81,155 @@ class RequestMetrics:
         return cls(Counter(), Counter(), deque(maxlen=2048), Counter())
 
 
-class Runtime:
-    """coordinator: the agents layer (program-level scheduling, tool-aware pins); built here over
-    the engine's store when that is a TieredStore, with the engine's prefill profile measured once."""
+class _QueueSink:
+    """Hands a sequence's output from engine threads to the request's asyncio queue."""
 
-    def __init__(self, engine: BlendEngine, max_queue: int, model_name: str, semantic=None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def on_text(self, piece: str) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, piece)
+
+    def on_finish(self, result: Generation) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, result)
+
+    def on_error(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+
+
+class Runtime:
+    """engine: any Engine (started here); semantic: the SemanticCache or None; coordinator: the agents
+    layer (program-level admission order, tool-aware pins) or None, built by the caller over the
+    engine's store."""
+
+    def __init__(self, engine: Engine, max_queue: int, semantic=None,
+                 coordinator: ProgramCoordinator | None = None) -> None:
         self.engine = engine
-        self.semantic = semantic  # ragcache.semantic.SemanticCache, or None: every request goes to the engine
-        self.model_name = model_name
+        self.semantic = semantic
+        self.coordinator = coordinator
+        self.model_name = engine.model_name
         self.max_queue = max_queue
         self.started_s = time.time()
-        self._pending = 0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragcache-engine")
+        self._in_flight = 0
         self._documents: dict[str, dict[str, StoredDocument]] = defaultdict(dict)  # tenant -> id -> doc
         self._lock = threading.Lock()
         self.metrics: dict[str, RequestMetrics] = defaultdict(RequestMetrics.empty)  # per tenant
-        self.coordinator = _coordinator(engine)
-        self.kv_bytes_per_token = kv_bytes_per_token(engine.stack)
+        engine.start()
 
     @property
     def queue_depth(self) -> int:
-        return self._pending
+        """Requests in flight: being looked up, waiting for admission or running."""
+        return self._in_flight
 
     def check_capacity(self) -> None:
         """Raise QueueFullError now if a new request would be refused (before a stream's 200 goes out)."""
-        if self._pending >= self.max_queue:
-            raise QueueFullError(f"{self._pending} requests are queued (max_queue={self.max_queue}); retry later")
+        waiting = self._in_flight - self.engine.stats()["running"]
+        if waiting >= self.max_queue:
+            raise QueueFullError(f"{waiting} requests are waiting (max_queue={self.max_queue}); retry later")
 
-    async def _run(self, work: Callable, tenant: str | None = None, program_id: str | None = None):
-        """Run work on the engine's worker; generation (tenant given) first takes its turn in the program scheduler."""
-        self.check_capacity()
-        self._pending += 1
+    # the request path
+
+    async def answer(self, tenant: str, request: RagRequest, query: SemanticQueryIn | None = None,
+                     is_last_step: bool = False) -> AsyncIterator[str | Generation | CachedAnswer]:
+        """Text pieces as they are generated, then the Generation; or one CachedAnswer from the semantic cache.
+
+        query None: the semantic cache is not consulted (an agent's turn always is not: its answer
+        depends on tool results the cache cannot see)."""
+        started = time.perf_counter()
+        semantic_query = self._semantic_query(tenant, request, query)
+        hit = await self._lookup(semantic_query)
+        if hit is not None:
+            yield CachedAnswer(hit.answer, hit.similarity, hit.entry_id, time.perf_counter() - started)
+            return
+        async for item in self._generate(tenant, request, is_last_step):
+            if isinstance(item, Generation):
+                await self._remember(semantic_query, item)
+            yield item
+
+    async def _generate(self, tenant: str, request: RagRequest, is_last_step: bool) -> AsyncIterator[str | Generation]:
         try:
-            if tenant is None or self.coordinator is None:
-                return await asyncio.get_running_loop().run_in_executor(self._worker, work)
-            async with self.coordinator.turn(tenant, program_id):
-                return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+            self.check_capacity()
+        except QueueFullError:
+            self.metrics[tenant].errors[QueueFullError.__name__] += 1
+            raise
+        self._in_flight += 1
+        sink = _QueueSink(asyncio.get_running_loop())
+        ticket = self.coordinator.arrive(tenant, request.program_id) if self.coordinator is not None else None
+        seq = None
+        try:
+            try:
+                seq = await asyncio.to_thread(self.engine.submit, request, sink, ticket=ticket)
+            except BaseException:
+                if ticket is not None:
+                    self.coordinator.abandon(ticket)
+                raise
+            while not isinstance(item := await sink.queue.get(), Generation):
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        except BaseException as exc:
+            if not isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+                self.metrics[tenant].errors[type(exc).__name__] += 1
+            raise
         finally:
-            self._pending -= 1
+            self._in_flight -= 1
+            if seq is not None:
+                seq.cancel()  # a no-op once finished; frees the slot of a client that went away
+        self._finish(tenant, ticket, item, is_last_step)
+        yield item
 
-    # generation
+    def _semantic_query(self, tenant: str, request: RagRequest, query: SemanticQueryIn | None):
+        if self.semantic is None or query is None or request.program_id is not None:
+            return None
+        from ragcache.semantic import SemanticQuery, documents_hash
 
-    async def generate(self, tenant: str, request: RagRequest, is_last_step: bool = False) -> Generation:
         try:
-            result = await self._run(lambda: self.engine.generate(request), tenant, request.program_id)
-        except Exception as exc:
-            self.metrics[tenant].errors[type(exc).__name__] += 1
-            raise
-        self._finish(tenant, request, result, is_last_step)
-        return result
+            return SemanticQuery.from_messages(
+                tenant, query.messages, model=self.model_name, documents_hash=documents_hash(request.documents),
+                category=query.category, temperature=request.sampling.temperature, use_cache=query.use_cache,
+                cache_sampled=query.cache_sampled,
+            )
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
 
-    async def stream(self, tenant: str, request: RagRequest, is_last_step: bool = False) -> AsyncIterator[str | Generation]:
-        """Yield text pieces as they are generated, then the finished Generation."""
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        gone = threading.Event()
-
-        def on_token(piece: str) -> None:
-            if gone.is_set():
-                raise _Cancelled
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
-
-        work = lambda: self.engine.generate(request, on_token=on_token)  # noqa: E731
-        task = asyncio.ensure_future(self._run(work, tenant, request.program_id))
-        task.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+    async def _lookup(self, query):
+        if query is None:
+            return None
         try:
-            while (piece := await pieces.get()) is not None:
-                yield piece
-            result = task.result()
-        except BaseException:
-            gone.set()
-            raise
-        self._finish(tenant, request, result, is_last_step)
-        yield result
+            return await asyncio.to_thread(self.semantic.lookup, query)
+        except ValueError as exc:  # e.g. an unknown category
+            raise InvalidRequestError(str(exc)) from None
+
+    async def _remember(self, query, result: Generation) -> None:
+        """Store a finished answer (not one cut by max_tokens) and tell the cache how loaded the engine is."""
+        if query is None:
+            return
+        if result.finish_reason == "stop" and result.text.strip():
+            await asyncio.to_thread(self.semantic.store, query, result.text)
+        self.semantic.update_load(self.queue_depth, result.timings.ttft_s)
+
+    def _finish(self, tenant: str, ticket, result: Generation, is_last_step: bool) -> None:
+        metrics = self.metrics[tenant]
+        metrics.requests[result.mode] += 1
+        metrics.ttft_s.append(result.timings.ttft_s)
+        if result.mode == "blend":
+            metrics.blend_ratios[f"{result.blend_ratio:g}"] += 1
+        if self.coordinator is not None and ticket is not None:
+            nbytes = result.program_tokens * self.engine.kv_bytes_per_token
+            self.coordinator.finish(ticket, result.program_key, nbytes, result.program_tokens,
+                                    is_last_step=is_last_step)
 
     def program_event(self, tenant: str, program_id: str, kind: str, tool: str | None) -> None:
         """A client's tool_start / tool_end / end for a program; tool_start pins its KV for the tool's TTL."""
         if self.coordinator is None:
-            raise InvalidRequestError("program events need a tiered KV store")
+            raise InvalidRequestError("program events need a tiered KV store with a local tier")
         try:
             self.coordinator.event(tenant, program_id, kind, tool)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         if kind == "end":
-            record = self.engine.programs.forget(tenant, program_id)
-            if record is not None:
-                self.engine.store.delete(record.key)
-
-    def _finish(self, tenant: str, request: RagRequest, result: Generation, is_last_step: bool) -> None:
-        self._record(tenant, request, result)
-        if self.coordinator is None or request.program_id is None or result.program_key is None:
-            return
-        record = self.engine.programs.latest(tenant, request.program_id)
-        num_tokens = len(record.token_ids) if record is not None else 0
-        self.coordinator.finish(tenant, request.program_id, result.program_key,
-                                num_tokens * self.kv_bytes_per_token, num_tokens, is_last_step=is_last_step)
-
-    def _record(self, tenant: str, request: RagRequest, result: Generation) -> None:
-        metrics = self.metrics[tenant]
-        metrics.requests[request.mode] += 1
-        metrics.ttft_s.append(result.timings.ttft_s)
-        if request.mode == "blend":
-            ratio = self.engine.config.default_ratio if request.blend_ratio is None else request.blend_ratio
-            metrics.blend_ratios[f"{ratio:g}"] += 1
+            self.engine.forget_program(tenant, program_id)
 
     # documents
 
@@ -173,7 +238,7 @@ class Runtime:
             if doc_id is not None and (not doc_id.strip() or "/" in doc_id or len(doc_id) > 200):
                 raise InvalidRequestError(f"documents[{index}].id must be 1-200 characters without '/'")
         texts = [text for _, text in documents]
-        infos = await self._run(lambda: self.engine.add_documents(texts, system_prompt, namespace=tenant))
+        infos = await asyncio.to_thread(self.engine.add_documents, texts, system_prompt, tenant)
         stored = []
         with self._lock:
             for (doc_id, text), info in zip(documents, infos):
@@ -197,34 +262,28 @@ class Runtime:
             record = self._documents.get(tenant, {}).pop(doc_id, None)
         if record is None:
             raise UnknownDocumentError(f"unknown document id: {doc_id!r}")
-        await self._run(lambda: self.engine.store.delete(record.key))
+        await asyncio.to_thread(self.engine.forget_chunk, record.key)
 
     # operations
 
     async def flush(self, tier: str | None, tenant: str | None) -> int:
         """Drop cached chunk KV: every tier or one, every tenant's documents or one's. Returns entries dropped."""
-        store = self.engine.store
-
-        def work() -> int:
-            if tenant is None:
-                return sum(_flush_tier(t) for t in store.tiers if tier in (None, t.name))
+        if tier is not None and tier not in self.engine.tier_names:
+            raise InvalidRequestError(f"tier must be one of {self.engine.tier_names}, got {tier!r}")
+        keys = None
+        if tenant is not None:
             with self._lock:
-                records = list(self._documents.pop(tenant, {}).values())
-            dropped = 0
-            for record in records:
-                dropped += sum(bool(t.delete(record.key)) for t in store.tiers if tier in (None, t.name))
-            return dropped
-
-        if tier is not None and tier not in [t.name for t in store.tiers]:
-            raise InvalidRequestError(f"tier must be one of {[t.name for t in store.tiers]}, got {tier!r}")
-        return await self._run(work)
+                keys = [record.key for record in self._documents.pop(tenant, {}).values()]
+        return await asyncio.to_thread(self.engine.flush, tier, keys)
 
     def stats(self) -> dict:
-        store = self.engine.store.stats()
+        store = self.engine.store_stats()
+        engine = self.engine.stats()
         return {
             "model": self.model_name,
             "uptime_s": time.time() - self.started_s,
-            "queue": {"depth": self._pending, "max": self.max_queue},
+            "queue": {"depth": self._in_flight, "waiting": engine["waiting"], "max": self.max_queue},
+            "engine": engine,
             "tiers": msgspec.to_builtins(store["tiers"]),
             "store": msgspec.to_builtins(store["store"]) | {"active_pins": store["active_pins"]},
             "tenants": {tenant: self._tenant_stats(tenant, m) for tenant, m in self.metrics.items()},
@@ -232,8 +291,8 @@ class Runtime:
         }
 
     def program_stats(self) -> dict:
-        programs = [{"tenant": ns, "program_id": pid, "tokens": len(record.token_ids)}
-                    for ns, pid, record in self.engine.programs.programs()]
+        programs = [{"tenant": ns, "program_id": pid, "tokens": tokens}
+                    for ns, pid, tokens in self.engine.program_records()]
         agents = self.coordinator.stats() if self.coordinator is not None else {}
         return {"programs": programs, **agents}
 
@@ -248,30 +307,13 @@ class Runtime:
         }
 
     def close(self) -> None:
-        """Let queued work finish, release pins, write hot local KV through to Redis (if configured), close the store."""
-        self._worker.shutdown(wait=True)
+        """Let queued work finish, release pins, write hot local KV through to Redis (if configured), close."""
         if self.coordinator is not None:
             self.coordinator.close()
-        store = self.engine.store
-        if getattr(store, "remote", None):
-            store.write_back()
-        if hasattr(store, "close"):
-            store.close()
+        self.engine.close()
 
 
 def _semantic_categories(semantic) -> list[dict]:
     if semantic is None:
         return []
     return msgspec.to_builtins(semantic.stats().categories)
-
-
-def _coordinator(engine: BlendEngine) -> ProgramCoordinator | None:
-    """The agents layer over a tiered store; the reload cost profile is measured on this engine now."""
-    if not isinstance(engine.store, TieredStore) or not engine.store.local:
-        return None
-    profile = measure_prefill_profile(stack_prefill_fn(engine.stack), (64, 256, 1024), repeats=1)
-    return ProgramCoordinator(engine.store, profile, AgentConfig())
-
-
-def _flush_tier(tier) -> int:
-    return sum(bool(tier.delete(key)) for key in tier.keys())

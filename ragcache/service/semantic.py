@@ -1,63 +1,28 @@
-"""The semantic cache in front of the engine: lookup before generation, store after, admin and feedback.
+"""The semantic cache's HTTP surface: how a hit is reported, feedback, admin.
 
-Lookups and stores embed text (about 10 ms) and may touch Redis, so they run off the event
-loop. A hit is answered without the model and marked as such (`semantic_hit`, similarity,
-entry id); a client that finds it wrong reports the entry id to /v1/feedback.
+The lookup before generation and the store after it belong to Runtime.answer. A hit is
+answered without the model and marked as such (`semantic_hit`, similarity, entry id); a
+client that finds it wrong reports the entry id to /v1/feedback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 from litestar import Request, delete, get, post, put
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine.runner import Generation
+from ragcache.service.runtime import CachedAnswer
 from ragcache.schemas import CacheReport, CategoryPolicyIn, Feedback, Timings
 from ragcache.service.auth import require_admin, tenant_of
 from ragcache.service.deps import RuntimeDep, SettingsDep
 from ragcache.service.errors import ERRORS
 
 
-def semantic_query(runtime, tenant: str, messages: list[dict], documents: list[str], category: str | None,
-                   temperature: float, use_cache: bool, cache_sampled: bool = False):
-    """The request as the semantic cache sees it, or None when the service runs without one."""
-    if runtime.semantic is None:
-        return None
-    from ragcache.semantic import SemanticQuery, documents_hash
-
-    try:
-        return SemanticQuery.from_messages(
-            tenant, messages, model=runtime.model_name, documents_hash=documents_hash(documents), category=category,
-            temperature=temperature, use_cache=use_cache, cache_sampled=cache_sampled,
-        )
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
-
-
-async def lookup(runtime, query):
-    if query is None:
-        return None
-    try:
-        return await asyncio.to_thread(runtime.semantic.lookup, query)
-    except ValueError as exc:  # e.g. an unknown category
-        raise InvalidRequestError(str(exc)) from None
-
-
-async def remember(runtime, query, result: Generation) -> None:
-    """Store a finished answer (not one cut by max_tokens) and tell the cache how loaded the engine is."""
-    if query is None:
-        return
-    if result.finish_reason == "stop" and result.text.strip():
-        await asyncio.to_thread(runtime.semantic.store, query, result.text)
-    runtime.semantic.update_load(runtime.queue_depth, result.timings.ttft_s)
-
-
-def hit_report(hit, started_s: float) -> CacheReport:
-    elapsed_ms = (time.perf_counter() - started_s) * 1e3
+def hit_report(hit: CachedAnswer) -> CacheReport:
+    elapsed_ms = hit.elapsed_s * 1e3
     return CacheReport(
         mode="semantic", blend_ratio=0.0, chunk_hits=0, chunk_misses=0, cached_tokens=0, recomputed_tokens=0,
         recomputed_fraction=0.0, timings=Timings(elapsed_ms, 0.0, 0.0, elapsed_ms, 0.0), semantic_hit=True,

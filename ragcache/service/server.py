@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from ragcache.agents.coordinator import ProgramCoordinator
 from ragcache.config import Settings
 from ragcache.engine.blend import BlendConfig
 from ragcache.engine.loader import ModelSpec, load_model
 from ragcache.engine.prompt import PromptLimits
 from ragcache.engine.runner import BlendEngine, EngineConfig
+from ragcache.engine.scheduler import SchedulerConfig
 from ragcache.service.runtime import Runtime
 from ragcache.storage.factory import GiB, StoreConfig, make_store
 
@@ -35,8 +37,13 @@ def build_runtime(settings: Settings) -> Runtime:
         default_ratio=settings.blend_ratio,
         limits=PromptLimits(settings.max_documents, settings.max_document_tokens,
                             loaded.model.config.max_position_embeddings),
+        scheduler=SchedulerConfig(int(settings.working_kv_gb * GiB), settings.step_tokens, settings.kv_block_tokens,
+                                  settings.max_running),
     )
-    return Runtime(BlendEngine(loaded, store, config), settings.max_queue, loaded.name, _semantic_cache(settings))
+    engine = BlendEngine(loaded, store, config)
+    coordinator = ProgramCoordinator.measured(store, engine.stack)
+    engine.use_admission_order(coordinator.scheduler)
+    return Runtime(engine, settings.max_queue, _semantic_cache(settings), coordinator)
 
 
 def _semantic_cache(settings: Settings):
