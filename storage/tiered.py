@@ -9,8 +9,16 @@
     pins        reference-counted handles with an expiry stored as data. A pinned entry is never
                 evicted from its tier; release_expired() (run on every store call and by the
                 optional sweeper thread) demotes entries whose last pin expired, never drops them.
+    locking     one lock guards the local tiers, the pins and the counters, and is never held
+                across a remote call: a read looks in the local tiers under it, asks the remote
+                tiers without it, then takes it again to promote. Entries the local tiers evict
+                into a remote tier wait in a spill list and are written once the lock is released.
+                So a local hit (the prefix, say) never waits behind a slow remote prefetch.
 
 A failing remote tier reports misses: reads fall back to recomputation, never to errors.
+Since remote writes happen outside the lock, a delete racing another thread's write of the
+same key may leave that copy in the remote tier; keys are content hashes, so it is stale
+space, never wrong KV.
 """
 
 from __future__ import annotations
@@ -19,9 +27,10 @@ import itertools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.base import KVTier, PinHandle, TierUsage
@@ -40,6 +49,8 @@ class StoreCounters:
 
 
 class TieredStore:
+    """A KVStore over tiers; see the module docstring for reads, writes, pins and locking."""
+
     def __init__(
         self,
         tiers: Sequence[KVTier],
@@ -62,12 +73,17 @@ class TieredStore:
         self.counters = StoreCounters()
         self._pins: dict[int, PinHandle] = {}
         self._pin_ids = itertools.count(1)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # not reentrant: public methods take it once, helpers assume it
+        self._spill: list[tuple[ChunkKey, KVChunk]] = []  # evicted from the last local tier, for remote[0]
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragcache-prefetch")
         self._sweeper: threading.Thread | None = None
         self._closed = threading.Event()
         for depth, tier in enumerate(self.local):
             tier.on_evict = partial(self._demote, depth + 1)
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [tier.name for tier in self.tiers]
 
     # reads
 
@@ -75,29 +91,28 @@ class TieredStore:
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
-        """Look each key up tier by tier (one batched call per tier); promote hits below the top."""
-        with self._lock:
-            self.release_expired()
-            results: list[KVChunk | None] = [None] * len(keys)
-            missing = list(range(len(keys)))
-            for depth, tier in enumerate(self.tiers):
-                if not missing:
-                    break
-                found = tier.get_many([keys[i] for i in missing])
-                for index, chunk in zip(missing, found):
-                    results[index] = chunk
-                    if chunk is not None and depth > 0:
-                        self._promote(keys[index], chunk)
-                missing = [i for i, chunk in zip(missing, found) if chunk is None]
-            return results
+        """Local tiers under the lock, remote tiers without it (one batched call per tier), then promote."""
+        results: list[KVChunk | None] = [None] * len(keys)
+        with self._locked():
+            self._release_expired()
+            not_on_top = _read(self.local[:1], keys, results, list(range(len(keys))))
+            missing = _read(self.local[1:], keys, results, not_on_top)
+            self._promote([(keys[i], results[i]) for i in not_on_top if results[i] is not None])
+        if missing and self.remote:
+            _read(self.remote, keys, results, missing)
+            with self._locked():
+                self._promote([(keys[i], results[i]) for i in missing if results[i] is not None])
+        return results
 
-    def prefetch(self, keys: Sequence[ChunkKey]) -> Future:
+    def prefetch(self, keys: Sequence[ChunkKey]) -> Future[list[KVChunk | None]]:
         """Start get_many(keys) in the background; the caller computes meanwhile and waits on the future."""
         return self._prefetcher.submit(self.get_many, list(keys))
 
     def contains(self, key: ChunkKey) -> bool:
         with self._lock:
-            return any(tier.contains(key) for tier in self.tiers)
+            if any(tier.contains(key) for tier in self.local):
+                return True
+        return any(tier.contains(key) for tier in self.remote)
 
     # writes
 
@@ -105,26 +120,63 @@ class TieredStore:
         return self.put_many([(key, chunk)])[0]
 
     def put_many(self, items: Sequence[tuple[ChunkKey, KVChunk]]) -> list[bool]:
-        """Store each chunk in the fastest local tier that takes it; write through to the remote tiers."""
-        with self._lock:
-            self.release_expired()
-            stored = [self._put_local(0, key, chunk) for key, chunk in items]
-            for tier in self.remote:
-                pending = [(k, c) for (k, c), done in zip(items, stored) if self.write_through or not done]
-                if not pending:
-                    continue
-                written = tier.put_many(pending)
-                self.counters.write_through_failures += written.count(False)
-                written_keys = {k for (k, _), ok in zip(pending, written) if ok}
-                stored = [done or key in written_keys for (key, _), done in zip(items, stored)]
-            return stored
+        """Store each chunk in the fastest local tier that takes it (under the lock); then, without
+        the lock, write through to the remote tiers (or only what no local tier took, without write_through)."""
+        with self._locked():
+            self._release_expired()
+            stored = [any(tier.put(key, chunk) for tier in self.local) for key, chunk in items]
+        failures = 0
+        for tier in self.remote:
+            pending = [(k, c) for (k, c), done in zip(items, stored) if self.write_through or not done]
+            if not pending:
+                continue
+            written = tier.put_many(pending)
+            failures += written.count(False)
+            written_keys = {k for (k, _), ok in zip(pending, written) if ok}
+            stored = [done or key in written_keys for (key, _), done in zip(items, stored)]
+        if failures:
+            with self._lock:
+                self.counters.write_through_failures += failures
+        return stored
 
     def delete(self, key: ChunkKey) -> bool:
         """Remove key from every tier, pins included."""
         with self._lock:
-            for handle in [h for h in self._pins.values() if h.key == key]:
-                del self._pins[handle.id]
-            return any([tier.delete(key) for tier in self.tiers])
+            self._drop_pins(lambda handle: handle.key == key)
+            deleted = [tier.delete(key) for tier in self.local]
+        deleted += [tier.delete(key) for tier in self.remote]
+        return any(deleted)
+
+    def flush(self, tier: str | None = None, keys: Sequence[ChunkKey] | None = None) -> int:
+        """Drop every key (or the given ones) from every tier (or the named one); entries dropped, per tier copy."""
+        if tier is not None and tier not in self.tier_names:
+            raise ValueError(f"tier must be one of {self.tier_names}, got {tier!r}")
+        chosen = [t for t in self.tiers if tier in (None, t.name)]
+        wanted = None if keys is None else list(dict.fromkeys(keys))
+        dropped = 0
+        with self._lock:
+            for local in (t for t in chosen if t in self.local):
+                doomed = set(local.keys() if wanted is None else [k for k in wanted if local.contains(k)])
+                self._drop_pins(lambda handle: handle.tier == local.name and handle.key in doomed)
+                dropped += sum(local.delete(k) for k in doomed)
+        for remote in (t for t in chosen if t in self.remote):
+            dropped += sum(remote.delete(k) for k in (remote.keys() if wanted is None else wanted))
+        return dropped
+
+    def write_back(self) -> int:
+        """Copy local entries the remote tiers lack into them (at shutdown: hot entries outlive the process).
+        The local entries are read under the lock, the remote tiers written without it."""
+        if not self.remote:
+            return 0
+        with self._lock:
+            snapshot: dict[ChunkKey, KVChunk] = {}
+            for tier in reversed(self.local):  # the fastest tier's copy wins
+                snapshot.update((key, tier.get(key)) for key in tier.keys())
+        written = 0
+        for remote in self.remote:
+            pending = [(key, chunk) for key, chunk in snapshot.items() if not remote.contains(key)]
+            written += sum(remote.put_many(pending)) if pending else 0
+        return written
 
     # pins
 
@@ -146,24 +198,13 @@ class TieredStore:
         with self._lock:
             if self._pins.pop(handle.id, None) is None:
                 return False
-            self._tier(handle.tier).unpin(handle.key)
+            self._local(handle.tier).unpin(handle.key)
             return True
 
     def release_expired(self) -> int:
         """Release pins past their expiry; an entry left with no pin is demoted one tier down."""
-        with self._lock:
-            now = self.clock()
-            expired = [h for h in self._pins.values() if h.expires_s <= now]
-            for handle in expired:
-                del self._pins[handle.id]
-                tier = self._tier(handle.tier)
-                tier.unpin(handle.key)
-                self.counters.pins_expired += 1
-                if not tier.is_pinned(handle.key):
-                    chunk = tier.pop(handle.key)
-                    if chunk is not None:
-                        self._demote(self.tiers.index(tier) + 1, handle.key, chunk)
-            return len(expired)
+        with self._locked():
+            return self._release_expired()
 
     def start_sweeper(self, interval_s: float = 1.0) -> None:
         """Release expired pins every interval_s even when no request touches the store."""
@@ -176,54 +217,99 @@ class TieredStore:
             self._sweeper = threading.Thread(target=sweep, name="ragcache-pin-sweeper", daemon=True)
             self._sweeper.start()
 
-    def write_back(self) -> int:
-        """Copy local entries the remote tiers lack into them (at shutdown: hot entries outlive the process)."""
-        written = 0
-        with self._lock:
-            for remote in self.remote:
-                for tier in self.local:
-                    pending = [(key, tier.get(key)) for key in tier.keys() if not remote.contains(key)]
-                    written += sum(remote.put_many(pending)) if pending else 0
-        return written
-
     def close(self) -> None:
+        """Stop the sweeper and the prefetcher, write back what the remote tiers lack, close every tier."""
+        if self._closed.is_set():
+            return
         self._closed.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
         self._prefetcher.shutdown(wait=True)
+        self.write_back()
         for tier in self.tiers:
             tier.close()
 
     # accounting
 
     def usage(self) -> TierUsage:
-        usages = [tier.usage() for tier in self.tiers]
+        with self._lock:
+            usages = [tier.usage() for tier in self.local]
+        usages += [tier.usage() for tier in self.remote]
         return TierUsage("tiered", sum(u.entries for u in usages), sum(u.used_bytes for u in usages),
                          sum(u.max_bytes for u in usages))
 
     def stats(self) -> dict:
         """A snapshot for admin endpoints: each tier's own stats plus the store's counters."""
         with self._lock:
-            return {
-                "tiers": [tier.stats() for tier in self.tiers],
-                "store": StoreCounters(**vars(self.counters)),
-                "active_pins": len(self._pins),
-            }
+            local = [tier.stats() for tier in self.local]
+            counters = StoreCounters(**vars(self.counters))
+            active_pins = len(self._pins)
+        return {"tiers": local + [tier.stats() for tier in self.remote], "store": counters, "active_pins": active_pins}
 
-    # internals
+    # internals (the lock held unless said otherwise)
 
-    def _put_local(self, depth: int, key: ChunkKey, chunk: KVChunk) -> bool:
-        return any(tier.put(key, chunk) for tier in self.local[depth:])
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lock, and after its release (not on an error) the spill written to the remote tier."""
+        with self._lock:
+            yield
+            spill, self._spill = self._spill, []
+        if spill:
+            self._write_spill(spill)
 
-    def _promote(self, key: ChunkKey, chunk: KVChunk) -> None:
-        if self.local and self.local[0].put(key, chunk):
-            self.counters.promotions += 1
+    def _write_spill(self, spill: list[tuple[ChunkKey, KVChunk]]) -> None:
+        """Without the lock: demote entries evicted from the last local tier into the first remote one."""
+        lower, unique = self.remote[0], dict(spill)
+        pending = [(key, chunk) for key, chunk in unique.items() if not lower.contains(key)]
+        demoted = len(unique) - len(pending) + (sum(lower.put_many(pending)) if pending else 0)
+        with self._lock:
+            self.counters.demotions += demoted
+
+    def _release_expired(self) -> int:
+        now = self.clock()
+        expired = [h for h in self._pins.values() if h.expires_s <= now]
+        for handle in expired:
+            del self._pins[handle.id]
+            tier = self._local(handle.tier)
+            tier.unpin(handle.key)
+            self.counters.pins_expired += 1
+            if not tier.is_pinned(handle.key):
+                chunk = tier.pop(handle.key)
+                if chunk is not None:
+                    self._demote(self.local.index(tier) + 1, handle.key, chunk)
+        return len(expired)
+
+    def _promote(self, found: list[tuple[ChunkKey, KVChunk]]) -> None:
+        for key, chunk in found:
+            if self.local and self.local[0].put(key, chunk):
+                self.counters.promotions += 1
 
     def _demote(self, depth: int, key: ChunkKey, chunk: KVChunk) -> None:
-        """An entry leaves tier depth-1: keep it in the next tier down (unless it is already there)."""
-        if depth >= len(self.tiers):
-            return
-        lower = self.tiers[depth]
-        if lower.contains(key) or lower.put(key, chunk):
-            self.counters.demotions += 1
+        """An entry leaves local tier depth-1: keep it in the next tier down (unless it is already there).
+        Into a local tier at once; into the remote tier through the spill, once the lock is released."""
+        if depth < len(self.local):
+            lower = self.local[depth]
+            if lower.contains(key) or lower.put(key, chunk):
+                self.counters.demotions += 1
+        elif self.remote:
+            self._spill.append((key, chunk))
 
-    def _tier(self, name: str) -> KVTier:
-        return next(tier for tier in self.tiers if tier.name == name)
+    def _drop_pins(self, matches: Callable[[PinHandle], bool]) -> None:
+        for handle in [h for h in self._pins.values() if matches(h)]:
+            del self._pins[handle.id]
+
+    def _local(self, name: str) -> MemoryTier:
+        return next(tier for tier in self.local if tier.name == name)
+
+
+def _read(tiers: Sequence[KVTier], keys: Sequence[ChunkKey], results: list[KVChunk | None],
+          missing: list[int]) -> list[int]:
+    """Fill results[i] for each index in missing from tiers in order (one batched call per tier);
+    returns the indexes still missing."""
+    for tier in tiers:
+        if not missing:
+            break
+        for index, chunk in zip(missing, tier.get_many([keys[i] for i in missing])):
+            results[index] = chunk
+        missing = [i for i in missing if results[i] is None]
+    return missing
