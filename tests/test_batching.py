@@ -1,0 +1,188 @@
+"""Batching never changes an answer: each sequence of a batch gives what it gives alone.
+
+Tolerance: float32 tiny models; first-token log-probabilities within 1e-4 of the sequence
+run alone (the shared matrix products of a batch round differently), tokens identical.
+"""
+
+import pytest
+import torch
+
+from ragcache.engine.blend import blend
+from ragcache.engine.forward import TokenRun, run_tokens
+from ragcache.engine.generate import SamplingParams
+from ragcache.engine.prompt import build_rag_prompt
+from ragcache.engine.runner import BlockingSink, RagRequest, SequenceCancelled
+from ragcache.engine.scheduler import SchedulerConfig
+from ragcache.kv import chunk_key
+
+from conftest import DOCUMENTS, QUESTION
+
+LONG_QUESTION = " ".join(["Which of these rivers and mountains is the oldest, and why would it be so?"] * 6)
+TOLERANCE = 1e-4
+
+
+def request(question=QUESTION, documents=DOCUMENTS, mode="blend", max_tokens=8, **extra) -> RagRequest:
+    return RagRequest(question, tuple(documents), mode=mode, blend_ratio=extra.pop("blend_ratio", 0.5),
+                      sampling=SamplingParams(max_tokens=max_tokens, **extra.pop("sampling", {})), **extra)
+
+
+def run_together(engine, requests, after_step=None):
+    """Submit every request, then step the engine until all are done; their Generations in order."""
+    sinks = [BlockingSink() for _ in requests]
+    for req, sink in zip(requests, sinks):
+        engine.submit(req, sink, return_logprobs=True)
+    while not all(sink.done.is_set() for sink in sinks):
+        if not engine.step():
+            sinks[0].done.wait(0.001)
+        if after_step is not None:
+            after_step(engine)
+    return [sink.wait() for sink in sinks]
+
+
+def assert_same(alone, batched):
+    assert batched.token_ids == alone.token_ids and batched.text == alone.text
+    assert torch.allclose(batched.first_token_logprobs, alone.first_token_logprobs, atol=TOLERANCE)
+    assert (batched.cached_tokens, batched.recomputed_tokens) == (alone.cached_tokens, alone.recomputed_tokens)
+
+
+def test_every_mode_and_a_program_turn_in_one_batch_give_what_they_give_alone(make_engine):
+    engine = make_engine()
+    engine.add_documents(list(DOCUMENTS))
+    for tenant in ("alone", "batch"):  # the same program's first turn under two tenants: same KV, own entries
+        engine.generate(request(documents=DOCUMENTS[:2], namespace=tenant, program_id="agent"))
+    first = engine.generate(request(documents=DOCUMENTS[:2], namespace="alone", program_id="probe"))
+    history = (("user", QUESTION), ("assistant", first.text.strip() or "ok"))
+    mixes = [
+        request(mode="full", max_tokens=6),
+        request(mode="prefix", documents=DOCUMENTS[:3], max_tokens=9),
+        request(mode="reuse", question=LONG_QUESTION, max_tokens=5),
+        request(mode="blend", documents=DOCUMENTS[1:], max_tokens=12),
+        request(mode="blend", documents=DOCUMENTS[:1], question="Where?", max_tokens=3),
+        request(documents=DOCUMENTS[:2], program_id="agent", question="And the longest?", history=history),
+    ]
+    alone = [engine.generate(r if r.program_id is None else _tenant(r, "alone"), return_logprobs=True) for r in mixes]
+    running = []
+    batched = run_together(engine, [r if r.program_id is None else _tenant(r, "batch") for r in mixes],
+                           after_step=lambda e: running.append(len(e.scheduler.running)))
+    assert max(running) == len(mixes)  # all of them in the same steps
+    assert len({a.prompt_tokens for a in alone}) == len(mixes)  # prompts of different lengths
+    assert batched[-1].program_reused_tokens == alone[-1].program_reused_tokens > 0
+    for a, b in zip(alone, batched):
+        assert_same(a, b)
+
+
+def _tenant(req: RagRequest, tenant: str) -> RagRequest:
+    from dataclasses import replace
+
+    return replace(req, namespace=tenant)
+
+
+@pytest.mark.parametrize("mode", ["full", "prefix", "reuse", "blend"])
+def test_a_single_request_gives_the_one_pass_reference_output(make_engine, tokenizer, mode):
+    """The batched engine alone gives what one blend() pass + a token-by-token greedy decode gives."""
+    engine = make_engine()
+    engine.add_documents(list(DOCUMENTS))
+    got = engine.generate(request(mode=mode, max_tokens=10), return_logprobs=True)
+    parts = build_rag_prompt(tokenizer, QUESTION, DOCUMENTS)
+    fp = engine.loaded.fingerprint
+    prefix_key = chunk_key(fp, parts.prefix_ids, "", "default")
+    prefix_kv = engine.store.get(prefix_key)
+    chunk_kvs = [engine.store.get(chunk_key(fp, ids, prefix_key, "default")) for ids in parts.chunk_ids]
+    fused = blend(engine.stack, parts, prefix_kv, chunk_kvs, mode=mode, ratio=0.5, extra_capacity=10)
+    token, tokens = int(fused.last_logits.argmax()), []
+    while token not in engine.eos_ids and len(tokens) < 10:
+        tokens.append(token)
+        if len(tokens) == 10:
+            break
+        slot = fused.buffer.length
+        fused.buffer.length += 1
+        out = run_tokens(engine.stack, fused.buffer, TokenRun.contiguous(torch.tensor([token]), slot))
+        token = int(engine.stack.logits(out.hidden)[0].argmax())
+    assert got.token_ids == tokens
+    assert torch.allclose(got.first_token_logprobs, torch.log_softmax(fused.last_logits, -1), atol=TOLERANCE)
+
+
+def test_chunked_prefill_equals_unchunked(make_engine):
+    long_question = " ".join([QUESTION] * 8)
+    whole = make_engine()
+    chunked = make_engine(scheduler=SchedulerConfig(step_tokens=16))
+    req = request(mode="full", question=long_question, max_tokens=8)
+    a = whole.generate(req, return_logprobs=True)
+    steps_before = chunked.scheduler.counters.steps
+    b = chunked.generate(req, return_logprobs=True)
+    assert a.prompt_tokens > 16 * 4  # spread over at least five steps of 16 tokens
+    assert chunked.scheduler.counters.steps - steps_before >= a.prompt_tokens // 16 + len(b.token_ids) - 1
+    assert_same(a, b)
+
+
+def test_decodes_keep_flowing_while_a_long_prefill_is_chunked(make_engine):
+    engine = make_engine(scheduler=SchedulerConfig(step_tokens=16))
+    short = request(mode="full", question="Where?", documents=(), max_tokens=6)
+    long = request(mode="full", question=" ".join([QUESTION] * 8), max_tokens=1)
+    tokens_of_short_before_long_done = []
+
+    def watch(engine):
+        running = {seq.request.question: seq for seq in engine.scheduler.running}
+        seq = running.get(long.question)
+        if seq is not None and seq.computed < seq.prompt_len and short.question in running:
+            tokens_of_short_before_long_done.append(len(running[short.question].stream.tokens))
+
+    run_together(engine, [short, long], after_step=watch)
+    assert max(tokens_of_short_before_long_done) >= 3  # the short answer decoded during the long prompt's steps
+
+
+def test_a_cancelled_sequence_frees_its_working_kv_at_the_next_step(make_engine):
+    engine = make_engine()
+    sink = BlockingSink()
+    seq = engine.submit(request(mode="full", max_tokens=64, sampling={"stop": ("never-appears",)}), sink)
+    for _ in range(3):
+        engine.step()
+    assert engine.scheduler.used_bytes > 0 and not sink.done.is_set()
+    seq.cancel()
+    engine.step()
+    assert engine.scheduler.used_bytes == 0 and engine.stats()["cancelled"] == 1
+    with pytest.raises(SequenceCancelled):
+        sink.wait()
+
+
+def test_preempted_sequences_resume_with_the_same_answer_and_the_budget_holds(make_engine):
+    probe = make_engine()
+    reqs = [request(mode="full", max_tokens=24, question=q, documents=DOCUMENTS[:2],
+                    sampling={"temperature": 0.8, "seed": 7}) for q in (QUESTION, "Which mountain is highest?")]
+    alone = [probe.generate(r, return_logprobs=True) for r in reqs]
+    per_token = probe.kv_bytes_per_token
+    assert all(len(a.token_ids) == 24 for a in alone)
+    both_admitted = sum(a.prompt_tokens + 4 for a in alone)
+    budget = (both_admitted + 12) * per_token  # both prompts fit, but not both answers: someone is preempted
+    engine = make_engine(scheduler=SchedulerConfig(max_working_kv_bytes=budget, kv_block_tokens=4))
+    seen = []
+
+    def check_budget(engine):
+        held = sum(seq.prefill.buffer.nbytes for seq in engine.scheduler.running if seq.prefill is not None)
+        seen.append(held)
+        assert engine.scheduler.used_bytes <= budget and held <= budget
+
+    batched = run_together(engine, reqs, after_step=check_budget)
+    assert engine.stats()["preemptions"] >= 1 and engine.stats()["resumptions"] >= 1
+    assert max(seen) > 0
+    for a, b in zip(alone, batched):
+        assert_same(a, b)
+
+
+def test_a_request_larger_than_the_working_budget_is_refused_at_submit(make_engine):
+    from ragcache.engine.errors import InvalidRequestError
+
+    engine = make_engine(scheduler=SchedulerConfig(max_working_kv_bytes=1 << 16))
+    with pytest.raises(InvalidRequestError, match="max_working_kv_bytes"):
+        engine.submit(request(max_tokens=64), BlockingSink())
+    assert not engine.scheduler.has_unfinished
+
+
+def test_sampling_is_per_sequence_in_a_batch(make_engine):
+    engine = make_engine()
+    seeded = [request(mode="full", max_tokens=10, sampling={"temperature": 1.0, "seed": s}) for s in (1, 2, 1)]
+    greedy = request(mode="full", max_tokens=10)
+    alone = [engine.generate(r, return_logprobs=True) for r in [*seeded, greedy]]
+    batched = run_together(engine, [*seeded, greedy])
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
+    assert batched[0].token_ids == batched[2].token_ids  # the same seed, the same draw, batch or not
