@@ -14,6 +14,21 @@ def prometheus_text(stats: dict) -> str:
         "# TYPE ragcache_queue_depth gauge",
         _line("ragcache_queue_depth", stats["queue"]["depth"]),
     ]
+    engine = stats["engine"]
+    engine_metrics = {
+        "running": ("gauge", "Sequences admitted to the batched step loop."),
+        "waiting": ("gauge", "Sequences waiting for admission."),
+        "swapped": ("gauge", "Preempted sequences whose working KV is in host memory."),
+        "working_kv_bytes": ("gauge", "Working KV reserved by running sequences."),
+        "max_working_kv_bytes": ("gauge", "Budget of the running sequences' working KV."),
+        "tokens_per_step": ("gauge", "Mean tokens (decode + prefill) per batched step."),
+        "steps": ("counter", "Batched steps run."),
+        "preemptions": ("counter", "Sequences preempted (swapped out) to let another grow."),
+        "cancelled": ("counter", "Sequences cancelled because their client went away."),
+    }
+    for field, (kind, help_text) in engine_metrics.items():
+        name = f"ragcache_engine_{field}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", _line(name, engine[field])]
     tier_metrics = {
         "entries": ("gauge", "Chunk caches held by the tier."),
         "used_bytes": ("gauge", "Bytes held by the tier."),
