@@ -68,6 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--requests", type=int, default=5000)
     store.add_argument("--budget-share", type=float, default=0.1, help="tier budget as a share of the corpus KV")
     store.add_argument("--json", type=Path, default=None, help="write the summary here")
+    serve_bench = suites.add_parser("serve", help="the HTTP service under load per mode, beside llama.cpp's server")
+    serve_bench.add_argument("dataset", type=Path, help="JSON list of {question, answers, ctxs: [{text}]}")
+    serve_bench.add_argument("--limit", type=int, default=None, help="first N questions")
+    serve_bench.add_argument("--docs", type=int, default=6, help="each question's first K passages")
+    serve_bench.add_argument("--max-tokens", type=int, default=128)
+    serve_bench.add_argument("--modes", default="full,prefix,blend@0.15", help="full, prefix, reuse, blend@r")
+    serve_bench.add_argument("--concurrency", default="1,4,8", help="closed-loop levels ('' skips the closed loop)")
+    serve_bench.add_argument("--rates", default="0.2,0.5", help="open-loop Poisson rates, requests/s ('' skips)")
+    serve_bench.add_argument("--requests", type=int, default=None, help="per level (default: max(2 x C, 8); 8 open)")
+    serve_bench.add_argument("--duration-s", type=float, default=None, help="no request starts later into a level")
+    serve_bench.add_argument("--seed", type=int, default=0, help="question order and arrival gaps")
+    serve_bench.add_argument("--url", default=None, help="a running ragcache (default: start `ragcache serve`)")
+    serve_bench.add_argument("--api-key", default=None)
+    serve_bench.add_argument("--model", default=None,
+                             help="model directory or .gguf of the started server (a .gguf is the peer's too)")
+    serve_bench.add_argument("--device", default=None)
+    serve_bench.add_argument("--dtype", default=None)
+    serve_bench.add_argument("--redis-url", default=None)
+    serve_bench.add_argument("--peer", default="auto", choices=["auto", "llamacpp", "none"],
+                             help="llama.cpp's server on the same GGUF (auto: when llama-cpp-python is installed)")
+    serve_bench.add_argument("--peer-url", default=None, help="a running llama.cpp server (default: start one)")
+    serve_bench.add_argument("--peer-model", default=None, help="the peer's GGUF (default: --model's, or the default)")
+    serve_bench.add_argument("--peer-threads", type=int, default=None, help="llama.cpp threads (default: torch's)")
+    serve_bench.add_argument("--start-timeout-s", type=float, default=300.0, help="wait this long for a started server")
+    serve_bench.add_argument("--json", type=Path, default=None, help="write the summary here")
+    serve_bench.add_argument("--plot", type=Path, default=None, help="write TTFT and throughput against load (PNG)")
     return parser
 
 
@@ -132,6 +158,32 @@ def _bench_semantic(args) -> None:
     _write_json(args.json, summary)
 
 
+def _bench_serve(args) -> None:
+    from ragcache.bench.rag import BenchOptions, load_examples
+    from ragcache.bench.serve import ServeBenchOptions, format_serve_table, parse_list, run_serve_bench
+    from ragcache.bench.serve_targets import ServerOptions
+
+    options = ServeBenchOptions(
+        limit=args.limit, docs=args.docs, max_tokens=args.max_tokens, modes=parse_list(args.modes, str, "--modes"),
+        concurrency=parse_list(args.concurrency, int, "--concurrency"), rates=parse_list(args.rates, float, "--rates"),
+        requests=args.requests, duration_s=args.duration_s, seed=args.seed,
+    )
+    server_flags = ("url", "api_key", "model", "device", "dtype", "redis_url", "peer", "peer_url", "peer_model",
+                    "peer_threads", "start_timeout_s")
+    servers = ServerOptions(**{name: getattr(args, name) for name in server_flags})
+    if args.plot is not None:
+        from ragcache.bench.serve_plot import plot_serve_summary, pyplot
+
+        pyplot()  # missing matplotlib stops the bench before it runs, not after
+    examples = load_examples(args.dataset, BenchOptions(options.limit, options.docs))
+    summary = run_serve_bench(examples, options, servers, str(args.dataset))
+    print(format_serve_table(summary))
+    _write_json(args.json, summary)
+    if args.plot is not None:
+        plot_serve_summary(summary, args.plot)
+        print(f"wrote {args.plot}")
+
+
 def _write_json(path: Path | None, summary: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -151,7 +203,7 @@ def _serve(args) -> None:
 
 
 COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "store"): _bench_store,
-            ("bench", "semantic"): _bench_semantic}
+            ("bench", "semantic"): _bench_semantic, ("bench", "serve"): _bench_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
