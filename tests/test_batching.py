@@ -77,29 +77,38 @@ def _tenant(req: RagRequest, tenant: str) -> RagRequest:
     return replace(req, namespace=tenant)
 
 
+def one_pass_reference(engine, tokenizer, question, mode, ratio, max_tokens, config=None):
+    """What one blend() pass + a token-by-token greedy decode give: (tokens, first-token log-probabilities)."""
+    from ragcache.engine.blend import BlendConfig
+
+    parts = build_rag_prompt(tokenizer, question, DOCUMENTS)
+    fp = engine.loaded.fingerprint
+    prefix_key = chunk_key(fp, parts.prefix_ids, "", "default")
+    prefix_kv = engine.store.get(prefix_key)
+    chunk_kvs = [engine.store.get(chunk_key(fp, ids, prefix_key, "default")) for ids in parts.chunk_ids]
+    fused = blend(engine.stack, parts, prefix_kv, chunk_kvs, mode=mode, ratio=ratio, config=config or BlendConfig(),
+                  extra_capacity=max_tokens)
+    token, tokens = int(fused.last_logits.argmax()), []
+    while token not in engine.eos_ids and len(tokens) < max_tokens:
+        tokens.append(token)
+        if len(tokens) == max_tokens:
+            break
+        slot = fused.buffer.length
+        fused.buffer.length += 1
+        out = run_tokens(engine.stack, fused.buffer, TokenRun.contiguous(torch.tensor([token]), slot))
+        token = int(engine.stack.logits(out.hidden)[0].argmax())
+    return tokens, torch.log_softmax(fused.last_logits, -1), fused
+
+
 @pytest.mark.parametrize("mode", ["full", "prefix", "reuse", "blend"])
 def test_a_single_request_gives_the_one_pass_reference_output(make_engine, tokenizer, mode):
     """The batched engine alone gives what one blend() pass + a token-by-token greedy decode gives."""
     engine = make_engine()
     engine.add_documents(list(DOCUMENTS))
     got = engine.generate(request(mode=mode, max_tokens=10), return_logprobs=True)
-    parts = build_rag_prompt(tokenizer, QUESTION, DOCUMENTS)
-    fp = engine.loaded.fingerprint
-    prefix_key = chunk_key(fp, parts.prefix_ids, "", "default")
-    prefix_kv = engine.store.get(prefix_key)
-    chunk_kvs = [engine.store.get(chunk_key(fp, ids, prefix_key, "default")) for ids in parts.chunk_ids]
-    fused = blend(engine.stack, parts, prefix_kv, chunk_kvs, mode=mode, ratio=0.5, extra_capacity=10)
-    token, tokens = int(fused.last_logits.argmax()), []
-    while token not in engine.eos_ids and len(tokens) < 10:
-        tokens.append(token)
-        if len(tokens) == 10:
-            break
-        slot = fused.buffer.length
-        fused.buffer.length += 1
-        out = run_tokens(engine.stack, fused.buffer, TokenRun.contiguous(torch.tensor([token]), slot))
-        token = int(engine.stack.logits(out.hidden)[0].argmax())
+    tokens, logprobs, _ = one_pass_reference(engine, tokenizer, QUESTION, mode, 0.5, 10)
     assert got.token_ids == tokens
-    assert torch.allclose(got.first_token_logprobs, torch.log_softmax(fused.last_logits, -1), atol=TOLERANCE)
+    assert torch.allclose(got.first_token_logprobs, logprobs, atol=TOLERANCE)
 
 
 def test_chunked_prefill_equals_unchunked(make_engine):
@@ -124,7 +133,7 @@ def test_decodes_keep_flowing_while_a_long_prefill_is_chunked(make_engine):
     def watch(engine):
         running = {seq.request.question: seq for seq in engine.scheduler.running}
         seq = running.get(long.question)
-        if seq is not None and seq.computed < seq.prompt_len and short.question in running:
+        if seq is not None and not seq.progress.done and short.question in running:
             tokens_of_short_before_long_done.append(len(running[short.question].stream.tokens))
 
     run_together(engine, [short, long], after_step=watch)
@@ -186,3 +195,21 @@ def test_sampling_is_per_sequence_in_a_batch(make_engine):
     batched = run_together(engine, [*seeded, greedy])
     assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
     assert batched[0].token_ids == batched[2].token_ids  # the same seed, the same draw, batch or not
+
+
+@pytest.mark.parametrize("deviation", ["value", "key", "attention"])
+def test_a_blend_run_in_pieces_equals_the_one_pass_blend(make_engine, tokenizer, deviation):
+    from ragcache.engine.blend import BlendConfig
+
+    question = " ".join([QUESTION] * 3)  # question tokens spread over several pieces too
+    config = BlendConfig(deviation=deviation)
+    engine = make_engine(blend=config, scheduler=SchedulerConfig(step_tokens=8))
+    engine.add_documents(list(DOCUMENTS))
+    got = engine.generate(request(mode="blend", question=question, blend_ratio=0.3, max_tokens=6),
+                          return_logprobs=True)
+    assert engine.scheduler.counters.steps > 10  # the scan and the finish went in many pieces
+    tokens, logprobs, fused = one_pass_reference(engine, tokenizer, question, "blend", 0.3, 6, config)
+    assert got.token_ids == tokens
+    assert torch.allclose(got.first_token_logprobs, logprobs, atol=TOLERANCE)
+    assert got.recomputed_tokens == fused.recomputed_tokens > 0
+    assert got.recomputed_fraction == pytest.approx(fused.recomputed_fraction)

@@ -108,25 +108,29 @@ class DeviationSelector:
 
 
 def _question_attention(buffer, layer, slots, queries, keys, num_candidates: int) -> torch.Tensor:
-    """Attention the question's tokens pay each candidate at this layer, summed over heads and queries.
+    """Attention the question's tokens pay each candidate at this layer (the run's keys are fresh)."""
+    all_keys = torch.cat([buffer.keys[layer, :, : int(slots[0])], keys], dim=1)  # (kv_heads, T, dim)
+    return question_attention(all_keys, queries[:, num_candidates:], slots[num_candidates:], slots[:num_candidates])
 
-    The question sees the reused slots before the run plus the run's fresh keys.
-    """
-    all_keys = torch.cat([buffer.keys[layer, :, : int(slots[0])], keys], dim=1).float()  # (kv_heads, T, dim)
-    question = queries[:, num_candidates:].float()  # (heads, Q, dim)
-    grouped = all_keys.repeat_interleave(question.shape[0] // all_keys.shape[0], dim=0)
+
+def question_attention(keys: torch.Tensor, question: torch.Tensor, question_slots: torch.Tensor,
+                       candidate_slots: torch.Tensor) -> torch.Tensor:
+    """Attention question queries (heads, Q, dim) pay each candidate slot over keys (kv_heads, T, dim),
+    summed over heads and queries, each query seeing slots up to its own."""
+    keys, question = keys.float(), question.float()
+    grouped = keys.repeat_interleave(question.shape[0] // keys.shape[0], dim=0)
     scores = question @ grouped.transpose(1, 2) / question.shape[-1] ** 0.5  # (heads, Q, T)
-    later = torch.arange(all_keys.shape[1], device=slots.device)[None] > slots[num_candidates:, None]
+    later = torch.arange(keys.shape[1], device=keys.device)[None] > question_slots[:, None]
     probs = scores.masked_fill(later, float("-inf")).softmax(-1)
-    return probs.sum(dim=(0, 1))[slots[:num_candidates]]
+    return probs.sum(dim=(0, 1))[candidate_slots]
 
 
 @dataclass
 class Prefill:
     """A prompt's KV as placed before any computation: reused KV in the buffer, the rest still to compute.
 
-    Slots [0, start) are final; the run ids[start:] computes the rest (with selector, at
-    once; without, in any number of consecutive pieces: the causal mask makes that exact).
+    Slots [0, start) are final; the run ids[start:] computes the rest: in one pass here
+    (blend()), or in pieces on the engine (prefill.py).
     """
 
     buffer: KVBuffer
@@ -134,10 +138,6 @@ class Prefill:
     start: int
     cached_tokens: int  # prompt tokens whose KV was placed from cache
     selector: "DeviationSelector | None" = None
-
-    @property
-    def splittable(self) -> bool:
-        return self.selector is None
 
     def recomputed_tokens(self) -> int:
         """Cached tokens recomputed past the check layer (known once the run is done)."""

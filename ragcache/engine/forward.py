@@ -9,7 +9,7 @@ when it is recomputed out of order among reused ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -66,13 +66,36 @@ def causal_mask(q_slots: torch.Tensor, length: int, window: int | None) -> torch
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One sequence's share of a batched pass: its tokens, its own KV buffer and mask, optionally a selector."""
+    """One sequence's share of a batched pass: its tokens, its own KV buffer and mask, optionally a selector.
+
+    layers: the range [first, stop) this item goes through (default: all). An item starting
+    past layer 0 brings the hidden states entering its first layer. write_only_last: at
+    layer stop - 1 only project and write K/V (selector included), no attention or MLP; the
+    item's output hidden is then what entered that layer (a blend piece before selection).
+    """
 
     buffer: KVBuffer
     run: TokenRun
     mask_fn: MaskFn = causal_mask
     selector: Selector | None = None
     capture: bool = False
+    layers: tuple[int, int] | None = None
+    hidden: torch.Tensor | None = None  # (tokens, hidden) entering layers[0], when it is not 0
+    write_only_last: bool = False
+
+
+@dataclass
+class _ItemState:
+    hidden: torch.Tensor
+    slots: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    first: int
+    stop: int
+    masks: dict = field(default_factory=dict)
+    captured_keys: list = field(default_factory=list)
+    captured_values: list = field(default_factory=list)
+    token_layers: int = 0
 
 
 def run_tokens(
@@ -96,54 +119,73 @@ def run_batch(stack: DecoderStack, items: Sequence[BatchItem]) -> list[RunOutput
     """run_tokens for several sequences at once: one pass, each sequence over its own KV.
 
     Row-wise work (norms, QKV and output projections, MLP) runs over the concatenated rows
-    of every item; attention runs per item over its own buffer under its own mask, so an
-    item's result does not depend on its batch-mates beyond float rounding of the shared
-    matrix products. Each item's selector narrows only that item's rows.
+    of every item active at a layer; attention runs per item over its own buffer under its
+    own mask, so an item's result does not depend on its batch-mates beyond float rounding
+    of the shared matrix products. Each item's selector narrows only that item's rows.
 
         rows  [0, n0)        item 0's tokens still computed at this layer
               [n0, n0+n1)    item 1's ...
     """
-    hidden = stack.embed(torch.cat([item.run.ids for item in items]))  # (rows, hidden)
+    states = _initial_states(stack, items)
+    for layer in range(min(s.first for s in states), max(s.stop for s in states)):
+        active = [i for i, s in enumerate(states) if s.first <= layer < s.stop]
+        if active:
+            _run_layer(stack, layer, [items[i] for i in active], [states[i] for i in active])
+    return [
+        RunOutput(s.hidden, s.slots, s.token_layers,
+                  torch.stack(s.captured_keys) if item.capture else None,
+                  torch.stack(s.captured_values) if item.capture else None)
+        for item, s in zip(items, states)
+    ]
+
+
+def _initial_states(stack: DecoderStack, items: Sequence[BatchItem]) -> list[_ItemState]:
     cos, sin = stack.rope_tables(torch.cat([item.run.positions for item in items]))  # (rows, dim) each
-    slots = [item.run.slots for item in items]
-    masks: list[dict[int | None, torch.Tensor | None]] = [{} for _ in items]
-    captured: list[tuple[list, list]] = [([], []) for _ in items]
-    token_layers = [0] * len(items)
-    for layer in range(stack.num_layers):
-        q, k_raw, k, v = stack.project_qkv(layer, hidden, cos, sin)  # (heads | kv_heads, rows, dim)
-        window = stack.windows[layer]
-        attended, kept, narrowed, offset = [], [], False, 0
-        for index, item in enumerate(items):
-            rows = slice(offset, offset + slots[index].shape[0])
-            offset = rows.stop
-            q_item, k_item, v_item = q[:, rows], k[:, rows], v[:, rows]
-            if item.capture:
-                captured[index][0].append(k_raw[:, rows])
-                captured[index][1].append(v_item)
-            keep = item.selector.select(layer, item.buffer, slots[index], q_item, k_item, v_item) if item.selector else None
-            item.buffer.write(layer, slots[index], k_item, v_item)
-            token_layers[index] += k_item.shape[1]
-            row_ids = torch.arange(rows.start, rows.stop, device=hidden.device)
-            if keep is not None:
-                q_item, slots[index], row_ids, narrowed = q_item[:, keep], slots[index][keep], row_ids[keep], True
-                masks[index].clear()
-            if window not in masks[index]:
-                masks[index][window] = item.mask_fn(slots[index], item.buffer.length, window)
-            keys, values = item.buffer.layer(layer)
-            attended.append(stack.attend(layer, q_item, keys, values, masks[index][window]))
-            kept.append(row_ids)
-        if narrowed:
-            rows_kept = torch.cat(kept)
-            hidden, cos, sin = hidden[rows_kept], cos[rows_kept], sin[rows_kept]
-        hidden = stack.output_and_mlp(layer, hidden, torch.cat(attended))
-    outputs, offset = [], 0
-    for index, item in enumerate(items):
-        rows = slice(offset, offset + slots[index].shape[0])
+    states, offset = [], 0
+    for item in items:
+        rows = slice(offset, offset + item.run.slots.shape[0])
         offset = rows.stop
-        keys_of, values_of = captured[index]
-        outputs.append(RunOutput(
-            hidden[rows], slots[index], token_layers[index],
-            torch.stack(keys_of) if item.capture else None,
-            torch.stack(values_of) if item.capture else None,
-        ))
-    return outputs
+        first, stop = item.layers or (0, stack.num_layers)
+        hidden = item.hidden if first > 0 else stack.embed(item.run.ids)
+        states.append(_ItemState(hidden, item.run.slots, cos[rows], sin[rows], first, stop))
+    return states
+
+
+def _run_layer(stack: DecoderStack, layer: int, items: list[BatchItem], states: list[_ItemState]) -> None:
+    """One layer for the active items: shared projections, per-item write / select / attend, shared MLP."""
+    hidden = _cat([s.hidden for s in states])
+    q, k_raw, k, v = stack.project_qkv(layer, hidden, _cat([s.cos for s in states]), _cat([s.sin for s in states]))
+    window = stack.windows[layer]
+    attending, attended, offset = [], [], 0
+    for item, state in zip(items, states):
+        rows = slice(offset, offset + state.slots.shape[0])
+        offset = rows.stop
+        q_item, k_item, v_item = q[:, rows], k[:, rows], v[:, rows]
+        if item.capture:
+            state.captured_keys.append(k_raw[:, rows])
+            state.captured_values.append(v_item)
+        keep = item.selector.select(layer, item.buffer, state.slots, q_item, k_item, v_item) if item.selector else None
+        item.buffer.write(layer, state.slots, k_item, v_item)
+        state.token_layers += k_item.shape[1]
+        if item.write_only_last and layer == state.stop - 1:
+            continue  # its hidden stays what entered this layer
+        if keep is not None:
+            q_item, state.slots, state.cos, state.sin = q_item[:, keep], state.slots[keep], state.cos[keep], state.sin[keep]
+            state.hidden = state.hidden[keep]
+            state.masks.clear()
+        if window not in state.masks:
+            state.masks[window] = item.mask_fn(state.slots, item.buffer.length, window)
+        keys, values = item.buffer.layer(layer)
+        attended.append(stack.attend(layer, q_item, keys, values, state.masks[window]))
+        attending.append(state)
+    if not attending:
+        return
+    out = stack.output_and_mlp(layer, _cat([s.hidden for s in attending]), _cat(attended))
+    offset = 0
+    for state in attending:
+        state.hidden = out[offset : offset + state.hidden.shape[0]]
+        offset += state.hidden.shape[0]
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

@@ -49,6 +49,7 @@ from ragcache.engine.prompt import (
     encode_documents,
     split_template,
 )
+from ragcache.engine.prefill import BlendScan, PrefillProgress
 from ragcache.engine.scheduler import AdmissionOrder, Scheduler, SchedulerConfig
 from ragcache.engine.sequence import GenerationSink, Lookup, Sequence, SeqState
 from ragcache.engine.stack import DecoderStack
@@ -192,7 +193,10 @@ class BlendEngine:
         layout = (PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
                   if lookup.program is not None else prompt_layout(parts, request.mode, self.ratio_of(request)))
         seq = Sequence(request, parts, lookup, sink, self.eos_ids, ticket, return_logprobs, arrived_s=started)
-        seq.computed, seq.splittable = layout.start, not layout.selective
+        num_layers = self.stack.num_layers
+        seq.progress = (PrefillProgress.blend(layout.start, layout.cached_tokens, parts.num_tokens, num_layers,
+                                              self.config.blend.check_layer, self.ratio_of(request))
+                        if layout.selective else PrefillProgress.plain(layout.start, parts.num_tokens, num_layers))
         self._post(seq)
         return seq
 
@@ -375,6 +379,8 @@ class BlendEngine:
                 prefix_kv, chunk_kvs = self._fill_missing(seq)
                 seq.prefill = place_prompt(self.stack, seq.parts, prefix_kv, chunk_kvs, mode=request.mode,
                                            ratio=self.ratio_of(request), config=self.config.blend, capacity=capacity)
+            if seq.prefill.selector is not None:
+                seq.scan = BlendScan(seq.prefill, self.stack)
         except Exception as exc:
             log.exception("admitting a sequence failed")
             plan.prefills = [(s, n) for s, n in plan.prefills if s is not seq]

@@ -7,10 +7,9 @@ Bookkeeping only (no tensors). Every step it plans, in this order:
        by kv_block_tokens; when the budget cannot hold the growth, the most recently
        admitted sequence is preempted (its KV swapped to host memory) until it can;
     3. prefill work in admission order within step_tokens (decode tokens count against it,
-       as in Sarathi-Serve): a splittable prompt (no blend selection) gets as many of its
-       remaining tokens as fit, so a long full prefill spreads over several steps while
-       decodes keep flowing; a blend run, whose selection needs every candidate at once,
-       goes whole as the step's first prefill;
+       as in Sarathi-Serve): each prompt gets as big a next piece as fits (prefill.py: a
+       blend run's pieces cost their share of the layers), so a long prefill spreads over
+       several steps while decodes keep flowing;
     4. swapped sequences back in, oldest first, then waiting ones in the admission order
        (program-level FCFS when the agents layer supplies it), while their first working
        KV fits the budget and prefill budget is left.
@@ -77,7 +76,8 @@ class StepPlan:
     grown: list[Sequence] = field(default_factory=list)  # resize to reserved_slots
     admitted: list[Sequence] = field(default_factory=list)  # place the prompt's KV (reserved_slots)
     decodes: list[Sequence] = field(default_factory=list)  # one token each
-    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, piece tokens this step)
+    prefill_cost: float = 0.0  # the pieces in full-token equivalents
 
     @property
     def num_tokens(self) -> int:
@@ -193,23 +193,17 @@ class Scheduler:
         plan.preempted.append(seq)
         self.counters.preemptions += 1
 
-    def _plan_prefills(self, plan: StepPlan, seqs: list[Sequence], budget: int) -> int:
+    def _plan_prefills(self, plan: StepPlan, seqs: list[Sequence], budget: float) -> float:
         for seq in seqs:
-            remaining = seq.prompt_len - seq.computed
-            if budget <= 0:
+            if budget <= 0 and plan.prefills:
                 break
-            if not seq.splittable:
-                if plan.prefills:
-                    break  # a blend run goes whole, as the first prefill of a step
-                plan.prefills.append((seq, remaining))
-                budget = 0
-                break
-            take = min(remaining, budget)
-            plan.prefills.append((seq, take))
-            budget -= take
+            tokens, cost = seq.progress.take(max(budget, 0.0))
+            plan.prefills.append((seq, tokens))
+            plan.prefill_cost += cost
+            budget -= cost
         return budget
 
-    def _admit(self, plan: StepPlan, budget: int) -> None:
+    def _admit(self, plan: StepPlan, budget: float) -> None:
         free = self.config.max_working_kv_bytes - self.used_bytes
         while self.swapped and len(self.running) < self.config.max_running:
             seq = self.swapped[0]

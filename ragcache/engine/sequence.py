@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from ragcache.engine.blend import Prefill
+from ragcache.engine.prefill import BlendScan, PrefillProgress
 from ragcache.engine.generate import SamplingParams, held_back
 from ragcache.engine.prompt import PromptParts
 from ragcache.kv import ChunkKey, KVChunk
@@ -107,10 +108,10 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     state: SeqState = SeqState.WAITING
     arrived_s: float = field(default_factory=time.perf_counter)
-    prefill: Prefill | None = None  # set at admission
-    computed: int = 0  # prompt tokens whose KV is final
+    progress: PrefillProgress | None = None  # the prompt's computation, piece by piece (set at submit)
+    prefill: Prefill | None = None  # the working KV, set at admission
+    scan: BlendScan | None = None  # a blend run's tensors between its pieces
     reserved_slots: int = 0  # working-KV slots the scheduler granted (the buffer's capacity)
-    splittable: bool = True  # the prompt's run may be computed over several steps (no blend selection)
     state_before_swap: SeqState = SeqState.PREFILL
     token_layers: int = 0  # (token, layer) K/V entries computed for the prompt
     chunk_compute_s: float = 0.0

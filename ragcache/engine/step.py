@@ -1,7 +1,7 @@
 """One batched step: the scheduler's plan computed in a single pass, then a token sampled per sequence.
 
     plan.decodes    each feeds its last sampled token at the next slot
-    plan.prefills   each computes its next piece of prompt (a blend run whole, with its selector)
+    plan.prefills   each computes its next piece of prompt (prefill.py: plain, blend scan or finish)
     -> run_batch    row-wise work over every row at once, attention per sequence
     -> logits       for decodes and for prompts that just completed, in one lm_head call
     -> sample       per sequence: its own temperature, top_p and generator
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ragcache.engine.forward import BatchItem, TokenRun, run_batch
+from ragcache.engine.prefill import after_piece, piece_item
 from ragcache.engine.generate import sample_token
 from ragcache.engine.scheduler import StepPlan
 from ragcache.engine.sequence import Sequence, SeqState
@@ -20,7 +21,7 @@ from ragcache.engine.stack import DecoderStack
 
 def run_step(stack: DecoderStack, plan: StepPlan) -> list[tuple[Sequence, int]]:
     """Compute the plan's tokens; returns (sequence, sampled token) for each sequence that produced one."""
-    items, owners, ends = [], [], []
+    items, owners, pieces = [], [], []
     for seq in plan.decodes:
         buffer = seq.prefill.buffer
         slot = buffer.length
@@ -28,26 +29,22 @@ def run_step(stack: DecoderStack, plan: StepPlan) -> list[tuple[Sequence, int]]:
         token = torch.tensor([seq.next_token], device=stack.device)
         items.append(BatchItem(buffer, TokenRun.contiguous(token, slot)))
         owners.append(seq)
-        ends.append(None)
-    for seq, count in plan.prefills:
-        prefill = seq.prefill
-        end = seq.computed + count
-        prefill.buffer.length = max(prefill.buffer.length, end)
-        run = TokenRun.contiguous(prefill.ids[seq.computed : end], seq.computed)
-        items.append(BatchItem(prefill.buffer, run, selector=prefill.selector))
+        pieces.append(None)
+    for seq, tokens in plan.prefills:
+        items.append(piece_item(seq.prefill, seq.progress, tokens, seq.scan, stack.num_layers))
         owners.append(seq)
-        ends.append(end)
+        pieces.append(tokens)
     if not items:
         return []
     outputs = run_batch(stack, items)
     sampling, last_rows = [], []
-    for seq, out, end in zip(owners, outputs, ends):
-        if end is not None:
-            seq.token_layers += out.token_layers  # the prompt's work (decode tokens are not counted)
-            seq.computed = end
-            if end < seq.prompt_len:
+    for seq, out, tokens in zip(owners, outputs, pieces):
+        if tokens is not None:
+            seq.token_layers += after_piece(seq.progress, tokens, seq.scan, out, seq.prefill.buffer)
+            if not seq.progress.done:
                 continue
             seq.state = SeqState.DECODE
+            seq.scan = None  # its scores and hidden states are no longer needed
         sampling.append(seq)
         last_rows.append(out.hidden[-1:])
     if not sampling:
