@@ -167,6 +167,7 @@ def test_document_ids_with_a_slash_are_refused(open_server):
 def test_queue_bound_is_enforced_while_the_engine_is_busy(make_engine):
     engine = make_engine()
     runtime = Runtime(engine, max_queue=1)
+    runtime.start()
     release = threading.Event()
     request = RagRequest(QUESTION, sampling=SamplingParams(max_tokens=1))
 

@@ -20,6 +20,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 def create_app(settings: Settings, runtime: Runtime) -> Litestar:
     @asynccontextmanager
     async def lifespan(_: Litestar):
+        runtime.start()
         try:
             yield
         finally:

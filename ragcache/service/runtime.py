@@ -115,7 +115,10 @@ class Runtime:
         self._documents: dict[str, dict[str, StoredDocument]] = defaultdict(dict)  # tenant -> id -> doc
         self._lock = threading.Lock()
         self.metrics: dict[str, RequestMetrics] = defaultdict(RequestMetrics.empty)  # per tenant
-        engine.start()
+
+    def start(self) -> None:
+        """Start the engine's step loop on its own thread, unless a caller drives it (engine.run_loop)."""
+        self.engine.start()
 
     @property
     def queue_depth(self) -> int:
