@@ -213,3 +213,25 @@ def test_a_blend_run_in_pieces_equals_the_one_pass_blend(make_engine, tokenizer,
     assert torch.allclose(got.first_token_logprobs, logprobs, atol=TOLERANCE)
     assert got.recomputed_tokens == fused.recomputed_tokens > 0
     assert got.recomputed_fraction == pytest.approx(fused.recomputed_fraction)
+
+
+def test_a_sequence_preempted_mid_prefill_resumes_with_room_for_its_whole_prompt(make_engine):
+    """A long prompt, chunked over steps, is swapped out half computed when a decoding one grows."""
+    short = request(mode="full", question="Where?", documents=(), max_tokens=40, sampling={"stop": ("never",)})
+    long = request(mode="full", question=" ".join([QUESTION] * 8), max_tokens=4)
+    probe = make_engine()
+    alone = [probe.generate(r, return_logprobs=True) for r in (short, long)]
+    per_token = probe.kv_bytes_per_token
+    # the short one's prompt + a block and the long one's prompt + a block fit; the short one's next block does not
+    budget = (alone[0].prompt_tokens + 4 + alone[1].prompt_tokens + 4 + 2) * per_token
+    engine = make_engine(scheduler=SchedulerConfig(max_working_kv_bytes=budget, kv_block_tokens=4, step_tokens=16))
+    preempted_mid_prefill = []
+
+    def watch(engine):
+        for seq in engine.scheduler.swapped:
+            preempted_mid_prefill.append(not seq.progress.done)
+
+    batched = run_together(engine, [short, long], after_step=watch)
+    assert any(preempted_mid_prefill)
+    for a, b in zip(alone, batched):
+        assert_same(a, b)

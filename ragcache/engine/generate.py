@@ -1,16 +1,11 @@
-"""Decoding after the prompt's KV is built: sampling, stop conditions, streaming."""
+"""Sampling parameters, the sampler, and how much answer text is safe to stream before a stop string."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-
-from ragcache.engine.forward import TokenRun, run_tokens
-from ragcache.engine.kvbuffer import KVBuffer
-from ragcache.engine.stack import DecoderStack
 
 MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 16
@@ -63,56 +58,3 @@ def held_back(text: str, stops: Sequence[str]) -> int:
                 longest = size
                 break
     return longest
-
-
-@dataclass(frozen=True)
-class Decoded:
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
-    decode_s: float
-
-
-def decode(
-    stack: DecoderStack,
-    buffer: KVBuffer,
-    first_token: int,
-    params: SamplingParams,
-    tokenizer,
-    eos_ids: set[int],
-    generator: torch.Generator | None = None,
-    on_token: TokenCallback | None = None,
-) -> Decoded:
-    """Generate from first_token on, appending to buffer, until end of turn, a stop string or max_tokens."""
-    started = time.perf_counter()
-    tokens: list[int] = []
-    text, emitted, finish = "", 0, "length"
-    token = first_token
-    while True:
-        if token in eos_ids:
-            finish = "stop"
-            break
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-            break
-        safe = len(text) - held_back(text, params.stop)
-        if on_token is not None and safe > emitted:
-            on_token(text[emitted:safe])
-            emitted = safe
-        if len(tokens) >= params.max_tokens or buffer.length >= buffer.capacity:
-            break
-        token = _next_token(stack, buffer, token, params, generator)
-    if on_token is not None and len(text) > emitted:
-        on_token(text[emitted:])
-    return Decoded(tokens, text, finish, time.perf_counter() - started)
-
-
-def _next_token(stack, buffer: KVBuffer, token: int, params, generator) -> int:
-    slot = buffer.length
-    buffer.length += 1
-    run = TokenRun.contiguous(torch.tensor([token], device=stack.device), slot)
-    out = run_tokens(stack, buffer, run)
-    return sample_token(stack.logits(out.hidden)[0], params, generator)

@@ -16,8 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ragcache.engine.blend import BlendResult, Prefill, blend_result
-from ragcache.engine.forward import TokenRun, run_tokens
+from ragcache.engine.blend import Prefill
 from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.stack import DecoderStack
 from ragcache.kernels import apply_rope
@@ -85,15 +84,6 @@ def place_program(stack: DecoderStack, match: ProgramMatch, ids: Sequence[int], 
     buffer.place(prefix, 0, cos, sin)
     buffer.length = reused
     return Prefill(buffer, torch.tensor(list(ids), device=stack.device), reused, reused)
-
-
-def extend_program(stack: DecoderStack, match: ProgramMatch, ids: Sequence[int], extra_capacity: int) -> BlendResult:
-    """place_program, then the rest computed in one pass."""
-    total = len(ids)
-    prefill = place_program(stack, match, ids, total + extra_capacity)
-    prefill.buffer.length = total
-    out = run_tokens(stack, prefill.buffer, TokenRun.contiguous(prefill.ids[prefill.start :], prefill.start))
-    return blend_result(stack, prefill.buffer, out.hidden, out.token_layers, total, prefill.start, 0)
 
 
 def program_kv(stack: DecoderStack, buffer: KVBuffer, token_ids: Sequence[int], fingerprint: str) -> KVChunk:

@@ -20,120 +20,31 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from ragcache.engine.blend import MODES, BlendConfig, PromptLayout, place_prompt, prompt_layout
+from ragcache.engine.blend import PromptLayout, place_prompt, prompt_layout
 from ragcache.engine.chunks import compute_chunks
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine.generate import SamplingParams, TokenCallback
+from ragcache.engine.generate import TokenCallback
 from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.loader import LoadedModel
-from ragcache.engine.programs import (
-    ProgramIndex,
-    ProgramMatch,
-    ProgramRecord,
-    common_prefix_len,
-    place_program,
-    program_key,
-    program_kv,
-)
-from ragcache.engine.prompt import (
-    DEFAULT_SYSTEM_PROMPT,
-    PromptLimits,
-    PromptParts,
-    build_rag_prompt,
-    encode,
-    encode_documents,
-    split_template,
-)
+from ragcache.engine.lookup import look_up
+from ragcache.engine.postprocess import generation_of, program_entry
 from ragcache.engine.prefill import BlendScan, PrefillProgress
-from ragcache.engine.scheduler import AdmissionOrder, Scheduler, SchedulerConfig
-from ragcache.engine.sequence import GenerationSink, Lookup, Sequence, SeqState
+from ragcache.engine.programs import ProgramIndex, ProgramRecord, place_program
+from ragcache.engine.prompt import build_rag_prompt, encode, encode_documents, split_template
+from ragcache.engine.request import DocumentInfo, EngineConfig, Generation, RagRequest, SequenceCancelled
+from ragcache.engine.scheduler import AdmissionOrder, Scheduler
+from ragcache.engine.sequence import BlockingSink, GenerationSink, Sequence, SeqState
 from ragcache.engine.stack import DecoderStack
 from ragcache.engine.step import run_step
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey, KVChunk, chunk_key
 from ragcache.storage.base import KVStore
 
 log = logging.getLogger("ragcache.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    blend: BlendConfig = BlendConfig()
-    default_ratio: float = 0.15
-    limits: PromptLimits = PromptLimits()
-    max_pack_tokens: int = 4096
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    scheduler: SchedulerConfig = SchedulerConfig()
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.default_ratio <= 1.0:
-            raise ValueError(f"default_ratio must be in [0, 1], got {self.default_ratio}")
-        if self.max_pack_tokens <= 0:
-            raise ValueError(f"max_pack_tokens must be positive, got {self.max_pack_tokens}")
-
-
-@dataclass(frozen=True)
-class RagRequest:
-    question: str
-    documents: tuple[str, ...] = ()
-    mode: str = "blend"
-    blend_ratio: float | None = None  # None: the engine's default_ratio
-    sampling: SamplingParams = SamplingParams()
-    system_prompt: str | None = None
-    namespace: str = DEFAULT_NAMESPACE
-    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a chat, oldest first
-    program_id: str | None = None  # an agent program: its conversation KV is kept and extended turn by turn
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InvalidRequestError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
-        if self.blend_ratio is not None and not 0.0 <= self.blend_ratio <= 1.0:
-            raise InvalidRequestError(f"blend_ratio must be in [0, 1], got {self.blend_ratio}")
-
-
-@dataclass(frozen=True)
-class PhaseTimings:
-    lookup_s: float = 0.0  # store lookups at submit
-    chunk_compute_s: float = 0.0  # missing prefix / chunks computed at admission
-    blend_s: float = 0.0  # admission to first token: placing the KV and the prompt's steps
-    ttft_s: float = 0.0  # request start to first token, all phases above and queueing included
-    decode_s: float = 0.0
-    queue_s: float = 0.0  # waiting for admission (working-KV budget, admission order)
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    cached_tokens: int
-    recomputed_tokens: int
-    recomputed_fraction: float
-    chunk_hits: int
-    chunk_misses: int
-    timings: PhaseTimings
-    first_token_logprobs: torch.Tensor | None = field(default=None, repr=False)
-    program_key: ChunkKey | None = None  # where the program's KV now lives (agents pin it)
-    program_reused_tokens: int = 0  # prompt tokens reused from the program's previous turn
-    program_tokens: int = 0  # tokens of the program's stored KV
-    mode: str = "blend"
-    blend_ratio: float = 0.0  # the ratio blending used (the engine's default when the request gave none)
-
-
-class SequenceCancelled(Exception):
-    """The sequence was cancelled (its client went away) before it finished."""
-
-
-@dataclass(frozen=True)
-class DocumentInfo:
-    key: ChunkKey
-    num_tokens: int
-    cached: bool  # already in the store before this call
 
 
 class BlendEngine:
@@ -190,7 +101,7 @@ class BlendEngine:
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) needs {need} bytes "
                 f"of working KV, more than max_working_kv_bytes ({self.config.scheduler.max_working_kv_bytes})"
             )
-        lookup = self._lookup(request, parts, started)
+        lookup = look_up(self.store, self.programs, self.loaded.fingerprint, request, parts, started)
         layout = (PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
                   if lookup.program is not None else prompt_layout(parts, request.mode, self.ratio_of(request)))
         seq = Sequence(request, parts, lookup, sink, self.eos_ids, ticket, return_logprobs, arrived_s=started)
@@ -264,7 +175,7 @@ class BlendEngine:
         self._loop(alive)
 
     def close(self) -> None:
-        """Finish every queued and running sequence, stop the engine thread, wait for the store writes, close the store."""
+        """Finish every queued and running sequence, stop the step loop, wait for the store writes, close the store."""
         with self._wake:
             self._closing = True
             self._wake.notify_all()
@@ -377,10 +288,13 @@ class BlendEngine:
         with self._wake:
             items, self._inbox = list(self._inbox), deque()
         for item in items:
-            if isinstance(item, Sequence):
-                self.scheduler.add(item)
-            else:
+            if not isinstance(item, Sequence):
                 calls.append(item)
+                continue
+            try:
+                self.scheduler.add(item)
+            except ValueError as exc:  # submit() refuses these first; never let one stop the loop
+                self._fail(item, InvalidRequestError(str(exc)))
         return calls
 
     def _admit(self, seq: Sequence, plan) -> None:
@@ -408,9 +322,7 @@ class BlendEngine:
         """The prompt's prefix and chunk KV, the missing ones computed now (each distinct one once), stored later."""
         started = time.perf_counter()
         lookup, parts = seq.lookup, seq.parts
-        missing = [(key, ids) for key, ids, kv in zip(lookup.chunk_keys, parts.chunk_ids, lookup.chunk_kvs)
-                   if kv is None]
-        missing = list(dict(missing).items())
+        missing = lookup.missing(parts.chunk_ids)
         computed = self._compute(lookup.prefix_key, parts.prefix_ids, lookup.prefix_kv, missing)
         if computed:
             self._writer.submit(self.store.put_many, computed)
@@ -437,8 +349,8 @@ class BlendEngine:
     def _finish(self, seq: Sequence) -> None:
         """A finished sequence: its Generation, the program KV (tensor work here, the store write off-thread)."""
         self.scheduler.finish(seq)
-        result = self._generation(seq)
-        saved = self._program_entry(seq) if seq.request.program_id else None
+        result = generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request))
+        saved = program_entry(self.stack, seq, self.loaded.fingerprint) if seq.request.program_id else None
         seq.prefill = None  # the working KV is free
         self._writer.submit(self._deliver, seq, result, saved)
 
@@ -465,105 +377,12 @@ class BlendEngine:
         seq.prefill = None
         self._writer.submit(seq.sink.on_error, error)
 
-    def _program_entry(self, seq: Sequence):
-        """(key, token ids, KV) of the prompt + the answer tokens that went through the model."""
-        buffer = seq.prefill.buffer
-        fed = buffer.length - seq.prompt_len
-        token_ids = (*seq.parts.all_ids, *seq.stream.tokens[:fed])
-        fingerprint = self.loaded.fingerprint
-        key = program_key(fingerprint, token_ids, seq.request.namespace)
-        return key, token_ids, program_kv(self.stack, buffer, token_ids, fingerprint)
-
-    def _generation(self, seq: Sequence) -> Generation:
-        prefill, lookup = seq.prefill, seq.lookup
-        now = time.perf_counter()
-        first = seq.first_token_s or now
-        timings = PhaseTimings(lookup.lookup_s, seq.chunk_compute_s, first - seq.admitted_s, first - seq.arrived_s,
-                               now - first, seq.admitted_s - seq.arrived_s)
-        total = seq.prompt_len
-        request = seq.request
-        full = request.mode == "full" and lookup.program is None
-        return Generation(
-            text=seq.stream.text,
-            token_ids=list(seq.stream.tokens),
-            finish_reason=seq.finish_reason or "stop",
-            prompt_tokens=total,
-            cached_tokens=prefill.cached_tokens,
-            recomputed_tokens=prefill.recomputed_tokens(),
-            recomputed_fraction=seq.token_layers / (total * self.stack.num_layers),
-            chunk_hits=0 if full or lookup.program is not None else lookup.hits,
-            chunk_misses=0 if full or lookup.program is not None else len(lookup.chunk_kvs) - lookup.hits,
-            timings=timings,
-            first_token_logprobs=seq.first_logprobs,
-            program_reused_tokens=lookup.program.reused_tokens if lookup.program is not None else 0,
-            mode=request.mode,
-            blend_ratio=self.ratio_of(request) if request.mode == "blend" else 0.0,
-        )
-
-    # lookups (the submitting thread)
-
-    def _lookup(self, request: RagRequest, parts: PromptParts, started: float) -> Lookup:
-        lookup = Lookup()
-        if request.program_id and request.mode != "full":
-            lookup.program = self._match_program(request, parts)
-        if request.mode != "full" and lookup.program is None:
-            fingerprint, namespace = self.loaded.fingerprint, request.namespace
-            lookup.prefix_key = chunk_key(fingerprint, parts.prefix_ids, "", namespace)
-            lookup.chunk_keys = [chunk_key(fingerprint, ids, lookup.prefix_key, namespace) for ids in parts.chunk_ids]
-            loading = self.store.prefetch(lookup.chunk_keys) if lookup.chunk_keys else None
-            lookup.prefix_kv = self.store.get(lookup.prefix_key)
-            lookup.chunk_kvs = loading.result() if loading is not None else []
-        lookup.lookup_s = time.perf_counter() - started
-        return lookup
-
-    def _match_program(self, request: RagRequest, parts: PromptParts) -> ProgramMatch | None:
-        """The program's stored KV if it covers at least the prompt's prefix and documents (else blend them)."""
-        record = self.programs.latest(request.namespace, request.program_id)
-        if record is None:
-            return None
-        ids = parts.all_ids
-        reused = min(common_prefix_len(record.token_ids, ids), len(ids) - 1)  # the last token must run for logits
-        if reused < len(parts.prefix_ids) + parts.num_chunk_tokens:
-            return None
-        kv = self.store.get(record.key)
-        return ProgramMatch(record, kv, reused) if kv is not None else None
-
-
-class BlockingSink:
-    """A sink for generate(): forwards text to on_token, lets the caller wait for the result."""
-
-    def __init__(self, on_token: TokenCallback | None = None) -> None:
-        self.on_token = on_token
-        self.done = threading.Event()
-        self._result: Generation | None = None
-        self._error: BaseException | None = None
-
-    def on_text(self, piece: str) -> None:
-        if self.on_token is not None:
-            self.on_token(piece)
-
-    def on_finish(self, result: Generation) -> None:
-        self._result = result
-        self.done.set()
-
-    def on_error(self, error: BaseException) -> None:
-        self._error = error
-        self.done.set()
-
-    def wait(self) -> Generation:
-        self.done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
 
 def _run_call(work: Callable, future: Future) -> None:
     try:
         future.set_result(work())
     except BaseException as exc:  # handed to the caller, who raises it
         future.set_exception(exc)
-
-
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

@@ -207,7 +207,7 @@ class Scheduler:
         free = self.config.max_working_kv_bytes - self.used_bytes
         while self.swapped and len(self.running) < self.config.max_running:
             seq = self.swapped[0]
-            slots = min(seq.kv_len + self.config.kv_block_tokens, seq.max_len)
+            slots = min(max(seq.kv_len, seq.prompt_len) + self.config.kv_block_tokens, seq.max_len)
             if slots * self.bytes_per_token > free:
                 return  # the oldest preempted goes first: nothing new overtakes it
             self.swapped.popleft()

@@ -25,8 +25,8 @@ import torch
 from ragcache.engine.blend import Prefill
 from ragcache.engine.prefill import BlendScan, PrefillProgress
 from ragcache.engine.generate import SamplingParams, held_back
+from ragcache.engine.lookup import Lookup
 from ragcache.engine.prompt import PromptParts
-from ragcache.kv import ChunkKey, KVChunk
 
 
 class SeqState(enum.Enum):
@@ -47,22 +47,6 @@ class GenerationSink(Protocol):
         """The finished Generation (after the program KV, if any, is stored)."""
 
     def on_error(self, error: BaseException) -> None: ...
-
-
-@dataclass
-class Lookup:
-    """What the submitting thread found before the sequence reached the engine (store I/O off the step loop)."""
-
-    prefix_key: ChunkKey | None = None
-    prefix_kv: KVChunk | None = None
-    chunk_keys: list[ChunkKey] = field(default_factory=list)
-    chunk_kvs: list[KVChunk | None] = field(default_factory=list)
-    program: Any = None  # ProgramMatch, when the program's stored KV covers the prompt's documents
-    lookup_s: float = 0.0
-
-    @property
-    def hits(self) -> int:
-        return sum(kv is not None for kv in self.chunk_kvs)
 
 
 @dataclass
@@ -185,3 +169,30 @@ class Sequence:
         self.next_token = None
         self.state = SeqState.FINISHED
 
+
+class BlockingSink:
+    """A sink for generate(): forwards text to on_token, lets the caller wait for the result."""
+
+    def __init__(self, on_token=None) -> None:
+        self.on_token = on_token
+        self.done = threading.Event()
+        self._result = None  # the Generation
+        self._error: BaseException | None = None
+
+    def on_text(self, piece: str) -> None:
+        if self.on_token is not None:
+            self.on_token(piece)
+
+    def on_finish(self, result) -> None:
+        self._result = result
+        self.done.set()
+
+    def on_error(self, error: BaseException) -> None:
+        self._error = error
+        self.done.set()
+
+    def wait(self):
+        self.done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result

@@ -1,0 +1,90 @@
+"""What crosses the engine's seam: its config, a request, the finished generation, a document's info."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ragcache.engine.blend import MODES, BlendConfig
+from ragcache.engine.errors import InvalidRequestError
+from ragcache.engine.generate import SamplingParams
+from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, PromptLimits
+from ragcache.engine.scheduler import SchedulerConfig
+from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    blend: BlendConfig = BlendConfig()
+    default_ratio: float = 0.15
+    limits: PromptLimits = PromptLimits()
+    max_pack_tokens: int = 4096
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.default_ratio <= 1.0:
+            raise ValueError(f"default_ratio must be in [0, 1], got {self.default_ratio}")
+        if self.max_pack_tokens <= 0:
+            raise ValueError(f"max_pack_tokens must be positive, got {self.max_pack_tokens}")
+
+
+@dataclass(frozen=True)
+class RagRequest:
+    question: str
+    documents: tuple[str, ...] = ()
+    mode: str = "blend"
+    blend_ratio: float | None = None  # None: the engine's default_ratio
+    sampling: SamplingParams = SamplingParams()
+    system_prompt: str | None = None
+    namespace: str = DEFAULT_NAMESPACE
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a chat, oldest first
+    program_id: str | None = None  # an agent program: its conversation KV is kept and extended turn by turn
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidRequestError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.blend_ratio is not None and not 0.0 <= self.blend_ratio <= 1.0:
+            raise InvalidRequestError(f"blend_ratio must be in [0, 1], got {self.blend_ratio}")
+
+
+@dataclass(frozen=True)
+class PhaseTimings:
+    lookup_s: float = 0.0  # store lookups at submit
+    chunk_compute_s: float = 0.0  # missing prefix / chunks computed at admission
+    blend_s: float = 0.0  # admission to first token: placing the KV and the prompt's steps
+    ttft_s: float = 0.0  # request start to first token, all phases above and queueing included
+    decode_s: float = 0.0
+    queue_s: float = 0.0  # waiting for admission (working-KV budget, admission order)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    recomputed_tokens: int
+    recomputed_fraction: float
+    chunk_hits: int
+    chunk_misses: int
+    timings: PhaseTimings
+    first_token_logprobs: torch.Tensor | None = field(default=None, repr=False)
+    program_key: ChunkKey | None = None  # where the program's KV now lives (agents pin it)
+    program_reused_tokens: int = 0  # prompt tokens reused from the program's previous turn
+    program_tokens: int = 0  # tokens of the program's stored KV
+    mode: str = "blend"
+    blend_ratio: float = 0.0  # the ratio blending used (the engine's default when the request gave none)
+
+
+class SequenceCancelled(Exception):
+    """The sequence was cancelled (its client went away) before it finished."""
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    key: ChunkKey
+    num_tokens: int
+    cached: bool  # already in the store before this call
