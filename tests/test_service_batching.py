@@ -69,3 +69,23 @@ def test_engine_figures_are_in_admin_stats_and_metrics(server):
     for name in ("ragcache_engine_running 0", "ragcache_engine_waiting 0", "ragcache_engine_working_kv_bytes 0",
                  "ragcache_engine_preemptions_total 0", "ragcache_engine_tokens_per_step"):
         assert name in metrics
+
+
+def test_a_stream_is_accepted_before_its_first_token(server):
+    """The 200 goes out once the request passed every check, not when the (busy) engine gets to it."""
+    import threading
+
+    url, runtime = server
+    release = threading.Event()
+    holder = threading.Thread(target=runtime.engine.call, args=(release.wait,))
+    holder.start()  # the step loop is busy until release
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "stream": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200 and runtime.engine.stats()["waiting"] == 1
+            release.set()
+            text = "".join(response.iter_text())
+    finally:
+        release.set()
+        holder.join()
+    assert text.rstrip().endswith("data: [DONE]") and '"finish_reason":' in text

@@ -77,14 +77,12 @@ async def chat_completions(
 
 
 async def _first_item(answer):
-    """The answer's first item (its first text piece, or the whole cached answer): errors surface here."""
-    try:
-        return await anext(answer)
-    except StopAsyncIteration:
-        return None
+    """Accepted or the whole cached answer: bad input and a full queue surface here, as 4xx."""
+    return await anext(answer)
 
 
 async def _last_item(answer):
+    """The Generation or the CachedAnswer."""
     item = None
     async for item in answer:
         pass
@@ -118,15 +116,13 @@ async def _sse(model: str, first, answer, include_usage: bool):
         return
     yield chunks.delta(Delta(role="assistant", content=""))
     try:
-        item = first
-        while item is not None:
+        async for item in answer:
             if isinstance(item, Generation):
                 yield chunks.delta(Delta(), item.finish_reason, ragcache=convert.cache_report(item))
                 if include_usage:
                     yield chunks.usage(convert.usage(item))
             else:
                 yield chunks.delta(Delta(content=item))
-            item = await anext(answer, None)
     except Exception as exc:  # the 200 is out: report in the stream, never drop it silently
         yield msgspec.json.encode({"error": _stream_error(exc)}).decode()
     finally:

@@ -67,6 +67,11 @@ class CachedAnswer:
     elapsed_s: float
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """The engine took the request (it passed every check): a stream's 200 can go out now."""
+
+
 @dataclass
 class RequestMetrics:
     """Rolling service figures for /admin/stats and /metrics."""
@@ -134,8 +139,9 @@ class Runtime:
     # the request path
 
     async def answer(self, tenant: str, request: RagRequest, query: SemanticQueryIn | None = None,
-                     is_last_step: bool = False) -> AsyncIterator[str | Generation | CachedAnswer]:
-        """Text pieces as they are generated, then the Generation; or one CachedAnswer from the semantic cache.
+                     is_last_step: bool = False) -> AsyncIterator[Accepted | str | Generation | CachedAnswer]:
+        """Accepted, text pieces as they are generated, then the Generation; or one CachedAnswer from the
+        semantic cache. Bad input and a full queue raise before Accepted.
 
         query None: the semantic cache is not consulted (an agent's turn always is not: its answer
         depends on tool results the cache cannot see)."""
@@ -150,7 +156,8 @@ class Runtime:
                 await self._remember(semantic_query, item)
             yield item
 
-    async def _generate(self, tenant: str, request: RagRequest, is_last_step: bool) -> AsyncIterator[str | Generation]:
+    async def _generate(self, tenant: str, request: RagRequest,
+                        is_last_step: bool) -> AsyncIterator[Accepted | str | Generation]:
         try:
             self.check_capacity()
         except QueueFullError:
@@ -167,6 +174,7 @@ class Runtime:
                 if ticket is not None:
                     self.coordinator.abandon(ticket)
                 raise
+            yield Accepted()
             while not isinstance(item := await sink.queue.get(), Generation):
                 if isinstance(item, BaseException):
                     raise item
