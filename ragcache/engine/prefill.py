@@ -84,13 +84,6 @@ class PrefillProgress:
         if self.phase == SCAN and self.next >= self.phase_len:
             self.phase, self.next = FINISH, 0
 
-    @property
-    def remaining_cost(self) -> float:
-        left = (self.phase_len - self.next) * self.token_cost()
-        if self.phase == SCAN:
-            left += self.finish_len * (self.num_layers - self.check_layer) / self.num_layers
-        return left
-
 
 class BlendScan:
     """The tensors a blend run keeps between its pieces: scores, question queries, hidden at check_layer.
