@@ -235,3 +235,50 @@ def test_a_sequence_preempted_mid_prefill_resumes_with_room_for_its_whole_prompt
     assert any(preempted_mid_prefill)
     for a, b in zip(alone, batched):
         assert_same(a, b)
+
+
+def test_unwritten_working_kv_never_reaches_an_answer(make_engine, tokenizer, monkeypatch):
+    """Working KV starts as whatever memory held (NaN here): masked slots must never turn into NaN logits."""
+    import ragcache.engine.kvbuffer as kvbuffer
+
+    real_empty = torch.empty
+
+    def nan_empty(*shape, **kwargs):
+        return real_empty(*shape, **kwargs).fill_(float("nan"))
+
+    engine = make_engine(scheduler=SchedulerConfig(step_tokens=8))
+    engine.add_documents(list(DOCUMENTS))
+    question = " ".join([QUESTION] * 3)
+    reference = {mode: one_pass_reference(engine, tokenizer, question, mode, 0.3, 6)[:2]
+                 for mode in ("full", "prefix", "blend")}
+    monkeypatch.setattr(kvbuffer.torch, "empty", nan_empty)
+    for mode, (tokens, logprobs) in reference.items():
+        got = engine.generate(request(mode=mode, question=question, blend_ratio=0.3, max_tokens=6),
+                              return_logprobs=True)
+        assert got.token_ids == tokens and torch.allclose(got.first_token_logprobs, logprobs, atol=TOLERANCE)
+
+
+def test_sequences_with_the_same_system_prefix_hold_its_kv_once(make_engine):
+    engine = make_engine()
+    engine.add_documents(list(DOCUMENTS))
+    reqs = [request(mode="blend", documents=DOCUMENTS[i:i + 2], max_tokens=6) for i in range(3)]
+    alone = [engine.generate(r, return_logprobs=True) for r in reqs]
+    seen = []
+
+    def check(engine):
+        running = [s for s in engine.scheduler.running if s.prefill is not None]
+        if len(running) < 2:
+            return
+        shared = {id(s.prefill.buffer.shared) for s in running}
+        prefix_len = running[0].shared_len
+        own = sum(s.reserved_slots - prefix_len for s in running)
+        assert len(shared) == 1 and engine.stats()["shared_prefixes"] == 1
+        assert engine.scheduler.used_bytes == (own + prefix_len) * engine.kv_bytes_per_token
+        assert all(s.prefill.buffer.nbytes == (s.reserved_slots - prefix_len) * engine.kv_bytes_per_token
+                   for s in running)
+        seen.append(len(running))
+
+    batched = run_together(engine, reqs, after_step=check)
+    assert max(seen) == 3 and engine.stats()["shared_prefixes"] == 0  # released with the last user
+    for a, b in zip(alone, batched):
+        assert_same(a, b)

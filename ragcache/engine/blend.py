@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ragcache.engine.forward import TokenRun, run_tokens
-from ragcache.engine.kvbuffer import KVBuffer
+from ragcache.engine.kvbuffer import KVBuffer, SharedPrefix
 from ragcache.engine.prompt import PromptParts
 from ragcache.engine.stack import DecoderStack
 from ragcache.kv import KVChunk
@@ -102,14 +102,14 @@ class DeviationSelector:
     def _deviation(self, layer, buffer, slots, keys, values) -> torch.Tensor:
         n = self.num_candidates
         on_keys = self.deviation == "key"
-        cached = (buffer.keys if on_keys else buffer.values)[layer, :, slots[:n]]  # (kv_heads, n, dim), as reused
+        cached = (buffer.keys_at if on_keys else buffer.values_at)(layer, slots[:n])  # (kv_heads, n, dim), as reused
         fresh = (keys if on_keys else values)[:, :n]
         return (fresh.float() - cached.float()).square().sum(dim=(0, 2))  # (n,)
 
 
 def _question_attention(buffer, layer, slots, queries, keys, num_candidates: int) -> torch.Tensor:
     """Attention the question's tokens pay each candidate at this layer (the run's keys are fresh)."""
-    all_keys = torch.cat([buffer.keys[layer, :, : int(slots[0])], keys], dim=1)  # (kv_heads, T, dim)
+    all_keys = torch.cat([buffer.layer(layer, int(slots[0]))[0], keys], dim=1)  # (kv_heads, T, dim)
     return question_attention(all_keys, queries[:, num_candidates:], slots[num_candidates:], slots[:num_candidates])
 
 
@@ -156,8 +156,12 @@ def place_prompt(
     ratio: float = 0.15,
     config: BlendConfig = BlendConfig(),
     capacity: int | None = None,
+    shared: SharedPrefix | None = None,
 ) -> Prefill:
-    """Lay out the prompt's KV by the given mode: cached KV placed, the computation left to run."""
+    """Lay out the prompt's KV by the given mode: cached KV placed, the computation left to run.
+
+    shared: the system prefix's KV held once for every sequence (not in full mode, which
+    computes its prefix); then only the chunks are placed into the buffer's own slots."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0.0 <= ratio <= 1.0:
@@ -165,13 +169,17 @@ def place_prompt(
     layout = prompt_layout(parts, mode, ratio)
     ids = torch.tensor(parts.all_ids, device=stack.device)
     total = ids.shape[0]
-    buffer = KVBuffer(stack, max(total, capacity or total))
+    buffer = KVBuffer(stack, max(total, capacity or total), shared if mode != "full" else None)
     placed = [] if mode == "full" else [prefix_kv, *(chunk_kvs[:1] if mode == "prefix" else chunk_kvs)]
+    if buffer.shared is not None:
+        placed = placed[1:]  # slots [0, P) are the shared prefix's
     cos, sin = stack.rope_tables(torch.arange(layout.cached_tokens, device=stack.device))
     for kv in placed:
         start = buffer.length
         buffer.place(kv, start, cos[start : start + kv.num_tokens], sin[start : start + kv.num_tokens])
         buffer.length += kv.num_tokens
+    if layout.selective:  # pieces attend (masked) over question slots not yet written: never garbage, which can be NaN
+        buffer.clear(layout.cached_tokens, total)
     selector = None
     if layout.selective:
         num_candidates = layout.cached_tokens - layout.start

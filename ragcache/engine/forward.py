@@ -175,8 +175,7 @@ def _run_layer(stack: DecoderStack, layer: int, items: list[BatchItem], states: 
             state.masks.clear()
         if window not in state.masks:
             state.masks[window] = item.mask_fn(state.slots, item.buffer.length, window)
-        keys, values = item.buffer.layer(layer)
-        attended.append(stack.attend(layer, q_item, keys, values, state.masks[window]))
+        attended.append(item.buffer.attend(stack, layer, q_item, state.masks[window]))
         attending.append(state)
     if not attending:
         return

@@ -114,7 +114,7 @@ class BlendScan:
         candidate = index < self.num_candidates
         if candidate.any():
             rows = candidate.nonzero()[:, 0]
-            cached = buffer.values[layer, :, slots[rows]] if self.deviation != "key" else buffer.keys[layer, :, slots[rows]]
+            cached = (buffer.keys_at if self.deviation == "key" else buffer.values_at)(layer, slots[rows])
             fresh = (values if self.deviation != "key" else keys)[:, rows]
             self.scores[index[rows]] = (fresh.float() - cached.float()).square().sum(dim=(0, 2))
         if not candidate.all():
@@ -129,7 +129,7 @@ class BlendScan:
         question_slots = torch.arange(start + n, total, device=scores.device)
         if self.deviation == "attention":
             queries = torch.cat(self.question_queries, dim=1)
-            keys = buffer.keys[self.layer, :, :total]
+            keys = buffer.layer(self.layer, total)[0]
             candidate_slots = torch.arange(start, start + n, device=scores.device)
             scores = scores * question_attention(keys, queries, question_slots, candidate_slots)
         count = min(n, max(1, round(self.ratio * n)))

@@ -94,9 +94,9 @@ def program_kv(stack: DecoderStack, buffer: KVBuffer, token_ids: Sequence[int], 
     """
     n = len(token_ids)
     cos, sin = stack.rope_tables(torch.arange(n, device=stack.device))
-    rotated = buffer.keys[:, :, :n]
+    rotated, values = buffer.slots_kv(n)
     keys = apply_rope(rotated, cos, -sin) / (cos * cos + sin * sin)
-    return KVChunk(tuple(token_ids), keys.contiguous(), buffer.values[:, :, :n].clone(), fingerprint)
+    return KVChunk(tuple(token_ids), keys.contiguous(), values, fingerprint)
 
 
 def program_key(fingerprint: str, token_ids: Sequence[int], namespace: str) -> ChunkKey:

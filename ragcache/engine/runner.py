@@ -29,7 +29,7 @@ from ragcache.engine.blend import PromptLayout, place_prompt, prompt_layout
 from ragcache.engine.chunks import compute_chunks
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import TokenCallback
-from ragcache.engine.kvbuffer import KVBuffer
+from ragcache.engine.kvbuffer import KVBuffer, SharedPrefix
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.lookup import look_up
 from ragcache.engine.postprocess import generation_of, program_entry
@@ -71,6 +71,7 @@ class BlendEngine:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragcache-store-writer")
         self._thread: threading.Thread | None = None  # the one that runs the step loop
         self._loop_done = threading.Event()
+        self._prefixes: dict[ChunkKey, SharedPrefix] = {}  # system prefixes shared by running sequences
         self._step_lock = threading.Lock()  # generate() without the engine thread may step from several threads
         self._closing = False
 
@@ -106,6 +107,8 @@ class BlendEngine:
                   if lookup.program is not None else prompt_layout(parts, request.mode, self.ratio_of(request)))
         seq = Sequence(request, parts, lookup, sink, self.eos_ids, ticket, return_logprobs, arrived_s=started)
         num_layers = self.stack.num_layers
+        if request.mode != "full" and lookup.program is None:
+            seq.shared_key, seq.shared_len = lookup.prefix_key, len(parts.prefix_ids)
         seq.progress = (PrefillProgress.blend(layout.start, layout.cached_tokens, parts.num_tokens, num_layers,
                                               self.config.blend.check_layer, self.ratio_of(request))
                         if layout.selective else PrefillProgress.plain(layout.start, parts.num_tokens, num_layers))
@@ -214,6 +217,7 @@ class BlendEngine:
             "waiting": len(scheduler.waiting) + sum(isinstance(item, Sequence) for item in list(self._inbox)),
             "swapped": len(scheduler.swapped),
             "working_kv_bytes": scheduler.used_bytes,
+            "shared_prefixes": len(self._prefixes),
             "max_working_kv_bytes": scheduler.config.max_working_kv_bytes,
             "swapped_kv_bytes": sum(seq.kv_len for seq in list(scheduler.swapped)) * self.kv_bytes_per_token,
             "steps": counters.steps,
@@ -309,14 +313,33 @@ class BlendEngine:
                 seq.prefill = place_prompt(self.stack, seq.parts, None, [], mode="full", capacity=capacity)
             else:
                 prefix_kv, chunk_kvs = self._fill_missing(seq)
+                shared = self._share_prefix(lookup.prefix_key, prefix_kv)
                 seq.prefill = place_prompt(self.stack, seq.parts, prefix_kv, chunk_kvs, mode=request.mode,
-                                           ratio=self.ratio_of(request), config=self.config.blend, capacity=capacity)
+                                           ratio=self.ratio_of(request), config=self.config.blend, capacity=capacity,
+                                           shared=shared)
             if seq.prefill.selector is not None:
                 seq.scan = BlendScan(seq.prefill, self.stack)
         except Exception as exc:
             log.exception("admitting a sequence failed")
             plan.prefills = [(s, n) for s, n in plan.prefills if s is not seq]
             self._fail(seq, exc)
+
+    def _share_prefix(self, key: ChunkKey, prefix_kv: KVChunk) -> SharedPrefix:
+        """The running sequences' one copy of this system prefix's KV; one more user of it."""
+        shared = self._prefixes.get(key)
+        if shared is None:
+            shared = self._prefixes[key] = SharedPrefix.of(self.stack, key, prefix_kv)
+        shared.users += 1
+        return shared
+
+    def _release(self, seq: Sequence) -> None:
+        """The sequence's working KV is free; its shared prefix too when it was the last user."""
+        shared = seq.prefill.buffer.shared if seq.prefill is not None else None
+        if shared is not None:
+            shared.users -= 1
+            if shared.users == 0:
+                del self._prefixes[shared.key]
+        seq.prefill = None
 
     def _fill_missing(self, seq: Sequence) -> tuple[KVChunk, list[KVChunk]]:
         """The prompt's prefix and chunk KV, the missing ones computed now (each distinct one once), stored later."""
@@ -351,7 +374,7 @@ class BlendEngine:
         self.scheduler.finish(seq)
         result = generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request))
         saved = program_entry(self.stack, seq, self.loaded.fingerprint) if seq.request.program_id else None
-        seq.prefill = None  # the working KV is free
+        self._release(seq)
         self._writer.submit(self._deliver, seq, result, saved)
 
     def _deliver(self, seq: Sequence, result: Generation, saved) -> None:
@@ -374,7 +397,7 @@ class BlendEngine:
         if seq.done:
             return
         seq.state = SeqState.CANCELLED if isinstance(error, SequenceCancelled) else SeqState.FINISHED
-        seq.prefill = None
+        self._release(seq)
         self._writer.submit(seq.sink.on_error, error)
 
 

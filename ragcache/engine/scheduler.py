@@ -131,7 +131,16 @@ class Scheduler:
 
     @property
     def used_bytes(self) -> int:
-        return sum(seq.reserved_slots for seq in self.running) * self.bytes_per_token
+        """Working KV reserved by running sequences, each shared system prefix counted once."""
+        own = sum(seq.reserved_slots - seq.shared_len for seq in self.running)
+        shared = {seq.shared_key: seq.shared_len for seq in self.running if seq.shared_key is not None}
+        return (own + sum(shared.values())) * self.bytes_per_token
+
+    def _admission_bytes(self, seq: Sequence, slots: int) -> int:
+        """What running seq with slots reserved adds to used_bytes (its prefix, unless another shares it)."""
+        shared_running = any(other.shared_key == seq.shared_key for other in self.running)
+        prefix = 0 if seq.shared_key is None or shared_running else seq.shared_len
+        return (slots - seq.shared_len + prefix) * self.bytes_per_token
 
     @property
     def has_unfinished(self) -> bool:
@@ -208,23 +217,25 @@ class Scheduler:
         while self.swapped and len(self.running) < self.config.max_running:
             seq = self.swapped[0]
             slots = min(max(seq.kv_len, seq.prompt_len) + self.config.kv_block_tokens, seq.max_len)
-            if slots * self.bytes_per_token > free:
+            need = self._admission_bytes(seq, slots)
+            if need > free:
                 return  # the oldest preempted goes first: nothing new overtakes it
             self.swapped.popleft()
             seq.reserved_slots, seq.state = slots, seq.state_before_swap
-            free -= slots * self.bytes_per_token
+            free -= need
             self.running.append(seq)
             plan.resumed.append(seq)
             self.counters.resumptions += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.order.pick(self.waiting)
             slots = min(seq.prompt_len + self.config.kv_block_tokens, seq.max_len)
-            if slots * self.bytes_per_token > free:
+            need = self._admission_bytes(seq, slots)
+            if need > free:
                 return  # in order: a smaller later request does not overtake
             self.waiting.remove(seq)
             self.order.admitted(seq, self.waiting)
             seq.reserved_slots, seq.state = slots, SeqState.PREFILL
-            free -= slots * self.bytes_per_token
+            free -= need
             self.running.append(seq)
             plan.admitted.append(seq)
             self.counters.admitted += 1

@@ -96,6 +96,8 @@ class Sequence:
     prefill: Prefill | None = None  # the working KV, set at admission
     scan: BlendScan | None = None  # a blend run's tensors between its pieces
     reserved_slots: int = 0  # working-KV slots the scheduler granted (the buffer's capacity)
+    shared_key: Any = None  # the system prefix whose KV running sequences share (None: none shared)
+    shared_len: int = 0  # its tokens: slots [0, shared_len) are not this sequence's own
     state_before_swap: SeqState = SeqState.PREFILL
     token_layers: int = 0  # (token, layer) K/V entries computed for the prompt
     chunk_compute_s: float = 0.0

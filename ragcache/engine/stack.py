@@ -71,6 +71,21 @@ class DecoderStack:
         )[0]  # (heads, tokens, dim)
         return out.transpose(0, 1).reshape(q.shape[1], self.num_heads * self.head_dim)
 
+    def attend_parts(self, layer: int, q: torch.Tensor,
+                     parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One decoding query (heads, 1, dim) over KV held in several parts (a shared prefix, then its own
+        slots), with one softmax across them and no copy of the KV: (1, heads * dim)."""
+        scale = self.layers[layer].self_attn.scaling
+        grouped = q.reshape(self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        scores = torch.cat([(grouped @ keys.transpose(1, 2)).float() for keys, _ in parts], dim=-1) * scale
+        probs = scores.softmax(-1).to(q.dtype)  # (kv_heads, group, slots of every part)
+        out, start = None, 0
+        for _, values in parts:
+            piece = probs[..., start : start + values.shape[1]] @ values
+            out = piece if out is None else out + piece
+            start += values.shape[1]
+        return out.reshape(1, self.num_heads * self.head_dim)
+
     def output_and_mlp(self, layer: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of the layer for rows of any number of sequences: output projection, residual, MLP."""
         block = self.layers[layer]
