@@ -154,9 +154,11 @@ def test_a_cancelled_sequence_frees_its_working_kv_at_the_next_step(make_engine)
         sink.wait()
 
 
-def test_preempted_sequences_resume_with_the_same_answer_and_the_budget_holds(make_engine):
+@pytest.mark.parametrize("mode", ["full", "blend"])  # blend: buffers over a shared system prefix
+def test_preempted_sequences_resume_with_the_same_answer_and_the_budget_holds(make_engine, mode):
     probe = make_engine()
-    reqs = [request(mode="full", max_tokens=24, question=q, documents=DOCUMENTS[:2],
+    probe.add_documents(list(DOCUMENTS))
+    reqs = [request(mode=mode, max_tokens=24, question=q, documents=DOCUMENTS[:2],
                     sampling={"temperature": 0.8, "seed": 7}) for q in (QUESTION, "Which mountain is highest?")]
     alone = [probe.generate(r, return_logprobs=True) for r in reqs]
     per_token = probe.kv_bytes_per_token
@@ -164,6 +166,7 @@ def test_preempted_sequences_resume_with_the_same_answer_and_the_budget_holds(ma
     both_admitted = sum(a.prompt_tokens + 4 for a in alone)
     budget = (both_admitted + 12) * per_token  # both prompts fit, but not both answers: someone is preempted
     engine = make_engine(scheduler=SchedulerConfig(max_working_kv_bytes=budget, kv_block_tokens=4))
+    engine.add_documents(list(DOCUMENTS))
     seen = []
 
     def check_budget(engine):
