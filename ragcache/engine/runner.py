@@ -96,12 +96,10 @@ class BlendEngine:
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
                 f"exceeds the model's context of {self.context_len}"
             )
-        need = (parts.num_tokens + request.sampling.max_tokens) * self.kv_bytes_per_token
-        if need > self.config.scheduler.max_working_kv_bytes:
+        too_big = self.scheduler.budget_error(parts.num_tokens + request.sampling.max_tokens)
+        if too_big is not None:
             raise InvalidRequestError(
-                f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) needs {need} bytes "
-                f"of working KV, more than max_working_kv_bytes ({self.config.scheduler.max_working_kv_bytes})"
-            )
+                f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) {too_big}")
         lookup = look_up(self.store, self.programs, self.loaded.fingerprint, request, parts, started)
         layout = (PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
                   if lookup.program is not None else prompt_layout(parts, request.mode, self.ratio_of(request)))

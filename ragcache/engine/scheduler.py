@@ -77,7 +77,6 @@ class StepPlan:
     admitted: list[Sequence] = field(default_factory=list)  # place the prompt's KV (reserved_slots)
     decodes: list[Sequence] = field(default_factory=list)  # one token each
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, piece tokens this step)
-    prefill_cost: float = 0.0  # the pieces in full-token equivalents
 
     @property
     def num_tokens(self) -> int:
@@ -111,13 +110,17 @@ class Scheduler:
 
     # bookkeeping the engine calls
 
-    def need_bytes(self, seq: Sequence) -> int:
-        """Working KV the sequence may need at most."""
-        return seq.max_len * self.bytes_per_token
+    def budget_error(self, max_len: int) -> str | None:
+        """Why a sequence of at most max_len slots can never run (more than the whole budget), or None."""
+        need = max_len * self.bytes_per_token
+        if need <= self.config.max_working_kv_bytes:
+            return None
+        return f"needs {need} bytes of working KV, more than max_working_kv_bytes ({self.config.max_working_kv_bytes})"
 
     def add(self, seq: Sequence) -> None:
-        if self.need_bytes(seq) > self.config.max_working_kv_bytes:
-            raise ValueError(f"sequence needs {self.need_bytes(seq)} bytes of working KV, more than the budget")
+        error = self.budget_error(seq.max_len)
+        if error is not None:
+            raise ValueError(f"the sequence {error}")
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence) -> None:
@@ -208,7 +211,6 @@ class Scheduler:
                 break
             tokens, cost = seq.progress.take(max(budget, 0.0))
             plan.prefills.append((seq, tokens))
-            plan.prefill_cost += cost
             budget -= cost
         return budget
 

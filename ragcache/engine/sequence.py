@@ -14,7 +14,6 @@ except cancel(), which any thread may call.
 from __future__ import annotations
 
 import enum
-import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,9 +76,6 @@ class TextStream:
         return piece
 
 
-_ids = itertools.count(1)
-
-
 @dataclass(eq=False)  # sequences are compared by identity
 class Sequence:
     request: Any  # RagRequest
@@ -89,7 +85,6 @@ class Sequence:
     eos_ids: frozenset[int]
     ticket: Any = None  # the admission order's ticket (agents: program-level FCFS)
     return_logprobs: bool = False
-    id: int = field(default_factory=lambda: next(_ids))
     state: SeqState = SeqState.WAITING
     arrived_s: float = field(default_factory=time.perf_counter)
     progress: PrefillProgress | None = None  # the prompt's computation, piece by piece (set at submit)
