@@ -82,7 +82,7 @@ class BlendEngine:
         return self.config.default_ratio if request.blend_ratio is None else request.blend_ratio
 
     def submit(self, request: RagRequest, sink: GenerationSink, *, ticket=None,
-               return_logprobs: bool = False) -> Sequence:
+               return_logprobs: bool = False, background: bool = False) -> Sequence:
         """Check and look up the request here, then queue it for the engine thread.
 
         Raises InvalidRequestError at once for a request that can never be served."""
@@ -92,6 +92,8 @@ class BlendEngine:
                                      request.system_prompt or self.config.system_prompt, self.config.limits,
                                      request.history)
         if parts.num_tokens + request.sampling.max_tokens > self.context_len:
+        background: run it only on spare capacity, never delaying a live request (shadow checks).
+
             raise InvalidRequestError(
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
                 f"exceeds the model's context of {self.context_len}"
@@ -103,7 +105,8 @@ class BlendEngine:
         lookup = look_up(self.store, self.programs, self.loaded.fingerprint, request, parts, started)
         layout = (PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
                   if lookup.program is not None else prompt_layout(parts, request.mode, self.ratio_of(request)))
-        seq = Sequence(request, parts, lookup, sink, self.eos_ids, ticket, return_logprobs, arrived_s=started)
+        seq = Sequence(request, parts, lookup, sink, self.eos_ids, ticket, return_logprobs, background,
+                       arrived_s=started)
         num_layers = self.stack.num_layers
         if request.mode != "full" and lookup.program is None:
             seq.shared_key, seq.shared_len = lookup.prefix_key, len(parts.prefix_ids)
@@ -211,7 +214,7 @@ class BlendEngine:
         scheduler = self.scheduler
         counters = scheduler.counters
         return {
-            "running": len(scheduler.running),
+            "running": sum(not seq.background for seq in list(scheduler.running)),
             "waiting": len(scheduler.waiting) + sum(isinstance(item, Sequence) for item in list(self._inbox)),
             "swapped": len(scheduler.swapped),
             "working_kv_bytes": scheduler.used_bytes,
@@ -233,6 +236,9 @@ class BlendEngine:
     def step(self) -> bool:
         """Plan and run one batched step; False when there was nothing to do."""
         with self._step_lock, torch.inference_mode():
+            "background": {"waiting": len(scheduler.background),
+                           "running": sum(seq.background for seq in list(scheduler.running)),
+                           "steps": counters.background_steps},
             return self._step()
 
     def _step(self) -> bool:

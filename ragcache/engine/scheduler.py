@@ -19,6 +19,13 @@ prefill would recompute, and decoded tokens' KV came one step at a time; a copy 
 answer exactly what it would have been, and costs a memcpy instead of seconds of prefill.
 A sequence is admitted only if its whole need (prompt + max_tokens) fits the budget alone,
 so preemption always ends with at least one sequence able to grow.
+
+Background sequences (shadow checks: the slow path run again to measure a fast path's
+error) use only spare capacity: they are admitted, stepped and resumed only while no live
+sequence is waiting, running or swapped, in pieces of at most background_step_tokens so a
+live request that arrives meanwhile waits for one small piece at most; when a live
+sequence needs working KV, background ones are preempted first. They never enter the
+admission order (which is the live requests' order).
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ class SchedulerConfig:
     step_tokens: int = 512  # tokens per batched pass: decodes first, prefill chunks fill the rest
     kv_block_tokens: int = 128  # working KV is reserved and grown in blocks of this many slots
     max_running: int = 64
+    background_step_tokens: int = 128  # a background (shadow) piece, run only when no live work exists
 
     def __post_init__(self) -> None:
-        if min(self.max_working_kv_bytes, self.step_tokens, self.kv_block_tokens, self.max_running) <= 0:
-            raise ValueError("max_working_kv_bytes, step_tokens, kv_block_tokens and max_running must be positive")
+        if min(self.max_working_kv_bytes, self.step_tokens, self.kv_block_tokens, self.max_running,
+               self.background_step_tokens) <= 0:
+            raise ValueError("max_working_kv_bytes, step_tokens, kv_block_tokens, max_running and "
+                             "background_step_tokens must be positive")
 
 
 class AdmissionOrder(Protocol):
@@ -96,6 +106,7 @@ class SchedulerCounters:
     admitted: int = 0
     cancelled: int = 0
     last_step_tokens: int = 0
+    background_steps: int = 0  # steps that ran background (shadow) work only
 
 
 class Scheduler:
@@ -103,7 +114,8 @@ class Scheduler:
         self.config = config
         self.bytes_per_token = bytes_per_token
         self.order = order or FcfsOrder()
-        self.waiting: list[Sequence] = []
+        self.waiting: list[Sequence] = []  # live sequences waiting for admission
+        self.background: list[Sequence] = []  # background sequences waiting, first come first served
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.swapped: deque[Sequence] = deque()
         self.counters = SchedulerCounters()
@@ -121,11 +133,11 @@ class Scheduler:
         error = self.budget_error(seq.max_len)
         if error is not None:
             raise ValueError(f"the sequence {error}")
-        self.waiting.append(seq)
+        (self.background if seq.background else self.waiting).append(seq)
 
     def finish(self, seq: Sequence) -> None:
         """seq is done (finished, cancelled or failed): its working KV is free."""
-        for group in (self.running, self.waiting):
+        for group in (self.running, self.waiting, self.background):
             if seq in group:
                 group.remove(seq)
         if seq in self.swapped:
@@ -147,32 +159,40 @@ class Scheduler:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
+        return bool(self.waiting or self.background or self.running or self.swapped)
+
+    @property
+    def has_live(self) -> bool:
+        """A live (not background) sequence is waiting, running or swapped."""
+        return bool(self.waiting) or any(not seq.background for seq in (*self.running, *self.swapped))
 
     # the plan
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         self._drop_cancelled(plan)
-        self._plan_decodes(plan)
-        budget = self.config.step_tokens - len(plan.decodes)
-        budget = self._plan_prefills(plan, [s for s in self.running if s.state is SeqState.PREFILL], budget)
-        self._admit(plan, budget)
+        live = self.has_live
+        self._plan_decodes(plan, live)
+        budget = (self.config.step_tokens if live else self.config.background_step_tokens) - len(plan.decodes)
+        prefilling = [s for s in self.running if s.state is SeqState.PREFILL and (not live or not s.background)]
+        budget = self._plan_prefills(plan, prefilling, budget)
+        self._admit(plan, budget, live)
         self.counters.steps += plan.has_work
+        self.counters.background_steps += plan.has_work and not live
         self.counters.tokens += plan.num_tokens
         self.counters.last_step_tokens = plan.num_tokens
         return plan
 
     def _drop_cancelled(self, plan: StepPlan) -> None:
-        for seq in [s for s in (*self.waiting, *self.running, *self.swapped) if s.cancelled]:
+        for seq in [s for s in (*self.waiting, *self.background, *self.running, *self.swapped) if s.cancelled]:
             if seq in self.waiting:
                 self.order.dropped(seq)
             self.finish(seq)
             plan.dropped.append(seq)
             self.counters.cancelled += 1
 
-    def _plan_decodes(self, plan: StepPlan) -> None:
-        for seq in [s for s in self.running if s.state is SeqState.DECODE]:
+    def _plan_decodes(self, plan: StepPlan, live: bool) -> None:
+        for seq in [s for s in self.running if s.state is SeqState.DECODE and (not live or not s.background)]:
             if seq not in self.running:  # preempted to make room for an earlier one
                 continue
             if seq.kv_len + 1 > seq.reserved_slots and not self._grow(seq, plan):
@@ -184,13 +204,18 @@ class Scheduler:
         target = min(seq.reserved_slots + self.config.kv_block_tokens, seq.max_len)
         extra = (target - seq.reserved_slots) * self.bytes_per_token
         while self.used_bytes + extra > self.config.max_working_kv_bytes:
-            victim = self.running[-1]
+            victim = self._victim()
             self._preempt(victim, plan)
             if victim is seq:
                 return False
         seq.reserved_slots = target
         plan.grown.append(seq)
         return True
+
+    def _victim(self) -> Sequence:
+        """Who is preempted next: the latest admitted background sequence, else the latest admitted."""
+        background = [seq for seq in self.running if seq.background]
+        return background[-1] if background else self.running[-1]
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         self.running.remove(seq)
@@ -214,15 +239,17 @@ class Scheduler:
             budget -= cost
         return budget
 
-    def _admit(self, plan: StepPlan, budget: float) -> None:
+    def _admit(self, plan: StepPlan, budget: float, live: bool) -> None:
         free = self.config.max_working_kv_bytes - self.used_bytes
-        while self.swapped and len(self.running) < self.config.max_running:
-            seq = self.swapped[0]
+        while len(self.running) < self.config.max_running:
+            seq = next((s for s in self.swapped if not (live and s.background)), None)  # background waits for idle
+            if seq is None:
+                break
             slots = min(max(seq.kv_len, seq.prompt_len) + self.config.kv_block_tokens, seq.max_len)
             need = self._admission_bytes(seq, slots)
             if need > free:
                 return  # the oldest preempted goes first: nothing new overtakes it
-            self.swapped.popleft()
+            self.swapped.remove(seq)
             seq.reserved_slots, seq.state = slots, seq.state_before_swap
             free -= need
             self.running.append(seq)
@@ -232,13 +259,29 @@ class Scheduler:
             seq = self.order.pick(self.waiting)
             slots = min(seq.prompt_len + self.config.kv_block_tokens, seq.max_len)
             need = self._admission_bytes(seq, slots)
+            while need > free and any(s.background for s in self.running):
+                victim = self._victim()  # live work takes the room background work holds
+                self._preempt(victim, plan)
+                free = self.config.max_working_kv_bytes - self.used_bytes
+                need = self._admission_bytes(seq, slots)
             if need > free:
                 return  # in order: a smaller later request does not overtake
             self.waiting.remove(seq)
             self.order.admitted(seq, self.waiting)
-            seq.reserved_slots, seq.state = slots, SeqState.PREFILL
-            free -= need
-            self.running.append(seq)
-            plan.admitted.append(seq)
-            self.counters.admitted += 1
-            budget = self._plan_prefills(plan, [seq], budget)
+            budget, free = self._start(seq, slots, need, free, plan, budget)
+        while not live and self.background and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.background[0]
+            slots = min(seq.prompt_len + self.config.kv_block_tokens, seq.max_len)
+            need = self._admission_bytes(seq, slots)
+            if need > free:
+                return
+            self.background.pop(0)
+            budget, free = self._start(seq, slots, need, free, plan, budget)
+
+    def _start(self, seq: Sequence, slots: int, need: int, free: int, plan: StepPlan,
+               budget: float) -> tuple[float, int]:
+        seq.reserved_slots, seq.state = slots, SeqState.PREFILL
+        self.running.append(seq)
+        plan.admitted.append(seq)
+        self.counters.admitted += 1
+        return self._plan_prefills(plan, [seq], budget), free - need

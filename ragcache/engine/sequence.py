@@ -85,6 +85,7 @@ class Sequence:
     eos_ids: frozenset[int]
     ticket: Any = None  # the admission order's ticket (agents: program-level FCFS)
     return_logprobs: bool = False
+    background: bool = False  # a shadow check: runs only on spare capacity (scheduler.py)
     state: SeqState = SeqState.WAITING
     arrived_s: float = field(default_factory=time.perf_counter)
     progress: PrefillProgress | None = None  # the prompt's computation, piece by piece (set at submit)

@@ -146,8 +146,8 @@ async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: 
     documents = documents_for(runtime, tenant, data.documents, data.document_ids)
     sampling = convert.sampling_from(data.max_tokens, data.temperature, data.top_p, data.seed, data.stop,
                                      settings.max_new_tokens)
-    rag = RagRequest(data.question, tuple(documents), data.mode or "blend", data.blend_ratio, sampling,
-                     data.system_prompt, tenant)
+    rag = RagRequest(data.question, tuple(documents), mode=data.mode or "blend", blend_ratio=data.blend_ratio,
+                     sampling=sampling, system_prompt=data.system_prompt, namespace=tenant)
     messages = [*([{"role": "system", "content": data.system_prompt}] if data.system_prompt else []),
                 {"role": "user", "content": data.question}]
     result = await _last_item(runtime.answer(tenant, rag, SemanticQueryIn(messages, data.category, data.cache)))
