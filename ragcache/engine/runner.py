@@ -85,6 +85,8 @@ class BlendEngine:
                return_logprobs: bool = False, background: bool = False) -> Sequence:
         """Check and look up the request here, then queue it for the engine thread.
 
+        background: run it only on spare capacity, never delaying a live request (shadow checks).
+
         Raises InvalidRequestError at once for a request that can never be served."""
         started = time.perf_counter()
         with self._tokenizer_lock:
@@ -92,8 +94,6 @@ class BlendEngine:
                                      request.system_prompt or self.config.system_prompt, self.config.limits,
                                      request.history)
         if parts.num_tokens + request.sampling.max_tokens > self.context_len:
-        background: run it only on spare capacity, never delaying a live request (shadow checks).
-
             raise InvalidRequestError(
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
                 f"exceeds the model's context of {self.context_len}"
@@ -229,6 +229,9 @@ class BlendEngine:
             "resumptions": counters.resumptions,
             "admitted": counters.admitted,
             "cancelled": counters.cancelled,
+            "background": {"waiting": len(scheduler.background),
+                           "running": sum(seq.background for seq in list(scheduler.running)),
+                           "steps": counters.background_steps},
         }
 
     # the engine thread
@@ -236,9 +239,6 @@ class BlendEngine:
     def step(self) -> bool:
         """Plan and run one batched step; False when there was nothing to do."""
         with self._step_lock, torch.inference_mode():
-            "background": {"waiting": len(scheduler.background),
-                           "running": sum(seq.background for seq in list(scheduler.running)),
-                           "steps": counters.background_steps},
             return self._step()
 
     def _step(self) -> bool:
