@@ -2,9 +2,11 @@
 
     lookup(query)            embed -> category -> nearest entries of (tenant, category)
                              -> exact scope (model, documents, system prompt) -> threshold in
-                             force -> guards -> context (dependent messages) -> answer store
+                             force -> the category's verifiers in order (verify.py: guards,
+                             learned thresholds, pair classifier) -> answer store
     store(query, answer)     the same key, written to the answer store and the index
-    invalidate / report_false_hit / set_policy / update_load / stats
+    record_check / learn     labelled observations for the learned thresholds (learned.py)
+    invalidate / invalidate_documents / report_false_hit / set_policy / update_load / stats
 
 One index per (tenant, category) (a `Shard`): a lookup never sees another tenant's
 entries. The shard keeps per entry what verification needs (vectors, text features,
@@ -30,13 +32,14 @@ from ragcache.semantic.classifier import CategoryClassifier
 from ragcache.semantic.config import SemanticCacheConfig
 from ragcache.semantic.conversation import ContextKey, context_key, context_text, is_self_contained
 from ragcache.semantic.embedder import Embedder
-from ragcache.semantic.guards import check_context, check_question
 from ragcache.semantic.index import make_index
+from ragcache.semantic.learned import LearnedThresholds, Observation
 from ragcache.semantic.policy import CategoryPolicy
 from ragcache.semantic.shard import Entry, Shard
 from ragcache.semantic.stats import CategoryStats, SemanticCacheStats, percentile_ms
 from ragcache.semantic.text import TextFeatures, features, strip_pleasantries
 from ragcache.semantic.types import GuardRejection, LookupOutcome, SemanticHit, SemanticQuery
+from ragcache.semantic.verify import Candidate, Verifier, make_verifier
 
 _PREPARED_MEMO = 256  # queries whose embeddings are kept between lookup and store
 _LATENCY_SAMPLES = 2048
@@ -77,6 +80,8 @@ class SemanticCache:
         self._policies = dict(config.policies)
         self._classifier = CategoryClassifier(embedder, config.classifier)
         self._control = ThresholdController(config.load)
+        self._learned = LearnedThresholds(config.learned, clock)
+        self._verifier_pool: dict[str, Verifier] = {}
         self._shards: dict[tuple[str, str], Shard] = {}
         self._expiries: list[tuple[float, str, str, str]] = []  # heap of (expires_s, tenant, category, entry id)
         self._bypasses: Counter[tuple[str, str]] = Counter()
@@ -85,6 +90,8 @@ class SemanticCache:
         self._lookup_s: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._embed_s: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._lock = threading.Lock()
+        for category in config.policies:
+            self._verifiers(category)  # an unknown or unavailable verifier fails here, not at the first lookup
         self.rebuilt = self.rebuild()
 
     # the request path
@@ -130,6 +137,7 @@ class SemanticCache:
             answer=answer,
             model=query.model,
             documents_hash=query.documents_hash,
+            document_digests=query.document_digests,
             system_hash=_digest(query.system),
             created_s=now,
             expires_s=now + policy.max_ttl_s,
@@ -154,17 +162,61 @@ class SemanticCache:
                 ids = [entry_id] if entry_id is not None else list(shard.entries)
                 removed += [i for i in ids if shard.remove(i) is not None]
         self.answers.delete(tenant, removed)
+        self._learned.forget_entries(tenant, removed)
         return len(removed)
+
+    def invalidate_documents(self, tenant: str, digests) -> int:
+        """Remove a tenant's entries whose answers used any of these documents (their
+        types.document_digest: the document was deleted or re-registered with other text);
+        how many were removed. Entries stored without document_digests are never matched."""
+        wanted = frozenset(digests)
+        removed: list[str] = []
+        for _, shard in self._tenant_shards(tenant):
+            with shard.lock:
+                ids = [e.entry_id for e in shard.entries.values() if wanted.intersection(e.document_digests)]
+                removed += [i for i in ids if shard.remove(i) is not None]
+                shard.counts["invalidated_by_document"] += len(ids)
+        self.answers.delete(tenant, removed)
+        self._learned.forget_entries(tenant, removed)
+        return len(removed)
+
+    def record_check(self, tenant: str, entry_id: str, similarity: float, correct: bool,
+                     category: str | None = None) -> bool:
+        """A labelled observation for the learned thresholds: a fresh engine answer compared
+        with this entry's cached one (agreement.answers_agree) for a request at `similarity`
+        (SemanticHit.similarity, or a rejection's). The entry stays either way; a wrong one
+        is not served again at that similarity or below. False if the entry is unknown."""
+        for (_, name), shard in self._tenant_shards(tenant):
+            if category is not None and name != category:
+                continue
+            with shard.lock:
+                if entry_id not in shard.entries:
+                    continue
+                shard.counts["checks"] += 1
+                shard.counts["checks_wrong"] += not correct
+            self._learned.observe(Observation(tenant, name, entry_id, float(similarity), bool(correct)))
+            return True
+        return False
+
+    def learn(self, observations) -> int:
+        """Labelled observations offline (learned.Observation: e.g. a tuning set's pairs with
+        the similarities the cache saw); how many were taken. They count as record_check's do."""
+        return self._learned.learn(observations)
 
     def report_false_hit(self, tenant: str, entry_id: str) -> bool:
         """A client says this entry was served wrongly: remove it, count it, and raise the
-        tenant's threshold for its category a step (adaptive.py). False if unknown."""
+        tenant's threshold for its category a step (adaptive.py); the learned thresholds
+        take it as a wrong observation at the similarity it was last served at. False if unknown."""
         for (_, category), shard in self._tenant_shards(tenant):
             with shard.lock:
-                if shard.remove(entry_id) is None:
+                entry = shard.remove(entry_id)
+                if entry is None:
                     continue
                 shard.counts["false_hits"] += 1
             self.answers.delete(tenant, [entry_id])
+            self._learned.forget_entries(tenant, [entry_id])
+            if entry.last_similarity is not None:  # a labelled 'wrong' at the similarity it was served at
+                self._learned.observe(Observation(tenant, category, None, entry.last_similarity, False), "feedback")
             self._control.report_false_hit(tenant, category, self._policies[category])
             return True
         return False
@@ -196,8 +248,13 @@ class SemanticCache:
             with shard.lock:
                 counts = Counter(shard.counts)
                 entries = len(shard.entries)
-            rows.append(CategoryStats.of(tenant, category, entries, counts, policy,
-                                         self._control.threshold(tenant, category, policy), self._control.ttl_s(policy)))
+            names = tuple(v.name for v in self._verifiers(category))
+            learned = self._learned.stats(tenant, category, policy.delta, self._floor(policy)) if "learned" in names else None
+            threshold = self._control.threshold(tenant, category, policy)
+            if learned is not None and learned.threshold is not None:
+                threshold = learned.threshold
+            rows.append(CategoryStats.of(tenant, category, entries, counts, policy, threshold,
+                                         self._control.ttl_s(policy), names, learned))
         return SemanticCacheStats(
             categories=tuple(rows),
             bypasses={f"{tenant}:{reason}": n for (tenant, reason), n in bypasses},
@@ -221,7 +278,8 @@ class SemanticCache:
             if record.embedder != self.embedder.name:
                 record = self._reembedded(record)
             query = SemanticQuery(record.tenant, record.text, record.history, model=record.model,
-                                  documents_hash=record.documents_hash, category=record.category)
+                                  documents_hash=record.documents_hash, category=record.category,
+                                  document_digests=record.document_digests)
             self._index(record, self._analyse(query, record.category, record.text_vector, record.context_vector))
             count += 1
         return count
@@ -263,9 +321,11 @@ class SemanticCache:
 
     def _find(self, shard: Shard, query: SemanticQuery, prepared: _Prepared, now: float):
         policy = self._policy(prepared.category)
+        verifiers = self._verifiers(prepared.category)
         threshold = self._control.threshold(query.tenant, prepared.category, policy)
+        if any(v.name == "learned" for v in verifiers):  # the learned verifier decides from the floor up
+            threshold = min(threshold, self._floor(policy))
         ttl_s = self._control.ttl_s(policy)
-        guards = self.config.guards
         rejections: list[GuardRejection] = []
         with shard.lock:
             candidates = shard.nearest(prepared.key_vector, self.config.candidates)
@@ -279,7 +339,8 @@ class SemanticCache:
             similarity = float(prepared.text_vector @ entry.text_vector)
             if similarity < threshold:
                 continue
-            reason, context_similarity = self._verify(prepared, entry, similarity) if guards.enabled else (None, None)
+            candidate = self._candidate(query.tenant, prepared, entry, similarity)
+            reason = next((r for r in (v.reject_reason(candidate) for v in verifiers) if r is not None), None)
             if reason is not None:
                 rejections.append(GuardRejection(entry.entry_id, reason, similarity))
                 continue
@@ -295,25 +356,50 @@ class SemanticCache:
                 continue
             with shard.lock:
                 entry.hits += 1
+                entry.last_similarity = similarity
             return SemanticHit(answer, similarity, entry.entry_id, prepared.category, now - entry.created_s,
-                               context_similarity), rejections
+                               candidate.context_similarity), rejections
         return None, rejections
 
-    def _verify(self, prepared: _Prepared, entry: Entry, similarity: float) -> tuple[str | None, float | None]:
-        g = self.config.guards
-        reason = check_question(prepared.features, entry.text, similarity, g.near_overlap, g.min_matched,
-                                g.trust_similarity)
-        if reason is not None or (prepared.context is None and entry.context is None):
-            return reason, None
-        if prepared.context is None or entry.context is None:
-            return "context", None
-        context_similarity = float(prepared.context.vector @ entry.context.vector)
-        return check_context(prepared.context, entry.context, context_similarity, g.context_threshold), context_similarity
+    def _candidate(self, tenant: str, prepared: _Prepared, entry: Entry, similarity: float) -> Candidate:
+        both = prepared.context is not None and entry.context is not None
+        return Candidate(
+            tenant, prepared.category, entry.entry_id, prepared.text, entry.message, prepared.features, entry.text,
+            prepared.text_vector, entry.text_vector, similarity, prepared.context, entry.context,
+            float(prepared.context.vector @ entry.context.vector) if both else None,
+        )
+
+    def _verifiers(self, category: str) -> tuple[Verifier, ...]:
+        """The category's verifiers in order, built once per name and shared by categories."""
+        names = self.config.verifiers.get(category, self.config.default_verifiers)
+        chain = []
+        for name in names:
+            if name == "guards" and not self.config.guards.enabled:
+                continue
+            with self._lock:
+                verifier = self._verifier_pool.get(name)
+            if verifier is None:
+                verifier = make_verifier(name, embedder=self.embedder, guards=self.config.guards,
+                                         threshold_of=self._learned_threshold)
+                with self._lock:
+                    verifier = self._verifier_pool.setdefault(name, verifier)
+            chain.append(verifier)
+        return tuple(chain)
+
+    def _learned_threshold(self, candidate: Candidate) -> float:
+        policy = self._policy(candidate.category)
+        cold = self._control.threshold(candidate.tenant, candidate.category, policy)
+        return self._learned.in_force(candidate.tenant, candidate.category, candidate.entry_id, policy.delta,
+                                      self._floor(policy), cold)
+
+    def _floor(self, policy: CategoryPolicy) -> float:
+        return self.config.learned.floor if self.config.learned.floor is not None else policy.min_threshold
 
     def _index(self, record: AnswerRecord, prepared: _Prepared) -> None:
         entry = Entry(
             record.entry_id, next(self._labels), record.created_s, record.expires_s, record.hits, record.model,
             record.documents_hash, record.system_hash, prepared.features, prepared.text_vector, prepared.context,
+            prepared.text, record.document_digests,
         )
         shard = self._shard(record.tenant, record.category)
         policy = self._policy(record.category)

@@ -8,6 +8,7 @@ from typing import Mapping
 from ragcache.semantic.adaptive import LoadConfig
 from ragcache.semantic.classifier import ClassifierConfig
 from ragcache.semantic.index import IndexConfig
+from ragcache.semantic.learned import LearnedConfig
 from ragcache.semantic.policy import DEFAULT_POLICIES, CategoryPolicy
 
 
@@ -34,14 +35,28 @@ class GuardConfig:
 
 @dataclass(frozen=True)
 class SemanticCacheConfig:
+    """verifiers: per category, the verifiers (verify.VERIFIERS) a candidate above the
+    threshold must pass, in order, the first rejection winning; categories not named use
+    default_verifiers. With "learned" among them the policy's threshold only applies while
+    the category is cold (learned.py); GuardConfig.enabled False leaves "guards" out."""
+
     policies: Mapping[str, CategoryPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
     index: IndexConfig = IndexConfig()
     load: LoadConfig = LoadConfig()
     guards: GuardConfig = GuardConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     candidates: int = 8  # nearest entries verified per lookup
+    verifiers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    default_verifiers: tuple[str, ...] = ("guards",)
+    learned: LearnedConfig = LearnedConfig()
 
     def __post_init__(self) -> None:
+        from ragcache.semantic.verify import VERIFIERS
+
+        for names in (self.default_verifiers, *self.verifiers.values()):
+            unknown = [name for name in names if name not in VERIFIERS]
+            if unknown or len(set(names)) != len(names):
+                raise ValueError(f"verifiers must be distinct names among {', '.join(VERIFIERS)}; got {names}")
         if not self.policies:
             raise ValueError("at least one category policy is needed")
         if self.classifier.default not in self.policies or not set(self.classifier.examples) <= set(self.policies):

@@ -214,3 +214,24 @@ def _changed_terms(a: TextFeatures, b: TextFeatures, near_overlap: float, min_ma
     if not (only_a or only_b):
         return None
     return "entity" if only_a and only_b else "scope"
+
+
+class GuardVerifier:
+    """The checks above as a Verifier (verify.py): the question's words, then, in a
+    conversation, its context (a dependent message against a self-contained one is "context")."""
+
+    name = "guards"
+
+    def __init__(self, config) -> None:
+        self.config = config  # a GuardConfig
+
+    def reject_reason(self, candidate) -> str | None:
+        g = self.config
+        reason = check_question(candidate.new_features, candidate.cached_features, candidate.similarity,
+                                g.near_overlap, g.min_matched, g.trust_similarity)
+        new, cached = candidate.new_context, candidate.cached_context
+        if reason is not None or (new is None and cached is None):
+            return reason
+        if new is None or cached is None or candidate.context_similarity is None:
+            return "context"
+        return check_context(new, cached, candidate.context_similarity, g.context_threshold)

@@ -44,7 +44,9 @@ DAY_S = 24 * HOUR_S
 class CategoryPolicy:
     """threshold: the cosine a candidate needs (0..1); ttl_s: how long an answer is served;
     max_entries: the quota per tenant (least valuable evicted first); enabled: False
-    neither serves nor stores the category (e.g. personal data)."""
+    neither serves nor stores the category (e.g. personal data); delta: the wrong-answer
+    rate learned thresholds hold among served candidates (learned.py), when the category's
+    verifiers include "learned"."""
 
     threshold: float
     ttl_s: float
@@ -53,6 +55,7 @@ class CategoryPolicy:
     min_threshold: float | None = None  # load may relax the threshold down to this; None: no relaxing
     max_threshold: float | None = None  # false-hit reports may tighten up to this; None: no tightening
     max_ttl_s: float | None = None  # load may lengthen the TTL up to this; None: no lengthening
+    delta: float = 0.05
 
     def __post_init__(self) -> None:
         for name, default in (("min_threshold", self.threshold), ("max_threshold", self.threshold), ("max_ttl_s", self.ttl_s)):
@@ -65,6 +68,8 @@ class CategoryPolicy:
             )
         if not 0.0 < self.ttl_s <= self.max_ttl_s:
             raise ValueError(f"need 0 < ttl_s <= max_ttl_s, got {self.ttl_s} / {self.max_ttl_s}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if self.max_entries <= 0:
             raise ValueError(f"max_entries must be positive, got {self.max_entries}")
 

@@ -34,6 +34,9 @@ class Entry:
     text: TextFeatures
     text_vector: np.ndarray  # (dim,) the last message's embedding
     context: ContextKey | None  # None when the last message was self-contained
+    message: str = ""  # the last message, greetings stripped: what a verifier compares
+    document_digests: tuple[str, ...] = ()  # the documents the answer was built on
+    last_similarity: float | None = None  # of its latest hit: what a false-hit report was served at
 
 
 def eviction_priority(entry: Entry, now_s: float, ttl_s: float) -> tuple:

@@ -9,17 +9,29 @@ from typing import Sequence
 from ragcache.semantic.conversation import Message, split_messages
 
 
+def document_digest(text: str) -> str:
+    """One document's digest (sha256 of its text, hex): what an answer records per document,
+    so deleting or re-registering that document can drop the answers built on it
+    (SemanticCache.invalidate_documents)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def documents_hash(documents: Sequence[str]) -> str:
     """The documents a RAG answer was generated from, in order, as one short digest ("" for none).
 
     A cached RAG answer is reusable only for the same documents: the same question over
     other documents has another answer.
     """
-    if not documents:
+    return documents_hash_of([document_digest(document) for document in documents])
+
+
+def documents_hash_of(digests: Sequence[str]) -> str:
+    """documents_hash from the documents' digests (document_digest), in order."""
+    if not digests:
         return ""
     digest = hashlib.sha256()
-    for document in documents:
-        digest.update(hashlib.sha256(document.encode()).digest())
+    for one in digests:
+        digest.update(bytes.fromhex(one))
     return digest.hexdigest()[:32]
 
 
@@ -30,6 +42,8 @@ class SemanticQuery:
     text: the last user message; history: the messages before it (system messages
     excluded, they go in `system`). category: the client's, or None to let the classifier
     pick. use_cache: the client's `cache` flag; False bypasses lookup and store.
+    document_digests: document_digest of each document the answer is built on; given
+    without documents_hash, documents_hash is derived from them.
     temperature > 0 bypasses too unless cache_sampled (the client asks that a sampled
     request be served and stored anyway).
     """
@@ -44,6 +58,7 @@ class SemanticQuery:
     temperature: float = 0.0
     use_cache: bool = True
     cache_sampled: bool = False
+    document_digests: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.tenant:
@@ -56,6 +71,9 @@ class SemanticQuery:
         history = tuple(m if isinstance(m, Message) else Message(str(m["role"]), str(m.get("content") or ""))
                         for m in self.history)
         object.__setattr__(self, "history", history)
+        object.__setattr__(self, "document_digests", tuple(self.document_digests))
+        if self.document_digests and not self.documents_hash:
+            object.__setattr__(self, "documents_hash", documents_hash_of(self.document_digests))
 
     @classmethod
     def from_messages(cls, tenant: str, messages: Sequence[Message | dict], **fields) -> "SemanticQuery":

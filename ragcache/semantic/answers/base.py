@@ -48,6 +48,7 @@ class AnswerRecord:
     text_vector: np.ndarray  # (dim,) float32
     context_vector: np.ndarray | None  # (dim,) float32, or None for a self-contained text
     hits: int = 0
+    document_digests: tuple[str, ...] = ()  # types.document_digest of each document used; () for none
 
 
 class AnswerStoreStats(NamedTuple):

@@ -6,6 +6,9 @@
 |                                             | documents_hash, system_hash, category,      |
 |                                             | created_s, expires_s, hits, embedder,       |
 |                                             | text_vector, context_vector (float32 bytes) |
+|                                             | document_digests (comma-separated hex)      |
+
+Records written before document_digests existed decode with none.
 
 The tenant is percent-encoded, so no tenant name can reach into another's keys. Each
 hash expires in Redis at expires_s (PEXPIREAT), and the cache checks the time itself
@@ -133,6 +136,7 @@ def _encode(record: AnswerRecord) -> dict[str, bytes | str | float | int]:
         "hits": record.hits,
         "embedder": record.embedder,
         "text_vector": np.asarray(record.text_vector, dtype=np.float32).tobytes(),
+        "document_digests": ",".join(record.document_digests),
     }
     if record.context_vector is not None:
         fields["context_vector"] = np.asarray(record.context_vector, dtype=np.float32).tobytes()
@@ -161,6 +165,7 @@ def _decode(key: str, fields: dict[bytes, bytes]) -> AnswerRecord | None:
             text_vector=np.frombuffer(text["text_vector"], dtype=np.float32).copy(),
             context_vector=None if context is None else np.frombuffer(context, dtype=np.float32).copy(),
             hits=int(text.get("hits", b"0")),
+            document_digests=tuple(d for d in text.get("document_digests", b"").decode().split(",") if d),
         )
     except (KeyError, ValueError, UnicodeDecodeError) as error:
         log.warning("semantic answers: skipping unreadable entry %s: %s", key, error)
