@@ -112,3 +112,23 @@ def test_redis_down_is_a_miss_not_an_error(embedder, throwaway_redis, redis_name
     stats = cache.stats()
     assert stats.answers.errors >= 1 and not stats.answers.available
     answers.close()
+
+
+def test_document_digests_persist_and_invalidation_reaches_redis(embedder, store, redis_url, redis_namespace):
+    from ragcache.semantic.types import document_digest
+
+    amazon, danube = document_digest("The Amazon..."), document_digest("The Danube...")
+    first = make_cache(embedder, answers=store())
+    first.store(query("Which river flows into the Atlantic?", document_digests=(amazon, danube)), "The Amazon.")
+    first.store(query("Which river flows into the Black Sea?", document_digests=(danube,)), "The Danube.")
+    assert {r.document_digests for r in store().records(now_s=0.0)} == {(amazon, danube), (danube,)}
+    restarted = make_cache(embedder, answers=store())  # digests come back with the rebuilt index
+    assert restarted.invalidate_documents("acme", [amazon]) == 1
+    (left,) = list(store().records(now_s=0.0))
+    assert left.document_digests == (danube,) and left.answer == "The Danube."
+    with redis.Redis.from_url(redis_url) as client:  # a record written before digests existed
+        (key,) = list(client.scan_iter(match=f"ragcache:{redis_namespace}:*"))
+        client.hdel(key, "document_digests")
+    (old,) = list(store().records(now_s=0.0))
+    assert old.document_digests == () and old.answer == "The Danube."
+    assert make_cache(embedder, answers=store()).invalidate_documents("acme", [danube]) == 0

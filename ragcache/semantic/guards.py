@@ -55,7 +55,7 @@ def check_question(
     similarity: the two texts' embedding similarity; from trust_similarity up, a changed
     ordinary word is taken for a synonym (the hard checks above it still apply).
     """
-    if _negation_differs(new, cached):
+    if negation_differs(new, cached):
         return "negation"
     if not _same_numbers(new.numbers, cached.numbers):
         return "number"
@@ -117,7 +117,8 @@ def _offer_changed(a: TextFeatures, b: TextFeatures) -> bool:
     return [w for w in a.content if w in shared] != [w for w in b.content if w in shared]
 
 
-def _negation_differs(a: TextFeatures, b: TextFeatures) -> bool:
+def negation_differs(a: TextFeatures, b: TextFeatures) -> bool:
+    """One side negates what the other says plainly (also how agreement.py compares answers)."""
     if a.negations % 2 != b.negations % 2:
         return True
     only_a, only_b = set(a.words) - set(b.words), set(b.words) - set(a.words)
