@@ -200,12 +200,12 @@ def test_sampling_is_per_sequence_in_a_batch(make_engine):
     assert batched[0].token_ids == batched[2].token_ids  # the same seed, the same draw, batch or not
 
 
-@pytest.mark.parametrize("deviation", ["value", "key", "attention"])
-def test_a_blend_run_in_pieces_equals_the_one_pass_blend(make_engine, tokenizer, deviation):
+@pytest.mark.parametrize("deviation, sink_tokens", [("value", 0), ("key", 0), ("attention", 0), ("key", 4)])
+def test_a_blend_run_in_pieces_equals_the_one_pass_blend(make_engine, tokenizer, deviation, sink_tokens):
     from ragcache.engine.blend import BlendConfig
 
     question = " ".join([QUESTION] * 3)  # question tokens spread over several pieces too
-    config = BlendConfig(deviation=deviation)
+    config = BlendConfig(deviation=deviation, sink_tokens=sink_tokens)  # sink_tokens: EPIC's k
     engine = make_engine(blend=config, scheduler=SchedulerConfig(step_tokens=8))
     engine.add_documents(list(DOCUMENTS))
     got = engine.generate(request(mode="blend", question=question, blend_ratio=0.3, max_tokens=6),

@@ -18,8 +18,10 @@ Buffer layout of a prompt with prefix P, chunks L1..Ln and question Q:
            [C, T)        question computed in every mode
 
 Only chunks 2..n are blend candidates: chunk 1's KV already equals full prefill's, so
-recomputing it would be work for nothing. Attention masks are exact causal: a recomputed
-token sees slots up to its own, never the later chunks.
+recomputing it would be work for nothing. Which candidates are recomputed is selection.py's
+job (top-r by deviation, optionally EPIC's sink tokens of every candidate chunk first).
+Attention masks are exact causal: a recomputed token sees slots up to its own, never the
+later chunks.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from ragcache.engine.forward import TokenRun, run_tokens
 from ragcache.engine.kvbuffer import KVBuffer, SharedPrefix
 from ragcache.engine.prompt import PromptParts
+from ragcache.engine.selection import choose_candidates, recompute_count
 from ragcache.engine.stack import DecoderStack
 from ragcache.kv import KVChunk
 
@@ -51,16 +54,21 @@ class BlendConfig:
         'key'        the same on K
         'attention'  value deviation weighted by the attention the question pays the token
                      at the check layer: a deviating token matters only if it is looked at.
+    sink_tokens: EPIC's k: the first k tokens of every candidate chunk are recomputed before
+        the ranking, out of the same budget (selection.py); 0 turns it off.
     """
 
     check_layer: int = 1
     deviation: str = "value"
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.check_layer < 0:
             raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
 
 
 @dataclass(frozen=True)
@@ -74,37 +82,41 @@ class BlendResult:
 
 
 class DeviationSelector:
-    """Keeps the top-ratio candidates by KV deviation at one layer, plus every non-candidate.
+    """Keeps the chosen candidates (selection.py) by KV deviation at one layer, plus every non-candidate.
 
-    The run's first num_candidates tokens are the candidates (reused chunk tokens); the
-    rest (the question) are always kept. The run's slots are contiguous, ending the prompt.
+    The run's first num_candidates tokens are the candidates (reused chunk tokens, the
+    chunks of chunk_lens in order); the rest (the question) are always kept. The run's
+    slots are contiguous, ending the prompt.
     """
 
-    def __init__(self, layer: int, ratio: float, deviation: str, num_candidates: int) -> None:
-        self.layer = layer
+    def __init__(self, config: BlendConfig, ratio: float, chunk_lens: Sequence[int]) -> None:
+        self.layer = config.check_layer
         self.ratio = ratio
-        self.deviation = deviation
-        self.num_candidates = num_candidates
+        self.deviation = config.deviation
+        self.sink_tokens = config.sink_tokens
+        self.chunk_lens = tuple(chunk_lens)
+        self.num_candidates = sum(self.chunk_lens)
         self.chosen_slots: torch.Tensor | None = None
 
     def select(self, layer, buffer, slots, queries, keys, values):
         if layer != self.layer:
             return None
         n = self.num_candidates
-        scores = self._deviation(layer, buffer, slots, keys, values)
+        scores = kv_deviation(buffer, layer, slots[:n], keys[:, :n], values[:, :n], self.deviation)
         if self.deviation == "attention":
             scores = scores * _question_attention(buffer, layer, slots, queries, keys, n)
-        count = min(n, max(1, round(self.ratio * n)))
-        chosen = scores.topk(count).indices.sort().values
+        chosen = choose_candidates(scores, recompute_count(self.ratio, n), self.chunk_lens, self.sink_tokens)
         self.chosen_slots = slots[chosen]
         return torch.cat([chosen, torch.arange(n, slots.shape[0], device=slots.device)])
 
-    def _deviation(self, layer, buffer, slots, keys, values) -> torch.Tensor:
-        n = self.num_candidates
-        on_keys = self.deviation == "key"
-        cached = (buffer.keys_at if on_keys else buffer.values_at)(layer, slots[:n])  # (kv_heads, n, dim), as reused
-        fresh = (keys if on_keys else values)[:, :n]
-        return (fresh.float() - cached.float()).square().sum(dim=(0, 2))  # (n,)
+
+def kv_deviation(buffer, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 deviation: str) -> torch.Tensor:
+    """(tokens,) squared distance of the fresh K (deviation 'key') or V (otherwise) from the cached KV at slots."""
+    on_keys = deviation == "key"
+    cached = (buffer.keys_at if on_keys else buffer.values_at)(layer, slots)  # (kv_heads, tokens, dim), as reused
+    fresh = keys if on_keys else values
+    return (fresh.float() - cached.float()).square().sum(dim=(0, 2))
 
 
 def _question_attention(buffer, layer, slots, queries, keys, num_candidates: int) -> torch.Tensor:
@@ -182,8 +194,8 @@ def place_prompt(
         buffer.clear(layout.cached_tokens, total)
     selector = None
     if layout.selective:
-        num_candidates = layout.cached_tokens - layout.start
-        selector = DeviationSelector(config.check_layer, ratio, config.deviation, num_candidates)
+        selector = DeviationSelector(config, ratio, [len(chunk) for chunk in parts.chunk_ids[1:]])
+        assert selector.num_candidates == layout.cached_tokens - layout.start  # the candidates are chunks 2..n
     return Prefill(buffer, ids, layout.start, layout.cached_tokens, selector)
 
 

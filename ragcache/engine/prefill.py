@@ -8,7 +8,8 @@ cut in two phases, each in pieces, and gives what the one-pass blend gives:
              check_layer its fresh K/V is written and each candidate's deviation from its
              cached KV scored (the question's queries kept for attention-weighted scores);
              the hidden state entering check_layer is kept
-    select   after the last scan piece: the top-r candidates by score
+    select   after the last scan piece: the top-r candidates by score (EPIC's sink tokens
+             first when asked), by the same rule as the one-pass selector (selection.py)
     finish   the chosen candidates + the question, from their kept hidden states, through
              layers [check_layer, num_layers), in slot order: a piece sees the fresh K/V
              of the pieces before it, as the one-pass run does within its single pass
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ragcache.engine.blend import DeviationSelector, Prefill, question_attention
+from ragcache.engine.blend import DeviationSelector, Prefill, kv_deviation, question_attention
+from ragcache.engine.selection import choose_candidates, recompute_count
 from ragcache.engine.forward import BatchItem, RunOutput, TokenRun
 
 PLAIN, SCAN, FINISH = "plain", "scan", "finish"
@@ -53,7 +55,7 @@ class PrefillProgress:
     def blend(cls, start: int, cached: int, total: int, num_layers: int, check_layer: int,
               ratio: float) -> "PrefillProgress":
         num_candidates = cached - start
-        chosen = min(num_candidates, max(1, round(ratio * num_candidates)))
+        chosen = recompute_count(ratio, num_candidates)
         return cls(start, total, num_layers, check_layer, SCAN, finish_len=chosen + total - cached,
                    num_candidates=num_candidates, ratio=ratio)
 
@@ -98,6 +100,8 @@ class BlendScan:
         self.layer = selector.layer
         self.ratio = selector.ratio
         self.deviation = selector.deviation
+        self.sink_tokens = selector.sink_tokens
+        self.chunk_lens = selector.chunk_lens
         self.num_candidates = selector.num_candidates
         num_run = prefill.ids.shape[0] - prefill.start
         device = prefill.ids.device
@@ -114,15 +118,14 @@ class BlendScan:
         candidate = index < self.num_candidates
         if candidate.any():
             rows = candidate.nonzero()[:, 0]
-            cached = (buffer.keys_at if self.deviation == "key" else buffer.values_at)(layer, slots[rows])
-            fresh = (values if self.deviation != "key" else keys)[:, rows]
-            self.scores[index[rows]] = (fresh.float() - cached.float()).square().sum(dim=(0, 2))
+            self.scores[index[rows]] = kv_deviation(buffer, layer, slots[rows], keys[:, rows], values[:, rows],
+                                                    self.deviation)
         if not candidate.all():
             self.question_queries.append(queries[:, (~candidate).nonzero()[:, 0]])
         return None
 
     def choose(self, buffer) -> None:
-        """After the last scan piece: the top-r candidates, then the question, as the finish phase's slots."""
+        """After the last scan piece: the chosen candidates, then the question, as the finish phase's slots."""
         start, n = self.prefill.start, self.num_candidates
         total = self.prefill.ids.shape[0]
         scores = self.scores
@@ -132,8 +135,7 @@ class BlendScan:
             keys = buffer.layer(self.layer, total)[0]
             candidate_slots = torch.arange(start, start + n, device=scores.device)
             scores = scores * question_attention(keys, queries, question_slots, candidate_slots)
-        count = min(n, max(1, round(self.ratio * n)))
-        chosen = scores.topk(count).indices.sort().values
+        chosen = choose_candidates(scores, recompute_count(self.ratio, n), self.chunk_lens, self.sink_tokens)
         self.chosen_slots = chosen + start
         self.prefill.selector.chosen_slots = self.chosen_slots  # what Prefill.recomputed_tokens() counts
         self.finish_slots = torch.cat([self.chosen_slots, question_slots])
