@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from ragcache.engine.blend import BlendConfig
 from ragcache.engine.programs import program_key, program_kv
 from ragcache.engine.request import Generation, PhaseTimings
 from ragcache.engine.sequence import Sequence
@@ -11,7 +12,7 @@ from ragcache.engine.stack import DecoderStack
 from ragcache.kv import ChunkKey, KVChunk
 
 
-def generation_of(seq: Sequence, num_layers: int, blend_ratio: float) -> Generation:
+def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: BlendConfig = BlendConfig()) -> Generation:
     """The finished sequence as its caller sees it: text, usage of the cache, phase timings."""
     prefill, lookup, request = seq.prefill, seq.lookup, seq.request
     now = time.perf_counter()
@@ -19,6 +20,7 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float) -> Generat
     timings = PhaseTimings(lookup.lookup_s, seq.chunk_compute_s, first - seq.admitted_s, first - seq.arrived_s,
                            now - first, seq.admitted_s - seq.arrived_s)
     looked_up = request.mode != "full" and lookup.program is None
+    blended = request.mode == "blend"
     return Generation(
         text=seq.stream.text,
         token_ids=list(seq.stream.tokens),
@@ -33,7 +35,9 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float) -> Generat
         first_token_logprobs=seq.first_logprobs,
         program_reused_tokens=lookup.program.reused_tokens if lookup.program is not None else 0,
         mode=request.mode,
-        blend_ratio=blend_ratio if request.mode == "blend" else 0.0,
+        blend_ratio=blend_ratio if blended else 0.0,
+        blend_deviation=blend.deviation if blended else "",
+        blend_sink_tokens=blend.sink_tokens if blended else 0,
     )
 
 

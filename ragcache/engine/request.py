@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ragcache.engine.blend import MODES, BlendConfig
+from ragcache.engine.blend import DEVIATIONS, MODES, BlendConfig
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, PromptLimits
@@ -36,6 +36,8 @@ class RagRequest:
     documents: tuple[str, ...] = ()
     mode: str = "blend"
     blend_ratio: float | None = None  # None: the engine's default_ratio
+    blend_deviation: str | None = None  # what ranks tokens to recompute (BlendConfig.deviation); None: the engine's
+    blend_sink_tokens: int | None = None  # EPIC's k (BlendConfig.sink_tokens); None: the engine's, 0: off
     sampling: SamplingParams = SamplingParams()
     system_prompt: str | None = None
     namespace: str = DEFAULT_NAMESPACE
@@ -47,6 +49,11 @@ class RagRequest:
             raise InvalidRequestError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.blend_ratio is not None and not 0.0 <= self.blend_ratio <= 1.0:
             raise InvalidRequestError(f"blend_ratio must be in [0, 1], got {self.blend_ratio}")
+        if self.blend_deviation is not None and self.blend_deviation not in DEVIATIONS:
+            raise InvalidRequestError(f"blend_deviation must be one of {list(DEVIATIONS)}, got {self.blend_deviation!r}")
+        sinks = self.blend_sink_tokens
+        if sinks is not None and (not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0):
+            raise InvalidRequestError(f"blend_sink_tokens must be an integer >= 0, got {sinks!r}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class Generation:
     program_tokens: int = 0  # tokens of the program's stored KV
     mode: str = "blend"
     blend_ratio: float = 0.0  # the ratio blending used (the engine's default when the request gave none)
+    blend_deviation: str = ""  # the deviation that ranked the tokens (as blend_ratio: resolved; "" unless mode blend)
+    blend_sink_tokens: int = 0  # EPIC's k the selection used (resolved; 0 unless mode blend)
 
 
 class SequenceCancelled(Exception):

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ragcache.engine.blend import PromptLayout, place_prompt, prompt_layout
+from ragcache.engine.blend import BlendConfig, PromptLayout, place_prompt, prompt_layout
 from ragcache.engine.chunks import compute_chunks
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import TokenCallback
@@ -80,6 +80,13 @@ class BlendEngine:
     def ratio_of(self, request: RagRequest) -> float:
         """The blend ratio a request gets: its own, or the engine's default."""
         return self.config.default_ratio if request.blend_ratio is None else request.blend_ratio
+
+    def blend_of(self, request: RagRequest) -> BlendConfig:
+        """The selection a request gets: the engine's BlendConfig with the request's deviation / sink tokens, if any."""
+        blend = self.config.blend
+        return replace(blend,
+                       deviation=blend.deviation if request.blend_deviation is None else request.blend_deviation,
+                       sink_tokens=blend.sink_tokens if request.blend_sink_tokens is None else request.blend_sink_tokens)
 
     def submit(self, request: RagRequest, sink: GenerationSink, *, ticket=None,
                return_logprobs: bool = False, background: bool = False) -> Sequence:
@@ -319,7 +326,7 @@ class BlendEngine:
                 prefix_kv, chunk_kvs = self._fill_missing(seq)
                 shared = self._share_prefix(lookup.prefix_key, prefix_kv)
                 seq.prefill = place_prompt(self.stack, seq.parts, prefix_kv, chunk_kvs, mode=request.mode,
-                                           ratio=self.ratio_of(request), config=self.config.blend, capacity=capacity,
+                                           ratio=self.ratio_of(request), config=self.blend_of(request), capacity=capacity,
                                            shared=shared)
             if seq.prefill.selector is not None:
                 seq.scan = BlendScan(seq.prefill, self.stack)
@@ -376,7 +383,7 @@ class BlendEngine:
     def _finish(self, seq: Sequence) -> None:
         """A finished sequence: its Generation, the program KV (tensor work here, the store write off-thread)."""
         self.scheduler.finish(seq)
-        result = generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request))
+        result = generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request), self.blend_of(seq.request))
         saved = program_entry(self.stack, seq, self.loaded.fingerprint) if seq.request.program_id else None
         self._release(seq)
         self._writer.submit(self._deliver, seq, result, saved)
