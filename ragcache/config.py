@@ -32,6 +32,12 @@ class Settings:
     blend_ratio: float = 0.15
     check_layer: int = 1
     deviation: str = "value"
+    # answers stay right: shadow checks (on spare engine capacity) and the blend error budget
+    blend_epsilon: float = 0.1  # the largest first-token disagreement rate with full prefill blending may have
+    blend_ladder: str | None = None  # settings fastest to safest, comma-separated; None: from blend_ratio
+    shadow_fraction: float = 0.1  # of blended answers checked against full prefill
+    semantic_shadow_fraction: float = 0.1  # of semantic hits checked against a fresh engine answer
+    shadow_max_pending: int = 8
     # store
     device_cache_gb: float = 1.0
     cpu_cache_gb: float = 8.0
@@ -58,6 +64,10 @@ class Settings:
         checks = [
             (0 < self.port < 65536, "port must be in 1..65535"),
             (0.0 <= self.blend_ratio <= 1.0, "blend_ratio must be in [0, 1]"),
+            (0.0 < self.blend_epsilon < 1.0, "blend_epsilon must be in (0, 1)"),
+            (0.0 <= self.shadow_fraction <= 1.0 and 0.0 <= self.semantic_shadow_fraction <= 1.0,
+             "shadow_fraction and semantic_shadow_fraction must be in [0, 1]"),
+            (self.shadow_max_pending > 0, "shadow_max_pending must be positive"),
             (self.device_cache_gb > 0 and self.cpu_cache_gb > 0, "device_cache_gb and cpu_cache_gb must be positive"),
             (self.max_queue > 0, "max_queue must be positive"),
             (self.working_kv_gb > 0, "working_kv_gb must be positive"),
@@ -75,8 +85,24 @@ class Settings:
                 f"host {self.host!r} is not local and no api_keys are configured: "
                 "set api_keys (RAGCACHE_API_KEYS=key:tenant,...) before serving beyond localhost"
             )
+        from ragcache.checks.blend_budget import BlendBudgetConfig
+
+        try:
+            BlendBudgetConfig(self.blend_epsilon, ladder=self.ladder)
+        except ValueError as exc:
+            raise SettingsError(f"blend_ladder: {exc}") from None
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise SettingsError("admin_key must differ from every tenant API key")
+
+
+    @property
+    def ladder(self) -> tuple[str, ...]:
+        """The blend budget's settings, fastest to safest: blend_ladder, or the default built on blend_ratio."""
+        from ragcache.checks.blend_budget import default_ladder
+
+        if self.blend_ladder:
+            return tuple(name.strip() for name in self.blend_ladder.split(",") if name.strip())
+        return default_ladder(self.blend_ratio)
 
 
 def _is_loopback(host: str) -> bool:

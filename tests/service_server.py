@@ -14,6 +14,7 @@ from ragcache.config import Settings
 from ragcache.engine.runner import BlendEngine
 from ragcache.service.app import create_app
 from ragcache.service.runtime import Runtime
+from ragcache.service.server import answer_checks
 
 
 def free_port() -> int:
@@ -46,6 +47,6 @@ def running_server(engine: BlendEngine, semantic=None, **settings):
     settings = Settings(port=free_port(), **settings)
     coordinator = ProgramCoordinator.measured(engine.store, engine.stack)
     engine.use_admission_order(coordinator.scheduler)
-    runtime = Runtime(engine, settings.max_queue, semantic, coordinator)
+    runtime = Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic))
     with serving(create_app(settings, runtime), settings.port) as url:
         yield url, runtime

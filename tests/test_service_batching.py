@@ -89,3 +89,24 @@ def test_a_stream_is_accepted_before_its_first_token(server):
         release.set()
         holder.join()
     assert text.rstrip().endswith("data: [DONE]") and '"finish_reason":' in text
+
+
+def test_shadow_checks_run_after_the_answer_and_show_in_admin_stats_and_metrics(tokenizer):
+    from ragcache.engine.runner import BlendEngine
+
+    engine = BlendEngine(loaded(tiny_model(), tokenizer), TieredStore([CpuTier(64 << 20)]))
+    with running_server(engine, semantic_cache=False, shadow_fraction=1.0) as (url, runtime):
+        body = {"question": QUESTION, "documents": [{"text": text} for text in DOCUMENTS[:3]], "max_tokens": 4}
+        reply = httpx.post(f"{url}/v1/rag", json=body, timeout=60)
+        assert reply.status_code == 200
+        wait_for(lambda: runtime.shadow.stats()["counts"].get("blend_done") == 1)
+        budget = httpx.get(f"{url}/admin/stats").json()["blend_budget"]
+        assert [(row["tenant"], row["category"], row["setting"]) for row in budget] == [
+            ("default", "default", "blend@0.15")]
+        assert budget[0]["estimates"]["blend@0.15"]["n"] == 1
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'ragcache_blend_checks{tenant="default",category="default",setting="blend@0.15"} 1' in metrics
+        assert 'ragcache_shadow_checks_total{outcome="blend_done"} 1' in metrics
+        stated = httpx.post(f"{url}/v1/rag", json=body | {"blend_ratio": 0.5}, timeout=60)  # asked for: not steered
+        assert stated.status_code == 200 and stated.json()["ragcache"]["blend_ratio"] == 0.5
+        assert runtime.shadow.stats()["counts"]["blend_sampled"] == 1

@@ -58,4 +58,35 @@ def prometheus_text(stats: dict) -> str:
         name = f"ragcache_semantic_{field}" + ("_total" if kind == "counter" else "")
         lines.append(f"# TYPE {name} {kind}")
         lines += [_line(name, c[field], tenant=c["tenant"], category=c["category"]) for c in stats.get("semantic", [])]
+    lines += _blend_budget_lines(stats.get("blend_budget", []), stats.get("shadow"))
     return "\n".join(lines) + "\n"
+
+
+def _blend_budget_lines(budgets: list[dict], shadow: dict | None) -> list[str]:
+    """Per (tenant, category, setting): the disagreement estimate, its interval and checks; the rung in force."""
+    lines = ["# HELP ragcache_blend_budget_epsilon Largest first-token disagreement rate blending may have.",
+             "# TYPE ragcache_blend_budget_epsilon gauge",
+             "# HELP ragcache_blend_setting Blend setting in force (1) per tenant and category.",
+             "# TYPE ragcache_blend_setting gauge",
+             "# HELP ragcache_blend_budget_changes_total Setting changes the budget made.",
+             "# TYPE ragcache_blend_budget_changes_total counter"]
+    estimates = {"checks": "Shadow checks in the window.", "disagreement": "First-token disagreement rate.",
+                 "disagreement_low": "Lower end of its interval.", "disagreement_high": "Upper end of its interval."}
+    for field, help_text in estimates.items():
+        lines += [f"# HELP ragcache_blend_{field} {help_text}", f"# TYPE ragcache_blend_{field} gauge"]
+    for row in budgets:
+        labels = {"tenant": row["tenant"], "category": row["category"]}
+        lines.append(_line("ragcache_blend_budget_epsilon", row["epsilon"], **labels))
+        lines.append(_line("ragcache_blend_setting", 1, **labels, setting=row["setting"]))
+        lines.append(_line("ragcache_blend_budget_changes_total", row["changes"], **labels))
+        for setting, estimate in row["estimates"].items():
+            values = {"checks": estimate["n"], "disagreement": estimate["rate"],
+                      "disagreement_low": estimate["low"], "disagreement_high": estimate["high"]}
+            lines += [_line(f"ragcache_blend_{field}", value, **labels, setting=setting)
+                      for field, value in values.items() if value is not None]
+    if shadow is not None:
+        lines += ["# HELP ragcache_shadow_checks_total Shadow checks by outcome.",
+                  "# TYPE ragcache_shadow_checks_total counter"]
+        lines += [_line("ragcache_shadow_checks_total", n, outcome=outcome) for outcome, n in shadow["counts"].items()]
+        lines += ["# TYPE ragcache_shadow_pending gauge", _line("ragcache_shadow_pending", shadow["pending"])]
+    return lines

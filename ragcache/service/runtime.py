@@ -25,10 +25,15 @@ import msgspec
 
 from ragcache.agents.coordinator import ProgramCoordinator
 from ragcache.bench.metrics import percentile
+from ragcache.checks.blend_budget import BlendBudget, is_steerable
+from ragcache.checks.shadow import ShadowChecks
 from ragcache.engine.base import Engine
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.runner import Generation, RagRequest
 from ragcache.kv import ChunkKey
+
+
+DEFAULT_CATEGORY = "default"  # a request's category for the blend budget when the semantic cache names none
 
 
 class QueueFullError(RuntimeError):
@@ -106,13 +111,17 @@ class _QueueSink:
 class Runtime:
     """engine: any Engine (started here); semantic: the SemanticCache or None; coordinator: the agents
     layer (program-level admission order, tool-aware pins) or None, built by the caller over the
-    engine's store."""
+    engine's store; budget: the blend error budget that picks each steerable request's setting, or
+    None (the engine's defaults); shadow: the shadow checks feeding it and the semantic cache, or None."""
 
     def __init__(self, engine: Engine, max_queue: int, semantic=None,
-                 coordinator: ProgramCoordinator | None = None) -> None:
+                 coordinator: ProgramCoordinator | None = None, budget: BlendBudget | None = None,
+                 shadow: ShadowChecks | None = None) -> None:
         self.engine = engine
         self.semantic = semantic
         self.coordinator = coordinator
+        self.budget = budget
+        self.shadow = shadow
         self.model_name = engine.model_name
         self.max_queue = max_queue
         self.started_s = time.time()
@@ -147,17 +156,34 @@ class Runtime:
         depends on tool results the cache cannot see)."""
         started = time.perf_counter()
         semantic_query = self._semantic_query(tenant, request, query)
-        hit = await self._lookup(semantic_query)
-        if hit is not None:
+        outcome = await self._lookup(semantic_query)
+        category = _category(outcome, query)
+        setting = None
+        if self.budget is not None and is_steerable(request):
+            setting = self.budget.setting_for(tenant, category)
+            request = setting.apply(request)
+        if outcome is not None and outcome.hit is not None:
+            hit = outcome.hit
+            if self.shadow is not None and self.shadow.sample_semantic():
+                self.shadow.check_semantic(tenant, request, hit.answer, hit.entry_id, hit.similarity)
             yield CachedAnswer(hit.answer, hit.similarity, hit.entry_id, time.perf_counter() - started)
             return
-        async for item in self._generate(tenant, request, is_last_step):
-            if isinstance(item, Generation):
-                await self._remember(semantic_query, item)
-            yield item
+        checked = setting is not None and self.shadow is not None and self.shadow.sample_blend()
+        served = None
+        try:
+            async for item in self._generate(tenant, request, is_last_step, return_logprobs=checked):
+                if isinstance(item, Generation):
+                    served = item
+                    await self._remember(semantic_query, item)
+                yield item
+        finally:
+            if checked and served is not None:
+                self.shadow.check_blend(tenant, category, setting.name, request, served)
+            elif checked:
+                self.shadow.abandon()
 
-    async def _generate(self, tenant: str, request: RagRequest,
-                        is_last_step: bool) -> AsyncIterator[Accepted | str | Generation]:
+    async def _generate(self, tenant: str, request: RagRequest, is_last_step: bool,
+                        return_logprobs: bool = False) -> AsyncIterator[Accepted | str | Generation]:
         try:
             self.check_capacity()
         except QueueFullError:
@@ -169,7 +195,8 @@ class Runtime:
         seq = None
         try:
             try:
-                seq = await asyncio.to_thread(self.engine.submit, request, sink, ticket=ticket)
+                seq = await asyncio.to_thread(self.engine.submit, request, sink, ticket=ticket,
+                                              return_logprobs=return_logprobs)
             except BaseException:
                 if ticket is not None:
                     self.coordinator.abandon(ticket)
@@ -208,7 +235,7 @@ class Runtime:
         if query is None:
             return None
         try:
-            return await asyncio.to_thread(self.semantic.lookup, query)
+            return await asyncio.to_thread(self.semantic.lookup_outcome, query)
         except ValueError as exc:  # e.g. an unknown category
             raise InvalidRequestError(str(exc)) from None
 
@@ -299,6 +326,8 @@ class Runtime:
             "store": msgspec.to_builtins(store["store"]) | {"active_pins": store["active_pins"]},
             "tenants": {tenant: self._tenant_stats(tenant, m) for tenant, m in self.metrics.items()},
             "semantic": _semantic_categories(self.semantic),
+            "blend_budget": self.budget.state() if self.budget is not None else [],
+            "shadow": self.shadow.stats() if self.shadow is not None else None,
         }
 
     def program_stats(self) -> dict:
@@ -321,7 +350,16 @@ class Runtime:
         """Let queued work finish, release pins, write hot local KV through to Redis (if configured), close."""
         if self.coordinator is not None:
             self.coordinator.close()
+        if self.shadow is not None:
+            self.shadow.close()
         self.engine.close()
+
+
+def _category(outcome, query: SemanticQueryIn | None) -> str:
+    """The request's category: the semantic cache's (classified or the client's), else the client's, else default."""
+    if outcome is not None and outcome.category not in ("", "-"):
+        return outcome.category
+    return (query.category if query is not None else None) or DEFAULT_CATEGORY
 
 
 def _semantic_categories(semantic) -> list[dict]:

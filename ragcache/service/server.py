@@ -6,6 +6,8 @@ import logging
 import threading
 
 from ragcache.agents.coordinator import ProgramCoordinator
+from ragcache.checks.blend_budget import BlendBudget, BlendBudgetConfig
+from ragcache.checks.shadow import ShadowChecks, ShadowConfig
 from ragcache.config import Settings, SettingsError
 from ragcache.engine.blend import BlendConfig
 from ragcache.engine.loader import ModelSpec, load_model
@@ -44,7 +46,26 @@ def build_runtime(settings: Settings) -> Runtime:
     engine = BlendEngine(loaded, store, config)
     coordinator = ProgramCoordinator.measured(store, engine.stack)
     engine.use_admission_order(coordinator.scheduler)
-    return Runtime(engine, settings.max_queue, _semantic_cache(settings), coordinator)
+    semantic = _semantic_cache(settings)
+    return Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic))
+
+
+def answer_checks(settings: Settings, engine, semantic) -> tuple[BlendBudget, ShadowChecks]:
+    """The blend error budget and the shadow checks that feed it and the semantic cache's thresholds."""
+    budget = BlendBudget(BlendBudgetConfig(settings.blend_epsilon, ladder=settings.ladder))
+    shadow = ShadowChecks(engine, budget, ShadowConfig(settings.shadow_fraction, settings.semantic_shadow_fraction,
+                                                       settings.shadow_max_pending),
+                          semantic, _agreement(semantic))
+    return budget, shadow
+
+
+def _agreement(semantic):
+    """How a semantic shadow check compares the cached answer with the fresh one (None: no semantic cache)."""
+    if semantic is None:
+        return None
+    from ragcache.semantic.agreement import answers_agree
+
+    return lambda cached, fresh: answers_agree(cached, fresh, semantic.embedder).agree
 
 
 def _semantic_cache(settings: Settings):
