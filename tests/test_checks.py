@@ -84,6 +84,16 @@ def test_the_budget_stays_while_the_upper_bound_holds_and_steps_back_down_when_w
     assert budget.state()[0]["changes"] == 2
 
 
+def test_a_clean_record_is_not_judged_before_it_could_bound_the_rate_within_epsilon():
+    budget = _budget(epsilon=0.05, min_checks=5, step_down_after=100, window=200)
+    first = budget.ladder[0].name
+    for _ in range(19):
+        budget.observe("t", "c", first, disagreed=False)
+    assert budget.setting_for("t", "c").name == first  # 0 in 19: upper bound 5.0%, within
+    budget.observe("t", "c", first, disagreed=True)
+    assert budget.setting_for("t", "c").name != first  # 1 in 20: judged, and the upper bound exceeds 5%
+
+
 def test_observations_of_another_setting_do_not_steer_the_one_in_force():
     budget = _budget(epsilon=0.1, min_checks=5, step_down_after=5, window=50)
     ladder = [s.name for s in budget.ladder]
@@ -95,7 +105,7 @@ def test_observations_of_another_setting_do_not_steer_the_one_in_force():
 
 def test_the_last_rung_is_never_left_upwards():
     budget = _budget(epsilon=0.1, min_checks=5, step_down_after=5, window=50, ladder=("blend@0.15", "prefix"))
-    for _ in range(5):
+    for _ in range(10):
         budget.observe("t", "c", "blend@0.15", disagreed=True)
     for _ in range(3):
         budget.observe("t", "c", "prefix", disagreed=True)

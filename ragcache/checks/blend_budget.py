@@ -8,9 +8,10 @@ the same distribution the answer was sampled from) is full prefill's, and the KL
 the two first-token distributions. The controller keeps a window of those labels per rung
 and moves:
 
-    up    once the rung in force has min_checks labels and the upper end of its Wilson
-          interval exceeds epsilon: the disagreement rate may be above the budget, so a
-          safer rung serves until the evidence says otherwise;
+    up    once the rung in force has min_checks labels (and at least as many as a clean
+          record needs to bound the rate within epsilon: 10 at 10%, 20 at 5%, with z=1)
+          and the upper end of its Wilson interval exceeds epsilon: the disagreement rate
+          may be above the budget, so a safer rung serves until the evidence says otherwise;
     down  once the rung in force has step_down_after labels with the upper end below
           epsilon / 2 (well inside): the faster rung is tried again with its record
           cleared, and climbs back at once if it still disagrees.
@@ -28,7 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-from ragcache.checks.estimate import Tally
+from ragcache.checks.estimate import Tally, wilson_interval
 from ragcache.engine.blend import DEVIATIONS, MODES
 from ragcache.engine.request import RagRequest
 
@@ -183,7 +184,8 @@ class BlendBudget:
     def _steer(self, budget: _Budget, category: str) -> None:
         epsilon, config = self.config.epsilon_of(category), self.config
         estimate = budget.tallies[budget.level].estimate()
-        if estimate.n >= config.min_checks and estimate.high > epsilon and budget.level < len(self.ladder) - 1:
+        judged = estimate.n >= max(config.min_checks, self._clean_record_checks(epsilon))
+        if judged and estimate.high > epsilon and budget.level < len(self.ladder) - 1:
             self._move(budget, budget.level + 1,
                        f"first-token disagreement {estimate.rate:.1%} in {estimate.n} checks, upper bound "
                        f"{estimate.high:.1%} > epsilon {epsilon:.1%}")
@@ -193,6 +195,14 @@ class BlendBudget:
             self._move(budget, faster,
                        f"first-token disagreement {estimate.rate:.1%} in {estimate.n} checks, upper bound "
                        f"{estimate.high:.1%} < epsilon/2 {epsilon / 2:.1%}: trying the faster setting")
+
+    def _clean_record_checks(self, epsilon: float) -> int:
+        """Checks after which a rung with no disagreement at all has its upper bound within epsilon:
+        judging sooner would step up for want of evidence, not for evidence of disagreement."""
+        n = 1
+        while wilson_interval(0, n, self.config.z)[1] > epsilon:
+            n += 1
+        return n
 
     def _move(self, budget: _Budget, level: int, reason: str) -> None:
         budget.last_change = {"at_s": self._clock(), "from": self._names[budget.level], "to": self._names[level],
