@@ -3,6 +3,14 @@
 Each document's KV is computed once before timing, as a warm deployment would have it.
 Then every question runs in every mode; fidelity is measured against the full-prefill
 run of the same question (same prompt ids), answer quality against the gold answers.
+
+Blend modes can carry a selection, so that selections compare at equal recomputed
+fractions (every selection recomputes plain top-r's count of tokens):
+
+    blend@0.15                the engine's own selection (BlendConfig)
+    blend@0.15/key            key deviation, no sink tokens ('value', 'key', 'attention')
+    blend@0.15/epic4          EPIC: each reused chunk's first 4 tokens, then value deviation
+    blend@0.15/attention+epic4  EPIC's sink tokens, then the named deviation
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ragcache.bench.metrics import best_f1, kl_divergence, percentile, token_f1
+from ragcache.engine.blend import DEVIATIONS
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.runner import BlendEngine, Generation, RagRequest
@@ -29,6 +38,33 @@ class RagExample:
     documents: tuple[str, ...]
 
 
+DEFAULT_SELECTION = "default"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A blend mode's selection as request overrides; None: the engine's own."""
+
+    deviation: str | None = None
+    sink_tokens: int | None = None
+
+
+def parse_selection(name: str) -> Selection:
+    """'default', a deviation ('value', 'key', 'attention'), 'epic<k>' (value deviation) or '<deviation>+epic<k>'.
+
+    A named selection fixes both knobs (no epic part: no sink tokens), so its figures do
+    not depend on the engine's configuration; 'default' is whatever the engine uses."""
+    if name == DEFAULT_SELECTION:
+        return Selection()
+    head, plus, tail = name.partition("+")
+    deviation, epic = (head, tail) if plus else (None, head) if head.startswith("epic") else (head, None)
+    if (deviation is not None and deviation not in DEVIATIONS) or (
+            epic is not None and not (epic.startswith("epic") and epic[4:].isdigit())):
+        raise ValueError(f"--selections: {name!r} is not 'default', one of {list(DEVIATIONS)}, 'epic<k>' "
+                         "or '<deviation>+epic<k>'")
+    return Selection(deviation or "value", int(epic[4:]) if epic is not None else 0)
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     limit: int | None = None
@@ -36,6 +72,7 @@ class BenchOptions:
     ratios: tuple[float, ...] = (0.05, 0.15, 0.3)
     max_tokens: int = 32
     roundtrip_codec: str | None = None  # cached KV as it would come back from Redis through this codec
+    selections: tuple[str, ...] = (DEFAULT_SELECTION,)  # per blend ratio, one mode each (parse_selection)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit <= 0:
@@ -44,6 +81,10 @@ class BenchOptions:
             raise ValueError(f"--docs must be positive, got {self.docs}")
         if not self.ratios or any(not 0.0 <= r <= 1.0 for r in self.ratios):
             raise ValueError(f"--ratios must be values in [0, 1], got {self.ratios}")
+        if not self.selections:
+            raise ValueError("--selections must name at least one selection")
+        for name in self.selections:
+            parse_selection(name)
 
 
 @dataclass
@@ -77,23 +118,30 @@ def load_examples(path: Path, options: BenchOptions) -> list[RagExample]:
     return examples
 
 
-def mode_names(ratios: Sequence[float]) -> list[str]:
-    return ["full", "prefix", "reuse", *(f"blend@{r:g}" for r in ratios)]
+def mode_names(ratios: Sequence[float], selections: Sequence[str] = (DEFAULT_SELECTION,)) -> list[str]:
+    """full, prefix, reuse, then blend@r for every ratio, one per selection ('/name' unless the default)."""
+    suffixes = ["" if name == DEFAULT_SELECTION else f"/{name}" for name in selections]
+    return ["full", "prefix", "reuse", *(f"blend@{r:g}{suffix}" for r in ratios for suffix in suffixes)]
 
 
 def request_for(example: RagExample, mode: str, max_tokens: int) -> RagRequest:
-    kind, _, ratio = mode.partition("@")
+    """The request of a mode name: 'full', 'blend@0.15', 'blend@0.15/epic4' (module docstring)."""
+    base, _, selection = mode.partition("/")
+    kind, _, ratio = base.partition("@")
+    chosen = parse_selection(selection or DEFAULT_SELECTION)
     return RagRequest(
         example.question,
         example.documents,
         mode=kind,
         blend_ratio=float(ratio) if ratio else None,
+        blend_deviation=chosen.deviation,
+        blend_sink_tokens=chosen.sink_tokens,
         sampling=SamplingParams(max_tokens=max_tokens),
     )
 
 
 def run_rag_bench(engine: BlendEngine, examples: list[RagExample], options: BenchOptions) -> dict:
-    modes = mode_names(options.ratios)
+    modes = mode_names(options.ratios, options.selections)
     for example in tqdm(examples, desc="caching documents", unit="question"):
         engine.add_documents(list(example.documents))
     codec_ratio = roundtrip_through_codec(engine.store, options.roundtrip_codec) if options.roundtrip_codec else None
@@ -150,7 +198,8 @@ def _summary(engine: BlendEngine, examples: list[RagExample], runs: dict[str, Mo
         "device": str(engine.loaded.device),
         "dtype": str(engine.loaded.dtype).removeprefix("torch."),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
-        "blend": {"check_layer": engine.config.blend.check_layer, "deviation": engine.config.blend.deviation},
+        "blend": {"check_layer": engine.config.blend.check_layer, "deviation": engine.config.blend.deviation,
+                  "sink_tokens": engine.config.blend.sink_tokens},
         "questions": len(examples),
         "documents_per_question": len(examples[0].documents),
         "prompt_tokens_p50": percentile(prompt_tokens, 50),
@@ -172,8 +221,9 @@ def _summary(engine: BlendEngine, examples: list[RagExample], runs: dict[str, Mo
 
 def format_table(summary: dict) -> str:
     full_ttft = summary["modes"]["full"]["ttft_p50_s"]
+    width = max(12, *(len(mode) for mode in summary["modes"]))
     header = (
-        f"{'mode':<12} {'TTFT p50 s':>10} {'p90 s':>7} {'speedup':>7} {'tokens':>7} {'recomp':>7} "
+        f"{'mode':<{width}} {'TTFT p50 s':>10} {'p90 s':>7} {'speedup':>7} {'tokens':>7} {'recomp':>7} "
         f"{'F1':>5} {'fid F1':>6} {'1st agr':>7} {'1st KL':>8}"
     )
     lines = [
@@ -188,7 +238,7 @@ def format_table(summary: dict) -> str:
     ]
     for mode, m in summary["modes"].items():
         lines.append(
-            f"{mode:<12} {m['ttft_p50_s']:>10.3f} {m['ttft_p90_s']:>7.3f} {full_ttft / m['ttft_p50_s']:>6.1f}x "
+            f"{mode:<{width}} {m['ttft_p50_s']:>10.3f} {m['ttft_p90_s']:>7.3f} {full_ttft / m['ttft_p50_s']:>6.1f}x "
             f"{m['prompt_tokens_p50']:>7.0f} {m['recomputed_fraction']:>7.3f} {m['f1']:>5.2f} {m['fidelity_f1']:>6.2f} "
             f"{m['first_token_agreement']:>7.2f} {m['first_token_kl']:>8.4f}"
         )
