@@ -43,8 +43,9 @@ def serving(app, port: int):
 
 @contextmanager
 def running_server(engine: BlendEngine, semantic=None, **settings):
-    """Yield (base_url, runtime) while a ragcache server runs over engine."""
-    settings = Settings(port=free_port(), **settings)
+    """Yield (base_url, runtime) while a ragcache server runs over engine (no shadow checks unless asked:
+    a test's answers must not depend on which of them were drawn for a check)."""
+    settings = Settings(port=free_port(), **{"shadow_fraction": 0.0, "semantic_shadow_fraction": 0.0, **settings})
     coordinator = ProgramCoordinator.measured(engine.store, engine.stack)
     engine.use_admission_order(coordinator.scheduler)
     runtime = Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic))

@@ -93,3 +93,36 @@ def test_admin_sees_and_changes_the_semantic_cache(server):
     assert 'ragcache_semantic_hits_total{tenant="default",category=' in metrics
     assert httpx.delete(f"{url}/admin/semantic", params={"tenant": "default"}).json()["dropped"] >= 1
     assert not chat(url, "Where is Lake Baikal?").json()["ragcache"]["semantic_hit"]
+
+
+def test_answers_and_chunk_kv_built_on_a_document_go_when_it_changes_or_is_deleted(server):
+    url, runtime = server
+    river, other = "The Thames flows through London to the North Sea.", "The Seine flows through Paris."
+
+    def register(text):
+        reply = httpx.post(f"{url}/v1/documents", json={"documents": [{"id": "river", "text": text},
+                                                                       {"id": "other", "text": other}]})
+        assert reply.status_code == 201
+
+    def ask(**extra):
+        body = {"messages": [{"role": "user", "content": "Where does the Thames reach the sea?"}],
+                "document_ids": ["river", "other"], "max_tokens": 8, "temperature": 2.0, "seed": 7,
+                "cache_sampled": True, **extra}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+
+    def store_an_answer():
+        text = ask()["choices"][0]["message"]["content"]
+        stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if text[:i].strip() and text[i : i + 2].strip())
+        assert ask(stop=[stop])["choices"][0]["finish_reason"] == "stop" and ask()["ragcache"]["semantic_hit"]
+
+    register(river)
+    old_key = runtime._documents["default"]["river"].key
+    store_an_answer()
+    register(river + " Slowly.")  # re-registered with other text
+    assert runtime.engine.store.get(old_key) is None  # the old text's chunk KV is gone
+    register(river)  # back to the text the cached answer was built on: that answer must not come back
+    assert not ask()["ragcache"]["semantic_hit"]
+    store_an_answer()
+    assert httpx.delete(f"{url}/v1/documents/other").status_code == 204
+    register(river)  # "other" registered again with the same text: the answer built on it was dropped at delete
+    assert not ask()["ragcache"]["semantic_hit"]

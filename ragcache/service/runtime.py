@@ -221,10 +221,12 @@ class Runtime:
         if self.semantic is None or query is None or request.program_id is not None:
             return None
         from ragcache.semantic import SemanticQuery, documents_hash
+        from ragcache.semantic.types import document_digest
 
         try:
             return SemanticQuery.from_messages(
                 tenant, query.messages, model=self.model_name, documents_hash=documents_hash(request.documents),
+                document_digests=tuple(document_digest(text) for text in request.documents),
                 category=query.category, temperature=request.sampling.temperature, use_cache=query.use_cache,
                 cache_sampled=query.cache_sampled,
             )
@@ -277,13 +279,17 @@ class Runtime:
                 raise InvalidRequestError(f"documents[{index}].id must be 1-200 characters without '/'")
         texts = [text for _, text in documents]
         infos = await asyncio.to_thread(self.engine.add_documents, texts, system_prompt, tenant)
-        stored = []
+        stored, replaced = [], []
         with self._lock:
             for (doc_id, text), info in zip(documents, infos):
                 doc_id = doc_id or hashlib.sha256(text.encode()).hexdigest()[:16]
                 record = StoredDocument(doc_id, text, info.key, info.num_tokens)
+                previous = self._documents[tenant].get(doc_id)
                 self._documents[tenant][doc_id] = record
+                if previous is not None and previous.text != text:
+                    replaced.append(previous)
                 stored.append((record, info.cached))
+        await self._invalidate(tenant, replaced)
         return stored
 
     def resolve_documents(self, tenant: str, ids: list[str]) -> list[str]:
@@ -300,7 +306,21 @@ class Runtime:
             record = self._documents.get(tenant, {}).pop(doc_id, None)
         if record is None:
             raise UnknownDocumentError(f"unknown document id: {doc_id!r}")
-        await asyncio.to_thread(self.engine.forget_chunk, record.key)
+        await self._invalidate(tenant, [record])
+
+    async def _invalidate(self, tenant: str, gone: list[StoredDocument]) -> None:
+        """Documents deleted or re-registered with other text: drop their chunk KV and every semantic
+        answer built on them, unless the same text is still registered under another id."""
+        with self._lock:
+            live = {record.text for record in self._documents.get(tenant, {}).values()}
+        gone = [record for record in gone if record.text not in live]
+        for record in gone:
+            await asyncio.to_thread(self.engine.forget_chunk, record.key)
+        if self.semantic is not None and gone:
+            from ragcache.semantic.types import document_digest
+
+            digests = [document_digest(record.text) for record in gone]
+            await asyncio.to_thread(self.semantic.invalidate_documents, tenant, digests)
 
     # operations
 
