@@ -7,7 +7,8 @@ ragcache's real SemanticCache at its default settings against an empty cache: st
 side, look up the other, through fow_cache.evaluate(). Reported: "should-hit served" and
 "traps given a wrong answer", per pair category, on the whole set and on its two halves
 (ids ending in an odd digit were used to tune the defaults, the even ones were not), with
-the guards on and off.
+the guards on and off; then guards on/off x learned thresholds on/off (and the pair
+verifier when it loads), learned on the tuning half at each δ: bench/semantic_verifiers.py.
 
 Latency: the cache filled with N entries (1k, 10k, 100k) per index kind, then timed
 lookups. Filling 100k entries through a real embedder takes minutes, so the fill uses
@@ -25,6 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ragcache.bench.semantic_verifiers import MemoEmbedder, compare_verifiers, format_verifiers
 from ragcache.semantic import GuardConfig, IndexConfig, SemanticCache, SemanticCacheConfig, SemanticQuery
 from ragcache.semantic.embedder import Embedder
 from ragcache.semantic.text import strip_pleasantries
@@ -36,6 +38,7 @@ TENANT = "bench"
 class SemanticBenchOptions:
     datasets: tuple[str, ...] = ("questions", "conversations")
     compare_unguarded: bool = True  # also score with the guards off
+    deltas: tuple[float, ...] = (0.01, 0.05, 0.1)  # learned thresholds at these δ; () skips the comparison
     sizes: tuple[int, ...] = (1000, 10_000, 100_000)  # entries for the latency runs; () skips them
     indexes: tuple[str, ...] = ("hnsw", "faiss")
     lookups: int = 1000  # timed lookups per size and index
@@ -46,6 +49,8 @@ class SemanticBenchOptions:
     def __post_init__(self) -> None:
         if not set(self.datasets) <= {"questions", "conversations"}:
             raise ValueError(f"datasets must be among questions, conversations; got {self.datasets}")
+        if not all(0 < delta < 1 for delta in self.deltas):
+            raise ValueError(f"deltas must be in (0, 1), got {self.deltas}")
         if any(size <= 0 for size in self.sizes) or self.lookups <= 0 or self.embed_samples <= 0:
             raise ValueError("sizes, lookups and embed_samples must be positive")
 
@@ -59,13 +64,16 @@ def run_semantic_bench(options: SemanticBenchOptions = SemanticBenchOptions(), e
         embedder = SentenceTransformerEmbedder()
     summary: dict = {"embedder": embedder.name, "options": {k: list(v) if isinstance(v, tuple) else v
                                                              for k, v in vars(options).items()}}
+    scoring = MemoEmbedder(embedder)
     for dataset in options.datasets:
         progress(f"fow-cache {dataset}, guards on")
-        summary[dataset] = score_dataset(dataset, SemanticCache(embedder))
+        summary[dataset] = score_dataset(dataset, SemanticCache(scoring))
         if options.compare_unguarded:
             progress(f"fow-cache {dataset}, guards off")
-            unguarded = SemanticCache(embedder, config=SemanticCacheConfig(guards=GuardConfig(enabled=False)))
+            unguarded = SemanticCache(scoring, config=SemanticCacheConfig(guards=GuardConfig(enabled=False)))
             summary[dataset]["unguarded"] = _headline(score_dataset(dataset, unguarded))
+        if options.deltas:
+            summary[dataset].update(compare_verifiers(dataset, scoring, options.deltas, progress))
     if options.sizes:
         summary["latency_ms"] = measure_latency(options, embedder, progress)
     return summary
@@ -145,6 +153,7 @@ def format_semantic_table(summary: dict) -> str:
             lines.append(f"    {group:<26}{_pct(rate):>8}{'':>21}{_pct(unguarded.get('by_group', {}).get(group)):>11}")
         lines.append(f"  category mismatches between the two sides: {result['category_mismatches']}")
         lines.append(f"  trap candidates rejected, by guard: {result['trap_rejections_by_reason']}")
+    lines += format_verifiers(summary)
     if "latency_ms" in summary:
         kinds = [k for k in next(iter(summary["latency_ms"].values())) if isinstance(next(iter(summary["latency_ms"].values()))[k], dict)]
         lines += ["", "lookup latency, embedding excluded (ms):",

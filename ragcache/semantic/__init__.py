@@ -8,9 +8,14 @@
     answers/         answer documents: Redis or process memory
     conversation.py  last message vs context: what a multi-turn request is keyed on
     text.py          words, numbers, dates, names of a text; lexicon.py the word lists
-    guards.py        the verifier between a nearest neighbour and a hit
+    verify.py        the verifier seam (Candidate, Verifier, make_verifier by name)
+    guards.py        word-level verifier: negation, numbers, dates, names, roles, scope, context
+    learned.py       learned thresholds holding an error bound δ per category and entry (vCache)
+    pair_verifier.py the learned pair classifier verifier
+    agreement.py     does a fresh engine answer agree with the cached one (shadow checks)
     shard.py         one (tenant, category): index, entries, quota eviction
-    cache.py         SemanticCache: lookup, store, invalidate, report_false_hit, stats
+    cache.py         SemanticCache: lookup, store, record_check, learn, invalidate(_documents),
+                     report_false_hit, stats
     config.py        its settings; stats.py its snapshots; types.py the values crossing its API
 
 Heavy libraries (sentence-transformers, hnswlib, faiss, redis) are imported where used.
@@ -21,12 +26,13 @@ from ragcache.semantic.cache import SemanticCache
 from ragcache.semantic.config import GuardConfig, SemanticCacheConfig
 from ragcache.semantic.conversation import Message
 from ragcache.semantic.index import IndexConfig
+from ragcache.semantic.learned import LearnedConfig, Observation
 from ragcache.semantic.policy import CATEGORIES, DEFAULT_POLICIES, CategoryPolicy
 from ragcache.semantic.stats import CategoryStats, SemanticCacheStats
-from ragcache.semantic.types import LookupOutcome, SemanticHit, SemanticQuery, documents_hash
+from ragcache.semantic.types import LookupOutcome, SemanticHit, SemanticQuery, document_digest, documents_hash
 
 __all__ = [
-    "CATEGORIES", "DEFAULT_POLICIES", "CategoryPolicy", "CategoryStats", "GuardConfig", "IndexConfig", "LoadConfig",
-    "LoadState", "LookupOutcome", "Message", "SemanticCache", "SemanticCacheConfig", "SemanticCacheStats",
-    "SemanticHit", "SemanticQuery", "documents_hash",
+    "CATEGORIES", "DEFAULT_POLICIES", "CategoryPolicy", "CategoryStats", "GuardConfig", "IndexConfig", "LearnedConfig",
+    "LoadConfig", "LoadState", "LookupOutcome", "Message", "Observation", "SemanticCache", "SemanticCacheConfig",
+    "SemanticCacheStats", "SemanticHit", "SemanticQuery", "document_digest", "documents_hash",
 ]

@@ -68,7 +68,8 @@ def make_verifier(name: str, *, embedder, guards, threshold_of: Callable[[Candid
     if name == "pair":
         try:
             from ragcache.semantic.pair_verifier import PairVerifier
-        except ImportError as error:
+
+            return PairVerifier(embedder)
+        except (ImportError, OSError) as error:  # the module or its weights are not there
             raise ValueError(f"verifier 'pair' is unavailable: {error}") from None
-        return PairVerifier(embedder)
     raise ValueError(f"unknown verifier {name!r}; known: {', '.join(VERIFIERS)}")
