@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("--max-tokens", type=int, default=32)
     rag.add_argument("--json", type=Path, default=None, help="write the summary here")
     rag.add_argument("--roundtrip-codec", default=None, help="serve cached KV as it comes back through this codec")
+    rag.add_argument("--selections", default="default",
+                     help="blend selections per ratio: default, value, key, attention, epic<k>, <deviation>+epic<k>")
+    rag.add_argument("--gate", action="store_true",
+                     help="blend under an error budget: learn on --learn-from with shadow checks, then run DATASET")
+    rag.add_argument("--learn-from", type=Path, default=None, help="with --gate: the questions the budget learns on")
+    rag.add_argument("--epsilon", type=float, default=0.1, help="with --gate: largest first-token disagreement rate")
+    rag.add_argument("--ladder", default=None,
+                     help="with --gate: settings fastest to safest, e.g. blend@0.15,blend@0.3,blend@0.3/attention,prefix")
+    rag.add_argument("--shadow-fraction", type=float, default=1.0, help="with --gate: share of learning answers checked")
     _add_model_args(rag)
     serve = commands.add_parser("serve", help="run the HTTP service (settings: --config, RAGCACHE_*, flags)")
     serve.add_argument("--config", type=Path, default=None, help="TOML file of settings")
@@ -62,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sem.add_argument("--sizes", default="1000,10000,100000", help="index sizes for the latency runs ('' skips them)")
     sem.add_argument("--indexes", default="hnsw,faiss")
     sem.add_argument("--no-unguarded", action="store_true", help="skip the run with the guards off")
+    sem.add_argument("--delta", default="0.01,0.05,0.1",
+                     help="learned thresholds at these error bounds, learned on the tuning half ('' skips them)")
+    sem.add_argument("--plot", type=Path, default=None, help="write served vs wrong per configuration here (PNG)")
     sem.add_argument("--json", type=Path, default=None, help="write the summary here")
     store = suites.add_parser("store", help="eviction policies replayed on a RAG retrieval trace")
     store.add_argument("--documents", type=int, default=2000)
@@ -126,11 +138,39 @@ def _demo(args) -> None:
 def _bench_rag(args) -> None:
     from ragcache.bench.rag import BenchOptions, format_table, load_examples, run_rag_bench
 
-    options = BenchOptions(args.limit, args.docs, args.ratios, args.max_tokens, args.roundtrip_codec)
+    selections = tuple(name.strip() for name in args.selections.split(",") if name.strip())
+    options = BenchOptions(args.limit, args.docs, args.ratios, args.max_tokens, args.roundtrip_codec, selections)
+    gate = _gate_options(args)
     examples = load_examples(args.dataset, options)
-    summary = run_rag_bench(_engine(args), examples, options)
-    print(format_table(summary))
+    if gate is None:
+        summary = run_rag_bench(_engine(args), examples, options)
+        print(format_table(summary))
+    else:
+        from ragcache.bench.gate import format_gate, run_gate_bench
+
+        summary = run_gate_bench(_engine(args), examples, options, gate)
+        print(format_table(summary | {"codec": {"name": "none", "compression_ratio": None}}))
+        print(format_gate(summary))
     _write_json(args.json, summary)
+
+
+def _gate_options(args):
+    """--gate's options, checked before the model loads; None without --gate."""
+    if not args.gate:
+        if args.learn_from is not None:
+            raise ValueError("--learn-from needs --gate")
+        return None
+    from ragcache.bench.gate import GateOptions
+    from ragcache.checks.blend_budget import BlendBudgetConfig
+
+    if args.learn_from is None:
+        raise ValueError("--gate needs --learn-from DEV.json (the questions the budget learns on)")
+    if not 0.0 <= args.shadow_fraction <= 1.0:
+        raise ValueError(f"--shadow-fraction must be in [0, 1], got {args.shadow_fraction}")
+    ladder = tuple(name.strip() for name in args.ladder.split(",") if name.strip()) if args.ladder else None
+    gate = GateOptions(args.learn_from, args.epsilon, ladder, args.shadow_fraction)
+    BlendBudgetConfig(args.epsilon, ladder=ladder or ("prefix",))  # epsilon and ladder names, by name
+    return gate
 
 
 def _bench_store(args) -> None:
@@ -152,10 +192,18 @@ def _bench_semantic(args) -> None:
     options = SemanticBenchOptions(
         datasets=names(args.datasets), compare_unguarded=not args.no_unguarded,
         sizes=tuple(int(n) for n in names(args.sizes)), indexes=names(args.indexes),
+        deltas=tuple(float(d) for d in names(args.delta)),
     )
+    if args.plot is not None:
+        import matplotlib  # noqa: F401  (missing matplotlib stops the bench before it runs, not after)
     summary = run_semantic_bench(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_semantic_table(summary))
     _write_json(args.json, summary)
+    if args.plot is not None:
+        from ragcache.bench.semantic_verifiers import plot_verifiers
+
+        plot_verifiers(summary, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def _bench_serve(args) -> None:

@@ -35,11 +35,41 @@ def test_bench_rag_writes_every_mode(tmp_path, tiny_model_dir, capsys):
     assert "blend@0.5" in capsys.readouterr().out
 
 
+def test_bench_rag_gate_learns_on_one_file_and_reports_another(tmp_path, tiny_model_dir, capsys):
+    questions = ["Which river reaches the Atlantic?", "How high is Kilimanjaro?", "Where is the Amazon?",
+                 "Which mountain is oldest?", "What flows into the ocean?", "Name a tall peak."]
+    rows = [{"question": q, "answers": ["x"], "ctxs": [{"text": d} for d in DOCUMENTS]} for q in questions]
+    dev = write_dataset(tmp_path / "dev.json", rows[:4] * 3)
+    held_out = write_dataset(tmp_path / "eval.json", rows[4:])
+    out = tmp_path / "gate.json"
+    args = ["bench", "rag", str(held_out), "--gate", "--learn-from", str(dev), "--epsilon", "0.05", "--docs", "3",
+            "--max-tokens", "3", "--ladder", "blend@0,blend@0.5,prefix"]
+    assert main([*args, "--model", str(tiny_model_dir), "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    gate = summary["gate"]
+    assert list(summary["modes"]) == ["full", "blend@0", "gated"] and summary["questions"] == 2
+    assert gate["learn_questions"] == 12 and sum(gate["learn_served_at"].values()) == 12
+    assert gate["shadow"]["counts"]["blend_done"] == 12
+    estimates = gate["budget"][0]["estimates"]
+    assert sum(row["n"] for row in estimates.values()) == 12
+    # a random tiny model's r=0 blend disagrees with full prefill often: the budget left it
+    if estimates["blend@0"]["errors"] >= 1:
+        assert gate["setting"] != "blend@0" and gate["budget"][0]["last_change"]["from"] == "blend@0"
+    else:
+        assert gate["setting"] == "blend@0"
+    assert gate["setting"] == gate["budget"][0]["setting"]
+    assert {"ttft_p50_s", "first_token_agreement", "fidelity_f1", "first_token_kl"} <= set(summary["modes"]["gated"])
+    assert "chosen" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["bench", "rag", "/nonexistent.json"], "cannot read dataset"),
         (["bench", "rag", "DATA", "--ratios", "0.1,2"], "--ratios"),
+        (["bench", "rag", "DATA", "--gate"], "--learn-from"),
+        (["bench", "rag", "DATA", "--gate", "--learn-from", "DATA", "--epsilon", "2"], "epsilon"),
+        (["bench", "rag", "DATA", "--gate", "--learn-from", "DATA", "--ladder", "blend@0.1,fast"], "fast"),
     ],
 )
 def test_bench_rag_bad_input_exits_2_with_a_message(tmp_path, tiny_model_dir, capsys, args, message):
