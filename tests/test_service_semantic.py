@@ -1,5 +1,7 @@
 """The semantic cache in front of the engine, over a real server: hits marked, feedback, admin."""
 
+import time
+
 import httpx
 import pytest
 
@@ -126,3 +128,25 @@ def test_answers_and_chunk_kv_built_on_a_document_go_when_it_changes_or_is_delet
     assert httpx.delete(f"{url}/v1/documents/other").status_code == 204
     register(river)  # "other" registered again with the same text: the answer built on it was dropped at delete
     assert not ask()["ragcache"]["semantic_hit"]
+
+
+def test_a_sampled_semantic_hit_is_checked_against_a_fresh_engine_answer(tokenizer, embedder):  # noqa: F811
+    engine = BlendEngine(loaded(tiny_model(), tokenizer), TieredStore([CpuTier(64 << 20)]))
+    with running_server(engine, SemanticCache(embedder, make_answer_store(None)),
+                        semantic_shadow_fraction=1.0) as (url, runtime):
+        question = "Which river is the longest in South America?"
+        query = SemanticQuery.from_messages("default", [{"role": "user", "content": question}], model="tiny-llama",
+                                            documents_hash=documents_hash(DOCUMENTS))
+        assert runtime.semantic.store(query, "The Amazon, at about 6,400 km.")
+        hit = httpx.post(f"{url}/v1/rag", json={"question": question, "documents": DOCS, "max_tokens": 6}).json()
+        assert hit["ragcache"]["semantic_hit"] and hit["answer"] == "The Amazon, at about 6,400 km."
+        deadline = time.monotonic() + 30
+        while runtime.shadow.stats()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        counts = runtime.shadow.stats()["counts"]
+        assert counts["semantic_sampled"] == 1
+        # the tiny random model cannot say "The Amazon, at about 6,400 km.": the check finds a disagreement
+        assert counts == {"semantic_sampled": 1, "semantic_disagreed": 1}
+        row = next(c for c in runtime.semantic.stats().categories if c.tenant == "default" and c.checks)
+        assert (row.checks, row.checks_wrong) == (1, 1)
+        assert runtime.engine.stats()["background"]["steps"] > 0  # it ran as background work

@@ -124,6 +124,25 @@ class ShadowChecks:
 
         self._submit(request, done)
 
+    def check_rejected(self, tenant: str, entry_id: str, similarity: float, fresh_answer: str) -> None:
+        """A candidate the learned threshold turned away, and the answer the engine gave instead:
+        a label that costs no engine work (the threshold can learn to come down only from these)."""
+
+        def label() -> None:
+            try:
+                cached = self.semantic.answers.answer(tenant, entry_id)
+                if cached is None:
+                    self._release("semantic_gone")
+                    return
+                agreed = bool(self._agree(cached, fresh_answer))
+                self.semantic.record_check(tenant, entry_id, similarity, agreed)
+                self._release("semantic_done" if agreed else "semantic_disagreed")
+            except Exception:
+                log.exception("labelling a rejected candidate failed")
+                self._release("failed")
+
+        self._submitter.submit(label)
+
     def abandon(self) -> None:
         """A sampled answer never finished (an error, a client that went away): nothing to check."""
         self._release("abandoned")

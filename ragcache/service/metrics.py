@@ -58,6 +58,20 @@ def prometheus_text(stats: dict) -> str:
         name = f"ragcache_semantic_{field}" + ("_total" if kind == "counter" else "")
         lines.append(f"# TYPE {name} {kind}")
         lines += [_line(name, c[field], tenant=c["tenant"], category=c["category"]) for c in stats.get("semantic", [])]
+    for field in ("checks", "checks_wrong", "invalidated_by_document"):
+        name = f"ragcache_semantic_{field}_total"
+        lines.append(f"# TYPE {name} counter")
+        lines += [_line(name, c.get(field, 0), tenant=c["tenant"], category=c["category"])
+                  for c in stats.get("semantic", [])]
+    learned = {"delta": "Largest wrong-answer rate the learned threshold holds.",
+               "observations": "Labelled observations the learned threshold is built on.",
+               "wrong_rate_low": "Lower end of the served wrong-answer rate's interval.",
+               "wrong_rate_high": "Upper end of the served wrong-answer rate's interval."}
+    for field, help_text in learned.items():
+        name = f"ragcache_semantic_learned_{field}"
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += [_line(name, c["learned"][field], tenant=c["tenant"], category=c["category"])
+                  for c in stats.get("semantic", []) if c.get("learned") and c["learned"].get(field) is not None]
     lines += _blend_budget_lines(stats.get("blend_budget", []), stats.get("shadow"))
     return "\n".join(lines) + "\n"
 

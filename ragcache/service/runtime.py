@@ -175,6 +175,7 @@ class Runtime:
                 if isinstance(item, Generation):
                     served = item
                     await self._remember(semantic_query, item)
+                    self._label_rejected(tenant, outcome, item)
                 yield item
         finally:
             if checked and served is not None:
@@ -248,6 +249,13 @@ class Runtime:
         if result.finish_reason == "stop" and result.text.strip():
             await asyncio.to_thread(self.semantic.store, query, result.text)
         self.semantic.update_load(self.queue_depth, result.timings.ttft_s)
+
+    def _label_rejected(self, tenant: str, outcome, result: Generation) -> None:
+        """The best candidate the learned threshold turned away gets a label from the answer just made."""
+        rejected = [r for r in (outcome.rejections if outcome is not None else ()) if r.reason == "threshold"]
+        if rejected and result.finish_reason == "stop" and self.shadow is not None and self.shadow.sample_semantic():
+            best = max(rejected, key=lambda r: r.similarity)
+            self.shadow.check_rejected(tenant, best.entry_id, best.similarity, result.text)
 
     def _finish(self, tenant: str, ticket, result: Generation, is_last_step: bool) -> None:
         metrics = self.metrics[tenant]
