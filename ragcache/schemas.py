@@ -218,3 +218,8 @@ class CategoryPolicyIn(msgspec.Struct, forbid_unknown_fields=True):
     min_threshold: float | None = None
     max_threshold: float | None = None
     max_ttl_s: float | None = None
+    delta: float = 0.05  # the largest wrong-answer rate learned thresholds may allow
+
+
+class BlendEpsilonIn(msgspec.Struct, forbid_unknown_fields=True):
+    epsilon: float  # the largest first-token disagreement rate blending may have in this category

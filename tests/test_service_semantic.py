@@ -91,6 +91,14 @@ def test_admin_sees_and_changes_the_semantic_cache(server):
     assert changed.status_code == 200 and changed.json()["policy"]["threshold"] == 0.97
     assert httpx.get(f"{url}/admin/semantic").json()["thresholds"]["factual"] == 0.97
     assert httpx.put(f"{url}/admin/semantic/categories/factual", json={**policy, "threshold": 1.5}).status_code == 400
+    bad_delta = httpx.put(f"{url}/admin/semantic/categories/factual", json={**policy, "delta": 0})
+    assert bad_delta.status_code == 400 and "delta" in bad_delta.json()["error"]["message"]
+    assert httpx.put(f"{url}/admin/semantic/categories/factual", json={**policy, "delta": 0.02}).json()[
+        "policy"]["delta"] == 0.02
+    assert httpx.put(f"{url}/admin/blend/categories/factual", json={"epsilon": 0.05}).json()["epsilon"] == 0.05
+    bad_epsilon = httpx.put(f"{url}/admin/blend/categories/factual", json={"epsilon": 1.5})
+    assert bad_epsilon.status_code == 400 and "epsilon" in bad_epsilon.json()["error"]["message"]
+    assert httpx.put(f"{url}/admin/blend/categories/factual", json={}).status_code == 400
     metrics = httpx.get(f"{url}/metrics").text
     assert 'ragcache_semantic_hits_total{tenant="default",category=' in metrics
     assert httpx.delete(f"{url}/admin/semantic", params={"tenant": "default"}).json()["dropped"] >= 1

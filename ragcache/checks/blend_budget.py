@@ -117,9 +117,6 @@ class BlendBudgetConfig:
         if self.min_checks <= 0 or self.step_down_after < self.min_checks or self.window < self.step_down_after:
             raise ValueError("need 0 < min_checks <= step_down_after <= window")
 
-    def epsilon_of(self, category: str) -> float:
-        return self.epsilons.get(category, self.epsilon)
-
 
 @dataclass
 class _Budget:
@@ -139,6 +136,21 @@ class BlendBudget:
         self._clock = clock
         self._lock = threading.Lock()
         self._budgets: dict[tuple[str, str], _Budget] = {}
+        self._epsilons = dict(config.epsilons)
+
+    def set_epsilon(self, category: str, epsilon: float) -> None:
+        """A category's budget at run time (an operator's PUT); it steers from the next check on."""
+        if not 0.0 < epsilon < 1.0:
+            raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+        with self._lock:
+            self._epsilons[category] = epsilon
+
+    def epsilon_of(self, category: str) -> float:
+        with self._lock:
+            return self._epsilon(category)
+
+    def _epsilon(self, category: str) -> float:
+        return self._epsilons.get(category, self.config.epsilon)
 
     def setting_for(self, tenant: str, category: str) -> BlendSetting:
         with self._lock:
@@ -169,7 +181,7 @@ class BlendBudget:
                 for name, tally in zip(self._names, budget.tallies):
                     if tally.n:
                         rungs[name] = tally.estimate().as_dict() | {"mean_first_token_kl": tally.mean_value()}
-                rows.append({"tenant": tenant, "category": category, "epsilon": self.config.epsilon_of(category),
+                rows.append({"tenant": tenant, "category": category, "epsilon": self._epsilon(category),
                              "setting": self._names[budget.level], "estimates": rungs,
                              "changes": budget.changes, "last_change": budget.last_change})
         return rows
@@ -182,7 +194,7 @@ class BlendBudget:
         return budget
 
     def _steer(self, budget: _Budget, category: str) -> None:
-        epsilon, config = self.config.epsilon_of(category), self.config
+        epsilon, config = self._epsilon(category), self.config
         estimate = budget.tallies[budget.level].estimate()
         judged = estimate.n >= max(config.min_checks, self._clean_record_checks(epsilon))
         if judged and estimate.high > epsilon and budget.level < len(self.ladder) - 1:

@@ -15,7 +15,7 @@ from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.service.runtime import CachedAnswer
-from ragcache.schemas import CacheReport, CategoryPolicyIn, Feedback, Timings
+from ragcache.schemas import BlendEpsilonIn, CacheReport, CategoryPolicyIn, Feedback, Timings
 from ragcache.service.auth import require_admin, tenant_of
 from ragcache.service.deps import RuntimeDep, SettingsDep
 from ragcache.service.errors import ERRORS
@@ -77,4 +77,18 @@ async def invalidate(request: Request, runtime: RuntimeDep, settings: SettingsDe
     return {"dropped": dropped}
 
 
-ROUTES = [feedback, semantic_stats, set_category, invalidate]
+@put("/admin/blend/categories/{name:str}", operation_id="setBlendEpsilon",
+     summary="Change a category's blend error budget (first-token disagreement) at run time", responses=ERRORS)
+async def set_blend_epsilon(name: FromPath[str], data: JSONBody[BlendEpsilonIn], request: Request,
+                            runtime: RuntimeDep, settings: SettingsDep) -> dict:
+    require_admin(request, settings)
+    if runtime.budget is None:
+        raise InvalidRequestError("this service runs without a blend error budget")
+    try:
+        runtime.budget.set_epsilon(name, data.epsilon)
+    except ValueError as exc:
+        raise InvalidRequestError(f"epsilon: {exc}") from None
+    return {"category": name, "epsilon": data.epsilon}
+
+
+ROUTES = [feedback, semantic_stats, set_category, invalidate, set_blend_epsilon]
