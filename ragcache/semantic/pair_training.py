@@ -213,7 +213,8 @@ def _respell(into: list[str], source: list[str]) -> list[str]:
     lead = re.match(r"^\W*", into[0]).group(0)
     trail = re.search(r"\W*$", into[-1]).group(0)
     cores = [re.sub(r"^\W+|\W+$", "", w) for w in source]
-    return [lead + cores[0]] + cores[1:-1] + ([cores[-1] + trail] if len(cores) > 1 else []) if len(cores) > 1 else [lead + cores[0] + trail]
+    cores[0], cores[-1] = lead + cores[0], cores[-1] + trail
+    return cores
 
 
 def negate(text: str, rng: random.Random) -> str | None:
@@ -331,7 +332,8 @@ def fit(pairs: Sequence[LabelledPair], features: np.ndarray, labels: np.ndarray,
     mlp.fit((inputs[~is_val] - mean) / scale, labels[~is_val])
     probability = mlp.predict_proba((inputs[is_val] - mean) / scale)[:, 1]
     threshold = _threshold(probability, labels[is_val], max_wrong)
-    np.savez(out, feature_names=np.array(FEATURE_NAMES), basis=basis.astype(np.float32), mean=mean.astype(np.float32), scale=scale.astype(np.float32),
+    np.savez(out, feature_names=np.array(FEATURE_NAMES), basis=basis.astype(np.float32),
+             mean=mean.astype(np.float32), scale=scale.astype(np.float32),
              hidden_w=mlp.coefs_[0].astype(np.float32), hidden_b=mlp.intercepts_[0].astype(np.float32),
              out_w=mlp.coefs_[1][:, 0].astype(np.float32), out_b=np.float32(mlp.intercepts_[1][0]),
              threshold=np.float32(threshold))
