@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sem.add_argument("--delta", default="0.01,0.05,0.1",
                      help="learned thresholds at these error bounds, learned on the tuning half ('' skips them)")
     sem.add_argument("--plot", type=Path, default=None, help="write served vs wrong per configuration here (PNG)")
+    sem.add_argument("--agreement", type=int, default=0,
+                     help="also answer N held-out pairs with the model and score the shadow check's answer agreement")
+    _add_model_args(sem)
     sem.add_argument("--json", type=Path, default=None, help="write the summary here")
     store = suites.add_parser("store", help="eviction policies replayed on a RAG retrieval trace")
     store.add_argument("--documents", type=int, default=2000)
@@ -196,7 +199,16 @@ def _bench_semantic(args) -> None:
     )
     if args.plot is not None:
         import matplotlib  # noqa: F401  (missing matplotlib stops the bench before it runs, not after)
+    if args.agreement < 0:
+        raise ValueError(f"--agreement must be >= 0, got {args.agreement}")
     summary = run_semantic_bench(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.agreement:
+        from ragcache.bench.agreement import measure_agreement
+        from ragcache.semantic.embedder import SentenceTransformerEmbedder
+
+        summary["agreement"] = measure_agreement(_engine(args), SentenceTransformerEmbedder(), args.agreement)
+        print(f"answer agreement on {summary['agreement']['pairs']} held-out pairs: should-hit "
+              f"{summary['agreement']['same_meaning_agree']:.1%} agree, traps {summary['agreement']['trap_agree']:.1%}")
     print(format_semantic_table(summary))
     _write_json(args.json, summary)
     if args.plot is not None:

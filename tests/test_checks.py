@@ -168,3 +168,14 @@ def test_the_budget_is_thread_safe():
     for thread in threads:
         thread.join()
     assert sum(row["n"] for row in budget.state()[0]["estimates"].values()) == 2000
+
+
+def test_answer_agreement_is_scored_on_labelled_pairs(make_engine):
+    from semantic_fixtures import embedder as _  # noqa: F401  (the fixture module loads the packaged MiniLM)
+    from ragcache.bench.agreement import measure_agreement
+    from ragcache.semantic.embedder import SentenceTransformerEmbedder
+
+    report = measure_agreement(make_engine(), SentenceTransformerEmbedder(), pairs=4, max_tokens=4)
+    assert report["pairs"] == 4 and sum(report["by_rule"].values()) == 4
+    assert sum(n for key, n in report["by_rule"].items() if key.startswith("same:")) == 2
+    assert 0.0 <= report["same_meaning_agree"] <= 1.0 and 0.0 <= report["trap_agree"] <= 1.0
