@@ -32,6 +32,7 @@ class Settings:
     blend_ratio: float = 0.15
     check_layer: int = 1
     deviation: str = "value"
+    sink_tokens: int = 0  # EPIC: each reused chunk's first k tokens recomputed first, within the ratio's budget
     # answers stay right: shadow checks (on spare engine capacity) and the blend error budget
     blend_epsilon: float = 0.1  # the largest first-token disagreement rate with full prefill blending may have
     blend_ladder: str | None = None  # settings fastest to safest, comma-separated; None: from blend_ratio
@@ -65,6 +66,7 @@ class Settings:
             (0 < self.port < 65536, "port must be in 1..65535"),
             (0.0 <= self.blend_ratio <= 1.0, "blend_ratio must be in [0, 1]"),
             (0.0 < self.blend_epsilon < 1.0, "blend_epsilon must be in (0, 1)"),
+            (self.sink_tokens >= 0, "sink_tokens must be >= 0"),
             (0.0 <= self.shadow_fraction <= 1.0 and 0.0 <= self.semantic_shadow_fraction <= 1.0,
              "shadow_fraction and semantic_shadow_fraction must be in [0, 1]"),
             (self.shadow_max_pending > 0, "shadow_max_pending must be positive"),

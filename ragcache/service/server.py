@@ -36,7 +36,7 @@ def build_runtime(settings: Settings) -> Runtime:
     )
     store.start_sweeper()
     config = EngineConfig(
-        blend=BlendConfig(settings.check_layer, settings.deviation),
+        blend=BlendConfig(settings.check_layer, settings.deviation, settings.sink_tokens),
         default_ratio=settings.blend_ratio,
         limits=PromptLimits(settings.max_documents, settings.max_document_tokens,
                             loaded.model.config.max_position_embeddings),
