@@ -213,7 +213,8 @@ def _respell(into: list[str], source: list[str]) -> list[str]:
     lead = re.match(r"^\W*", into[0]).group(0)
     trail = re.search(r"\W*$", into[-1]).group(0)
     cores = [re.sub(r"^\W+|\W+$", "", w) for w in source]
-    cores[0], cores[-1] = lead + cores[0], cores[-1] + trail
+    cores[0] = lead + cores[0]
+    cores[-1] = cores[-1] + trail
     return cores
 
 
