@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ragcache.bench.metrics import best_f1, kl_divergence, percentile, token_f1
-from ragcache.engine.blend import DEVIATIONS
+from ragcache.engine.selection import parse_selection as engine_selection
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.runner import BlendEngine, Generation, RagRequest
@@ -50,19 +50,14 @@ class Selection:
 
 
 def parse_selection(name: str) -> Selection:
-    """'default', a deviation ('value', 'key', 'attention'), 'epic<k>' (value deviation) or '<deviation>+epic<k>'.
-
-    A named selection fixes both knobs (no epic part: no sink tokens), so its figures do
-    not depend on the engine's configuration; 'default' is whatever the engine uses."""
+    """'default' (whatever the engine uses) or a named selection (engine.selection.parse_selection),
+    which fixes both knobs so its figures do not depend on the engine's configuration."""
     if name == DEFAULT_SELECTION:
         return Selection()
-    head, plus, tail = name.partition("+")
-    deviation, epic = (head, tail) if plus else (None, head) if head.startswith("epic") else (head, None)
-    if (deviation is not None and deviation not in DEVIATIONS) or (
-            epic is not None and not (epic.startswith("epic") and epic[4:].isdigit())):
-        raise ValueError(f"--selections: {name!r} is not 'default', one of {list(DEVIATIONS)}, 'epic<k>' "
-                         "or '<deviation>+epic<k>'")
-    return Selection(deviation or "value", int(epic[4:]) if epic is not None else 0)
+    try:
+        return Selection(*engine_selection(name))
+    except ValueError as exc:
+        raise ValueError(f"--selections: {exc}, or 'default'") from None
 
 
 @dataclass(frozen=True)

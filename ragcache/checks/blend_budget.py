@@ -30,8 +30,9 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from ragcache.checks.estimate import Tally, wilson_interval
-from ragcache.engine.blend import DEVIATIONS, MODES
+from ragcache.engine.blend import MODES
 from ragcache.engine.request import RagRequest
+from ragcache.engine.selection import parse_selection
 
 DEFAULT_LADDER = ("blend@0.15", "blend@0.3", "blend@0.3/attention", "prefix")
 
@@ -83,12 +84,10 @@ class BlendSetting:
 
 
 def _selection(text: str, name: str) -> tuple[str, int]:
-    head, plus, tail = text.partition("+")
-    deviation, epic = (head, tail) if plus else ("value", head) if head.startswith("epic") else (head, "")
-    if deviation not in DEVIATIONS or (epic and not (epic.startswith("epic") and epic[4:].isdigit())):
-        raise ValueError(f"the selection in {name!r} must be one of {list(DEVIATIONS)}, 'epic<k>' or "
-                         "'<deviation>+epic<k>'")
-    return deviation, int(epic[4:]) if epic else 0
+    try:
+        return parse_selection(text)
+    except ValueError as exc:
+        raise ValueError(f"the selection in {name!r}: {exc}") from None
 
 
 def is_steerable(request: RagRequest) -> bool:

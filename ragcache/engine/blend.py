@@ -34,14 +34,14 @@ import torch
 from ragcache.engine.forward import TokenRun, run_tokens
 from ragcache.engine.kvbuffer import KVBuffer, SharedPrefix
 from ragcache.engine.prompt import PromptParts
-from ragcache.engine.selection import choose_candidates, recompute_count
+from ragcache.engine.selection import DEVIATION_NAMES, choose_candidates, recompute_count
 from ragcache.engine.stack import DecoderStack
 from ragcache.kv import KVChunk
 
 MODES = ("full", "prefix", "reuse", "blend")
 
 
-DEVIATIONS = ("value", "key", "attention")
+DEVIATIONS = DEVIATION_NAMES
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,20 @@ from typing import Sequence
 
 import torch
 
+DEVIATION_NAMES = ("value", "key", "attention")  # what can rank reused tokens (blend.BlendConfig.deviation)
+
+
+def parse_selection(name: str) -> tuple[str, int]:
+    """(deviation, sink_tokens) of a selection's name: a deviation ('value', 'key', 'attention'),
+    'epic<k>' (value deviation, k sink tokens) or '<deviation>+epic<k>'. A named selection fixes
+    both knobs: no epic part means no sink tokens."""
+    head, plus, tail = name.partition("+")
+    deviation, epic = (head, tail) if plus else ("value", head) if head.startswith("epic") else (head, "")
+    if deviation not in DEVIATION_NAMES or (epic and not (epic.startswith("epic") and epic[4:].isdigit())):
+        raise ValueError(f"{name!r} is not a selection: one of {list(DEVIATION_NAMES)}, 'epic<k>' "
+                         "or '<deviation>+epic<k>'")
+    return deviation, int(epic[4:]) if epic else 0
+
 
 def recompute_count(ratio: float, num_candidates: int) -> int:
     """Candidates recomputed past the check layer at ratio r: at least one, never more than there are."""
