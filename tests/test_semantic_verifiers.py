@@ -257,3 +257,25 @@ def _policy(threshold: float, min_threshold: float):
     from ragcache.semantic import CategoryPolicy
 
     return CategoryPolicy(threshold, 3600.0, 100, min_threshold=min_threshold)
+
+
+def test_facts_checks_negation_numbers_and_dates_and_leaves_words_to_a_learned_verifier():
+    from ragcache.semantic.guards import check_facts, check_question
+    from ragcache.semantic.text import features
+
+    def facts(a, b):
+        return check_facts(features(a), features(b))
+
+    assert facts("Can I cancel online?", "Can I not cancel online?") == "negation"
+    assert facts("Is the 2-year plan cheaper?", "Is the 5-year plan cheaper?") == "number"
+    assert facts("Is the shop open on Saturday?", "Is the shop open on Sunday?") == "date"
+    swapped = ("How do I get from Camden to Brixton?", "How do I get from Brixton to Camden?")
+    assert facts(*swapped) is None  # roles are the pair verifier's job, not a word list's
+    assert check_question(features(swapped[0]), features(swapped[1]), 0.98) is not None  # the guards' order check
+
+
+def test_the_facts_verifier_is_known_by_name(embedder):  # noqa: F811
+    cache = make_cache(embedder, default_verifiers=("facts",))
+    assert cache.store(query("Can I cancel my plan online?"), "Yes, under Settings.")
+    assert cache.lookup(query("Can I not cancel my plan online?")) is None
+    assert cache.lookup(query("Can I cancel my plan online?")).answer == "Yes, under Settings."

@@ -11,8 +11,9 @@ halves with the thresholds fixed (nothing learned while scoring).
 
 Result, merged into each dataset's summary: "static" {configuration: {tune_half, held_out_half}} and "learned"
 {δ: {configuration: {tune_half, held_out_half, thresholds}}}, each half with
-should_hit_served and traps_wrong. Configurations: guards_on, guards_off, and pair (the
-pair classifier with the guards off) when ragcache.semantic.pair_verifier loads.
+should_hit_served and traps_wrong. Configurations: guards_on, guards_off, and, when
+ragcache.semantic.pair_verifier loads, pair (the pair classifier alone) and facts_pair (the
+guards' vocabulary-free checks, guards.check_facts, then the pair classifier).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ragcache.semantic import GuardConfig, SemanticCache, SemanticCacheConfig
 from ragcache.semantic.embedder import Embedder
 from ragcache.semantic.learned import Observation
 
-CONFIGURATIONS = {"guards_on": ("guards",), "guards_off": (), "pair": ("pair",)}
+CONFIGURATIONS = {"guards_on": ("guards",), "guards_off": (), "pair": ("pair",), "facts_pair": ("facts", "pair")}
 
 
 def compare_verifiers(dataset: str, embedder: Embedder, deltas: Sequence[float],
@@ -37,7 +38,7 @@ def compare_verifiers(dataset: str, embedder: Embedder, deltas: Sequence[float],
     static: dict[str, dict] = {}
     learned: dict[str, dict] = {f"{delta:g}": {} for delta in deltas}
     for name, verifiers in CONFIGURATIONS.items():
-        if name == "pair" and not pair_available(embedder):
+        if "pair" in verifiers and not pair_available(embedder):
             continue
         progress(f"fow-cache {dataset}, {name}, static")
         static[name] = _halves(score_dataset(dataset, _cache(embedder, verifiers)))

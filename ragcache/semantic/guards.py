@@ -55,12 +55,9 @@ def check_question(
     similarity: the two texts' embedding similarity; from trust_similarity up, a changed
     ordinary word is taken for a synonym (the hard checks above it still apply).
     """
-    if negation_differs(new, cached):
-        return "negation"
-    if not _same_numbers(new.numbers, cached.numbers):
-        return "number"
-    if new.dates and cached.dates and not _same_words(new.dates, cached.dates):
-        return "date"
+    reason = check_facts(new, cached)
+    if reason is not None:
+        return reason
     if not (_all_present(new.entities, cached) and _all_present(cached.entities, new)):
         return "entity"
     if _swapped_roles(new, cached):
@@ -70,6 +67,19 @@ def check_question(
     if similarity >= trust_similarity:
         return None
     return _changed_terms(new, cached, near_overlap, min_matched)
+
+
+def check_facts(new: TextFeatures, cached: TextFeatures) -> str | None:
+    """The checks that need no vocabulary fitted to a benchmark: a negation on one side only
+    (or an opposite), other numbers, other dates. What the other checks catch by word lists
+    (entities, scope, roles) is left to a learned verifier (pair_verifier.py)."""
+    if negation_differs(new, cached):
+        return "negation"
+    if not _same_numbers(new.numbers, cached.numbers):
+        return "number"
+    if new.dates and cached.dates and not _same_words(new.dates, cached.dates):
+        return "date"
+    return None
 
 
 def check_context(new: ContextKey, cached: ContextKey, similarity: float, threshold: float) -> str | None:
@@ -227,12 +237,25 @@ class GuardVerifier:
         self.config = config  # a GuardConfig
 
     def reject_reason(self, candidate) -> str | None:
-        g = self.config
-        reason = check_question(candidate.new_features, candidate.cached_features, candidate.similarity,
-                                g.near_overlap, g.min_matched, g.trust_similarity)
+        reason = self._question_reason(candidate)
         new, cached = candidate.new_context, candidate.cached_context
         if reason is not None or (new is None and cached is None):
             return reason
         if new is None or cached is None or candidate.context_similarity is None:
             return "context"
         return check_context(new, cached, candidate.context_similarity, g.context_threshold)
+
+    def _question_reason(self, candidate) -> str | None:
+        g = self.config
+        return check_question(candidate.new_features, candidate.cached_features, candidate.similarity,
+                              g.near_overlap, g.min_matched, g.trust_similarity)
+
+
+class FactVerifier(GuardVerifier):
+    """Only check_facts on the question (negation, numbers, dates), then the conversation's context
+    as GuardVerifier checks it: the part of the guards that carries over to other traffic."""
+
+    name = "facts"
+
+    def _question_reason(self, candidate) -> str | None:
+        return check_facts(candidate.new_features, candidate.cached_features)

@@ -26,13 +26,14 @@ id and similarity are in LookupOutcome.rejections, reason "threshold").
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Iterable, NamedTuple
+
+from ragcache.checks.estimate import wilson_interval
 
 SIMILARITY_SLACK = 1e-6  # cosines of identical texts come out a hair under 1.0
 
@@ -107,14 +108,7 @@ class LearnedStats:
 
 def wilson_bounds(wrong: int, n: int, confidence: float) -> tuple[float, float]:
     """One-sided Wilson score bounds of a binomial rate, each at `confidence`."""
-    if n == 0:
-        return 0.0, 1.0
-    z = NormalDist().inv_cdf(confidence)
-    p = wrong / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    scale = 1 + z * z / n
-    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
+    return wilson_interval(wrong, n, NormalDist().inv_cdf(confidence))
 
 
 def estimate(observations: Iterable[tuple[float, bool]], delta: float, confidence: float, min_observations: int,

@@ -19,7 +19,7 @@ import numpy as np
 from ragcache.semantic.conversation import ContextKey
 from ragcache.semantic.text import TextFeatures
 
-VERIFIERS = ("guards", "learned", "pair")
+VERIFIERS = ("guards", "facts", "learned", "pair")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ def make_verifier(name: str, *, embedder, guards, threshold_of: Callable[[Candid
         from ragcache.semantic.guards import GuardVerifier
 
         return GuardVerifier(guards)
+    if name == "facts":
+        from ragcache.semantic.guards import FactVerifier
+
+        return FactVerifier(guards)
     if name == "learned":
         from ragcache.semantic.learned import LearnedVerifier
 
