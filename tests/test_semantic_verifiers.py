@@ -279,3 +279,17 @@ def test_the_facts_verifier_is_known_by_name(embedder):  # noqa: F811
     assert cache.store(query("Can I cancel my plan online?"), "Yes, under Settings.")
     assert cache.lookup(query("Can I not cancel my plan online?")) is None
     assert cache.lookup(query("Can I cancel my plan online?")).answer == "Yes, under Settings."
+
+
+@pytest.mark.parametrize("verifier", ["guards", "facts"])
+def test_a_dependent_message_is_served_only_in_the_same_context(embedder, verifier):  # noqa: F811
+    cache = make_cache(embedder, default_verifiers=(verifier,))
+
+    def chat(context):
+        messages = [{"role": "user", "content": context}, {"role": "assistant", "content": "Sure, I can help."},
+                    {"role": "user", "content": "how do I cancel it?"}]
+        return SemanticQuery.from_messages("t", messages, category="conversation")
+
+    assert cache.store(chat("My Flixora streaming plan costs too much."), "Settings > Plan > Cancel.")
+    assert cache.lookup(chat("My Flixora streaming plan costs too much.")) is not None
+    assert cache.lookup(chat("My PulseFit gym membership at 24.99 a month is too dear.")) is None

@@ -243,7 +243,7 @@ class GuardVerifier:
             return reason
         if new is None or cached is None or candidate.context_similarity is None:
             return "context"
-        return check_context(new, cached, candidate.context_similarity, g.context_threshold)
+        return check_context(new, cached, candidate.context_similarity, self.config.context_threshold)
 
     def _question_reason(self, candidate) -> str | None:
         g = self.config
