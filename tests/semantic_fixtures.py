@@ -3,9 +3,12 @@ small builders. Import the fixtures with `from semantic_fixtures import embedder
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ragcache.semantic import SemanticCache, SemanticCacheConfig, SemanticQuery
+from ragcache.semantic.policy import DEFAULT_POLICIES
 
 
 @pytest.fixture(scope="session")
@@ -34,5 +37,9 @@ def query(text: str, tenant: str = "acme", **fields) -> SemanticQuery:
 
 
 def make_cache(embedder, clock=None, answers=None, **config) -> SemanticCache:
+    """A cache with every category switched on (conversations are off by default) unless policies are given:
+    these tests are about what the cache does with a category, not about the default switches."""
     kwargs = {"clock": clock} if clock is not None else {}
+    config.setdefault("policies", {name: dataclasses.replace(policy, enabled=True)
+                                   for name, policy in DEFAULT_POLICIES.items()})
     return SemanticCache(embedder, answers=answers, config=SemanticCacheConfig(**config), **kwargs)

@@ -67,15 +67,15 @@ def test_documents_model_and_system_prompt_must_match(cache):
 
 
 def test_each_category_applies_its_own_threshold(embedder):
-    cache = make_cache(embedder)
+    cache = make_cache(embedder, default_verifiers=("guards",))
     cache.set_policy("code", dataclasses.replace(DEFAULT_POLICIES["code"], threshold=0.95, max_threshold=0.97))
     cache.store(query("How do I reverse a list in Python?", category="code"), "lst[::-1]")
     cache.store(query("How do I reverse a list in Python?", category="factual"), "lst[::-1]")
     reworded = "How can a Python list be reversed?"  # cosine 0.91 with the stored question
     factual_hit = cache.lookup(query(reworded, category="factual"))
-    assert factual_hit is not None and 0.55 < factual_hit.similarity < 0.95
+    assert factual_hit is not None and 0.45 < factual_hit.similarity < 0.95
     assert cache.lookup(query(reworded, category="code")) is None
-    assert {row.category: row.threshold for row in cache.stats().categories} == {"code": 0.95, "factual": 0.55}
+    assert {row.category: row.threshold for row in cache.stats().categories} == {"code": 0.95, "factual": 0.45}
 
 
 def test_expired_entries_are_never_served(embedder):
@@ -187,7 +187,7 @@ def test_load_relaxes_thresholds_and_ttls_within_bounds_then_idle_tightens():
 
 
 def test_load_lets_a_looser_match_hit_and_shows_in_stats(embedder):
-    cache = make_cache(embedder)
+    cache = make_cache(embedder, default_verifiers=("guards",))  # thresholds under load, not a verifier's verdict
     cache.set_policy("factual", CategoryPolicy(0.90, ttl_s=60.0, max_entries=10, min_threshold=0.60, max_ttl_s=60.0))
     cache.store(query("How do I reset my password?"), "answer")
     looser = query("I forgot my password, what should I do?")

@@ -46,12 +46,13 @@ def test_verifiers_run_in_order_and_the_first_rejection_wins(embedder):
     assert reasons == {("guards", "learned"): ["negation"], ("learned", "guards"): ["threshold"]}
 
 
-def test_guards_alone_is_the_default_and_names_show_in_stats(embedder):
+def test_facts_then_pair_is_the_default_and_names_show_in_stats(embedder):
     cache = make_cache(embedder)
     cache.store(query(QUESTION), "Use the link.")
     assert cache.lookup(query(PARAPHRASE)).answer == "Use the link."
     row = cache.stats().categories[0]
-    assert row.verifiers == ("guards",) and row.learned is None
+    assert row.verifiers == ("facts", "pair") and row.learned is None
+    assert not SemanticCacheConfig().policies["conversation"].enabled  # no verifier measured safe there
     unguarded = make_cache(embedder, verifiers={"factual": ("guards", "learned")}, guards=_guards_off())
     unguarded.store(query(QUESTION), "x")
     assert unguarded.stats().categories[0].verifiers == ("learned",)

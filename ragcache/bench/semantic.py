@@ -70,7 +70,8 @@ def run_semantic_bench(options: SemanticBenchOptions = SemanticBenchOptions(), e
         summary[dataset] = score_dataset(dataset, SemanticCache(scoring))
         if options.compare_unguarded:
             progress(f"fow-cache {dataset}, guards off")
-            unguarded = SemanticCache(scoring, config=SemanticCacheConfig(guards=GuardConfig(enabled=False)))
+            unguarded = SemanticCache(scoring, config=SemanticCacheConfig(guards=GuardConfig(enabled=False),
+                                                                          default_verifiers=()))
             summary[dataset]["unguarded"] = _headline(score_dataset(dataset, unguarded))
         if options.deltas:
             summary[dataset].update(compare_verifiers(dataset, scoring, options.deltas, progress))

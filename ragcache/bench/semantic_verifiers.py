@@ -130,7 +130,8 @@ def format_verifiers(summary: dict) -> list[str]:
 
 def _cache(embedder: Embedder, verifiers: tuple[str, ...], delta: float | None = None) -> SemanticCache:
     base = SemanticCacheConfig()
-    policies = base.policies if delta is None else {k: replace(p, delta=delta) for k, p in base.policies.items()}
+    # every category on (conversations are off by default): the comparison is of verifiers, not switches
+    policies = {k: replace(p, enabled=True, delta=p.delta if delta is None else delta) for k, p in base.policies.items()}
     guards = GuardConfig(enabled="guards" in verifiers)
     names = tuple(v for v in verifiers if v != "guards") if not guards.enabled else verifiers
     return SemanticCache(embedder, config=replace(base, policies=policies, guards=guards, default_verifiers=names))

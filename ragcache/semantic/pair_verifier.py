@@ -85,9 +85,8 @@ class TokenEncoder:
     def __init__(self, embedder=None, cache_size: int = 4096, threads: int = 1) -> None:
         from ragcache.semantic.embedder import SentenceTransformerEmbedder, _load
 
-        embedder = embedder if embedder is not None else SentenceTransformerEmbedder()
-        if not hasattr(embedder, "model_path"):
-            raise TypeError("the pair verifier needs a sentence-transformers embedder (SentenceTransformerEmbedder)")
+        if not hasattr(embedder, "model_path"):  # weights were trained on the packaged MiniLM's token states,
+            embedder = SentenceTransformerEmbedder()  # whatever embedder the index itself uses
         self._device = getattr(embedder, "device", "cpu")
         model = _load(embedder.model_path, self._device)
         self._tokenizer, self._bert = model.tokenizer, model[0].auto_model
