@@ -45,11 +45,14 @@ def run_gate_bench(engine: BlendEngine, examples: list[RagExample], options: Ben
     learn = load_examples(gate.learn_from, replace(options, limit=None))
     budget = BlendBudget(gate.budget_config(engine.config.default_ratio))
     shadow = ShadowChecks(engine, budget, ShadowConfig(blend_fraction=gate.shadow_fraction, max_pending=1))
-    for example in tqdm([*learn, *examples], desc="caching documents", unit="question"):
-        engine.add_documents(list(example.documents))
-    engine.generate(request_for(examples[0], "full", 2))  # warm-up: first-call allocations are not timed
+    # nothing live runs beside the checks here: let them take whole steps instead of the service's small pieces
+    scheduler = engine.scheduler
+    scheduler.config = replace(scheduler.config, background_step_tokens=scheduler.config.step_tokens)
+    _cache_documents(engine, learn, "caching DEV's documents")
+    engine.generate(request_for(learn[0], "full", 2))  # warm-up: first-call allocations are not timed
     served_at = _learn(engine, budget, shadow, learn, options.max_tokens)
     shadow.close()
+    _cache_documents(engine, examples, "caching EVAL's documents")  # last, so they are what the tiers hold
     chosen = budget.setting_for(TENANT, CATEGORY)
     first = budget.ladder[0]
     modes = {"full": None, first.name: first, "gated": chosen}
@@ -74,6 +77,11 @@ def run_gate_bench(engine: BlendEngine, examples: list[RagExample], options: Ben
         "ttft_speedup_vs_full": summary["modes"]["full"]["ttft_p50_s"] / summary["modes"]["gated"]["ttft_p50_s"],
     }
     return summary
+
+
+def _cache_documents(engine: BlendEngine, examples: list[RagExample], label: str) -> None:
+    for example in tqdm(examples, desc=label, unit="question"):
+        engine.add_documents(list(example.documents))
 
 
 def _learn(engine: BlendEngine, budget: BlendBudget, shadow: ShadowChecks, learn: list[RagExample],
