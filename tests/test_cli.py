@@ -52,12 +52,9 @@ def test_bench_rag_gate_learns_on_one_file_and_reports_another(tmp_path, tiny_mo
     assert gate["shadow"]["counts"]["blend_done"] == 12
     estimates = gate["budget"][0]["estimates"]
     assert sum(row["n"] for row in estimates.values()) == 12
-    # a random tiny model's r=0 blend disagrees with full prefill often: the budget left it
-    if estimates["blend@0"]["errors"] >= 1:
-        assert gate["setting"] != "blend@0" and gate["budget"][0]["last_change"]["from"] == "blend@0"
-    else:
-        assert gate["setting"] == "blend@0"
-    assert gate["setting"] == gate["budget"][0]["setting"]
+    # 12 checks are fewer than a rung needs to be judged (min_checks 30): the first rung stays, unjudged
+    assert gate["setting"] == gate["budget"][0]["setting"] == "blend@0" and gate["budget"][0]["changes"] == 0
+    assert estimates["blend@0"]["n"] == 12
     assert {"ttft_p50_s", "first_token_agreement", "fidelity_f1", "first_token_kl"} <= set(summary["modes"]["gated"])
     assert "chosen" in capsys.readouterr().out
 

@@ -8,10 +8,14 @@ the same distribution the answer was sampled from) is full prefill's, and the KL
 the two first-token distributions. The controller keeps a window of those labels per rung
 and moves:
 
-    up    once the rung in force has min_checks labels (and at least as many as a clean
-          record needs to bound the rate within epsilon: 10 at 10%, 20 at 5%, with z=1)
-          and the upper end of its Wilson interval exceeds epsilon: the disagreement rate
-          may be above the budget, so a safer rung serves until the evidence says otherwise;
+    up    once the rung in force has min_checks labels (30; and at least as many as a
+          clean record needs to bound the rate within epsilon: 10 at 10%, 19 at 5%, with
+          z=1) and the upper end of its Wilson interval exceeds epsilon: the disagreement
+          rate may be above the budget, so a safer rung serves until the evidence says
+          otherwise. Why 30: judged at 10-19 checks, a single disagreement decides (1 in 19
+          has an upper bound of 13%), and on MuSiQue dev the default ladder then ran up to
+          `prefix` past a rung that disagreed 5% of the time; at 30 one disagreement is
+          within 10% (upper 8.4%) and two are not (12.8%);
     down  once the rung in force has step_down_after labels with the upper end below
           epsilon / 2 (well inside): the faster rung is tried again with its record
           cleared, and climbs back at once if it still disagrees.
@@ -101,7 +105,7 @@ class BlendBudgetConfig:
     epsilon: float = 0.1  # the largest first-token disagreement rate blending may have
     epsilons: Mapping[str, float] = field(default_factory=dict)  # per-category overrides
     ladder: tuple[str, ...] = DEFAULT_LADDER
-    min_checks: int = 10
+    min_checks: int = 30
     step_down_after: int = 100
     window: int = 500
     z: float = 1.0  # the interval's width in standard deviations (1.0: ~84% one-sided)
