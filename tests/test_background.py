@@ -26,7 +26,7 @@ def test_background_work_waits_while_a_live_sequence_runs(make_engine):
     engine.add_documents(list(DOCUMENTS))
     live_sink, shadow_sink = BlockingSink(), BlockingSink()
     shadow = engine.submit(request(max_tokens=1), shadow_sink, background=True, return_logprobs=True)
-    live = engine.submit(request(mode="blend", max_tokens=8), live_sink)
+    engine.submit(request(mode="blend", max_tokens=8), live_sink)
     shadow_tokens_while_live = []
 
     def watch():

@@ -171,7 +171,6 @@ def test_the_budget_is_thread_safe():
 
 
 def test_answer_agreement_is_scored_on_labelled_pairs(make_engine):
-    from semantic_fixtures import embedder as _  # noqa: F401  (the fixture module loads the packaged MiniLM)
     from ragcache.bench.agreement import measure_agreement
     from ragcache.semantic.embedder import SentenceTransformerEmbedder
 
