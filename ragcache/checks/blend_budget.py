@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Mapping
 
 from ragcache.checks.estimate import Tally, wilson_interval
@@ -38,14 +39,14 @@ from ragcache.engine.blend import MODES
 from ragcache.engine.request import RagRequest
 from ragcache.engine.selection import parse_selection
 
-DEFAULT_LADDER = ("blend@0.15", "blend@0.3", "blend@0.3/attention", "prefix")
-
-
 def default_ladder(ratio: float) -> tuple[str, ...]:
     """The default ladder from the engine's ratio: r, then 0.3 (if above r), attention-weighted, prefix."""
     upper = max(ratio, 0.3)
     rungs = [f"blend@{ratio:g}", f"blend@{upper:g}", f"blend@{upper:g}/attention", "prefix"]
     return tuple(dict.fromkeys(rungs))
+
+
+DEFAULT_LADDER = default_ladder(0.15)  # blend@0.15, blend@0.3, blend@0.3/attention, prefix
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,6 @@ class BlendBudget:
         with self._lock:
             self._epsilons[category] = epsilon
 
-    def epsilon_of(self, category: str) -> float:
-        with self._lock:
-            return self._epsilon(category)
-
     def _epsilon(self, category: str) -> float:
         return self._epsilons.get(category, self.config.epsilon)
 
@@ -169,11 +166,6 @@ class BlendBudget:
             budget.tallies[rung].add(disagreed, kl)
             if rung == budget.level:
                 self._steer(budget, category)
-
-    def freeze_state(self) -> dict[tuple[str, str], str]:
-        """The setting in force per (tenant, category)."""
-        with self._lock:
-            return {key: self._names[b.level] for key, b in self._budgets.items()}
 
     def state(self) -> list[dict]:
         """Per (tenant, category): epsilon, the setting in force, each rung's estimate, the last change."""
@@ -199,7 +191,7 @@ class BlendBudget:
     def _steer(self, budget: _Budget, category: str) -> None:
         epsilon, config = self._epsilon(category), self.config
         estimate = budget.tallies[budget.level].estimate()
-        judged = estimate.n >= max(config.min_checks, self._clean_record_checks(epsilon))
+        judged = estimate.n >= max(config.min_checks, clean_record_checks(epsilon, config.z))
         if judged and estimate.high > epsilon and budget.level < len(self.ladder) - 1:
             self._move(budget, budget.level + 1,
                        f"first-token disagreement {estimate.rate:.1%} in {estimate.n} checks, upper bound "
@@ -211,16 +203,18 @@ class BlendBudget:
                        f"first-token disagreement {estimate.rate:.1%} in {estimate.n} checks, upper bound "
                        f"{estimate.high:.1%} < epsilon/2 {epsilon / 2:.1%}: trying the faster setting")
 
-    def _clean_record_checks(self, epsilon: float) -> int:
-        """Checks after which a rung with no disagreement at all has its upper bound within epsilon:
-        judging sooner would step up for want of evidence, not for evidence of disagreement."""
-        n = 1
-        while wilson_interval(0, n, self.config.z)[1] > epsilon:
-            n += 1
-        return n
-
     def _move(self, budget: _Budget, level: int, reason: str) -> None:
         budget.last_change = {"at_s": self._clock(), "from": self._names[budget.level], "to": self._names[level],
                               "reason": reason}
         budget.level = level
         budget.changes += 1
+
+
+@lru_cache(maxsize=64)
+def clean_record_checks(epsilon: float, z: float) -> int:
+    """Checks after which a rung with no disagreement at all has its upper bound within epsilon:
+    judging sooner would step up for want of evidence, not for evidence of disagreement."""
+    n = 1
+    while wilson_interval(0, n, z)[1] > epsilon:
+        n += 1
+    return n

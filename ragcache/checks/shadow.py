@@ -59,7 +59,7 @@ def compare_first_token(served: torch.Tensor, full: torch.Tensor) -> FirstTokenC
 
 
 class _CheckSink:
-    """A background sequence's sink: nothing streams; the result goes to on_done on the engine thread."""
+    """A background sequence's sink: nothing streams; the result goes to on_done (called on the engine thread)."""
 
     def __init__(self, on_done: Callable[[Generation], None], on_failed: Callable[[BaseException], None]) -> None:
         self.on_finish, self.on_error = on_done, on_failed
@@ -116,13 +116,7 @@ class ShadowChecks:
     def check_semantic(self, tenant: str, request: RagRequest, cached_answer: str, entry_id: str,
                        similarity: float) -> None:
         """A hit was served: answer request with the engine and tell the cache whether it agreed."""
-
-        def done(result: Generation) -> None:
-            agreed = bool(self._agree(cached_answer, result.text))
-            self.semantic.record_check(tenant, entry_id, similarity, agreed)
-            self._release("semantic_done" if agreed else "semantic_disagreed")
-
-        self._submit(request, done)
+        self._submit(request, lambda result: self._label(tenant, entry_id, similarity, cached_answer, result.text))
 
     def check_rejected(self, tenant: str, entry_id: str, similarity: float, fresh_answer: str) -> None:
         """A candidate the learned threshold turned away, and the answer the engine gave instead:
@@ -134,9 +128,7 @@ class ShadowChecks:
                 if cached is None:
                     self._release("semantic_gone")
                     return
-                agreed = bool(self._agree(cached, fresh_answer))
-                self.semantic.record_check(tenant, entry_id, similarity, agreed)
-                self._release("semantic_done" if agreed else "semantic_disagreed")
+                self._label(tenant, entry_id, similarity, cached, fresh_answer)
             except Exception:
                 log.exception("labelling a rejected candidate failed")
                 self._release("failed")
@@ -169,18 +161,29 @@ class ShadowChecks:
             self.counts[f"{kind}_sampled"] += 1
             return True
 
+    def _label(self, tenant: str, entry_id: str, similarity: float, cached: str, fresh: str) -> None:
+        agreed = bool(self._agree(cached, fresh))
+        self.semantic.record_check(tenant, entry_id, similarity, agreed)
+        self._release("semantic_done" if agreed else "semantic_disagreed")
+
     def _release(self, outcome: str) -> None:
         with self._lock:
             self._pending -= 1
             self.counts[outcome] += 1
 
     def _submit(self, request: RagRequest, done: Callable[[Generation], None]) -> None:
-        def finished(result: Generation) -> None:
+        def compare(result: Generation) -> None:
             try:
                 done(result)
-            except Exception:  # a check must never hurt the engine thread
+            except Exception:  # a check must never hurt the service
                 log.exception("a shadow check's comparison failed")
                 self._release("failed")
+
+        def finished(result: Generation) -> None:  # on the engine thread: compare (and embed) elsewhere
+            try:
+                self._submitter.submit(compare, result)
+            except RuntimeError:  # closed: the last checks are compared here
+                compare(result)
 
         def failed(error: BaseException) -> None:
             log.warning("a shadow check did not run: %s", error)
