@@ -45,6 +45,9 @@ class Settings:
     redis_url: str | None = None
     codec: str = "raw"
     eviction: str = "cost_aware"
+    # agent programs: how a tool call pins the program's KV (tool_ttl, fixed_ttl or none; see agents/pins.py)
+    pin_policy: str = "tool_ttl"
+    pin_fixed_ttl_s: float = 2.0  # the pin of every tool call under pin_policy fixed_ttl
     # batching: working KV of running sequences, tokens per batched step, KV growth block, concurrency
     working_kv_gb: float = 4.0
     step_tokens: int = 512
@@ -77,6 +80,8 @@ class Settings:
             (self.max_running > 0, "max_running must be positive"),
             (self.max_documents > 0 and self.max_document_tokens > 0, "document limits must be positive"),
             (self.max_new_tokens > 0, "max_new_tokens must be positive"),
+            (self.pin_policy in ("tool_ttl", "fixed_ttl", "none"), "pin_policy must be tool_ttl, fixed_ttl or none"),
+            (self.pin_fixed_ttl_s > 0, "pin_fixed_ttl_s must be positive"),
             (all(k and t for k, t in self.api_keys.items()), "api_keys must map non-empty keys to non-empty tenants"),
         ]
         for ok, message in checks:

@@ -107,7 +107,8 @@ def test_the_pin_goes_to_the_fastest_tier_holding_the_kv_within_that_tiers_budge
     assert cpu.contains(key) and not device.contains(key)
     decision = pins.turn_finished("t", "p1", key, SIZE, 4, tool="search")
     assert (decision.pinned, decision.tier) == (True, "cpu") and cpu.is_pinned(key)
-    assert pins.stats()["budget"]["cpu"] == {"budget_bytes": 8 * SIZE, "pinned_bytes": SIZE, "max_bytes": 16 * SIZE}
+    assert pins.stats()["budget"]["cpu"] == {"budget_bytes": 8 * SIZE, "pinned_bytes": SIZE,
+                                             "pinned_bytes_max": SIZE, "max_bytes": 16 * SIZE}
 
 
 def test_no_pin_when_waiting_never_pays_or_the_kv_is_not_local():
@@ -199,3 +200,69 @@ def test_close_releases_every_pin():
 def test_a_share_of_the_whole_tier_is_refused():
     with pytest.raises(ValueError, match="budget_share"):
         PinConfig(budget_share=1.0)
+
+
+def test_pinned_bytes_max_is_the_high_water_mark_of_the_budget():
+    pins, store, device, _, clock = make_pins(budget_share=0.75)  # 3 of the device's 4 entries
+    finish(pins, store, "p1", "search")
+    finish(pins, store, "p2", "search")
+    clock.now += 0.5
+    pins.turn_arrived("t", "p1")
+    pins.turn_arrived("t", "p2")
+    finish(pins, store, "p3", "search")
+    usage = pins.stats()["budget"]["device"]
+    assert (usage["pinned_bytes"], usage["pinned_bytes_max"], usage["budget_bytes"]) == (SIZE, 2 * SIZE, 3 * SIZE)
+
+
+def test_policy_none_never_pins_but_still_times_the_tools():
+    pins, store, device, _, clock = make_pins(policy="none")
+    decision = finish(pins, store, "p1", "search")
+    assert (decision.pinned, decision.reason, decision.ttl_s, decision.source) == (False, "off", 0.0, "off")
+    assert device.stats().pinned_bytes == 0
+    clock.now += 1.25
+    assert pins.turn_arrived("t", "p1") == Arrival(True, False, "search", 1.25)
+    stats = pins.stats()
+    assert stats["policy"] == "none" and stats["counters"]["off"] == 1 and stats["counters"]["created"] == 0
+    assert stats["counters"]["returned_unpinned"] == 1 and stats["budget"]["device"]["pinned_bytes_max"] == 0
+
+
+def test_policy_fixed_ttl_pins_every_call_for_the_fixed_ttl_whatever_it_is_worth():
+    pins, store, device, _, clock = make_pins(profile=PrefillProfile(((4, 0.0),)), policy="fixed_ttl",
+                                              fixed_ttl_s=3.0)  # reload is free: tool_ttl would never pin
+    teach(pins, "search", [0.1, 0.1, 0.1])  # and the tool is always quick
+    decision = finish(pins, store, "p1", "search")
+    assert (decision.pinned, decision.ttl_s, decision.source) == (True, 3.0, "fixed")
+    assert decision.value_s == pytest.approx(-3.0)  # P(3 s) = 1, saving 0, held 3 s at mem ratio 1
+    clock.now += 3.0
+    assert pins.stats()["counters"]["expired"] == 1 and not device.is_pinned(ChunkKey("t-p1"))
+
+
+def test_policy_fixed_ttl_stays_within_the_budget_and_displaces_nothing():
+    pins, store, device, _, _ = make_pins(policy="fixed_ttl", budget_share=0.5)  # 2 of 4 entries
+    assert finish(pins, store, "p1", "search").pinned and finish(pins, store, "p2", "search").pinned
+    third = finish(pins, store, "p3", "search")
+    assert (third.pinned, third.reason, third.displaced) == (False, "over_budget", 0)
+    assert device.is_pinned(ChunkKey("t-p1")) and device.is_pinned(ChunkKey("t-p2"))
+    counters = pins.stats()["counters"]
+    assert (counters["created"], counters["over_budget"], counters["displaced"]) == (2, 1, 0)
+    assert pins.stats()["budget"]["device"]["pinned_bytes_max"] == 2 * SIZE == pins.budget_bytes("device")
+
+
+def test_policy_tool_ttl_is_the_default_and_an_unknown_policy_is_refused():
+    assert PinConfig().policy == "tool_ttl"
+    with pytest.raises(ValueError, match="policy must be one of"):
+        PinConfig(policy="lru")
+    with pytest.raises(ValueError, match="fixed_ttl_s"):
+        PinConfig(fixed_ttl_s=0.0)
+
+
+def test_the_settings_name_the_pin_policy_and_refuse_an_unknown_one():
+    from ragcache.config import SettingsError, load_settings
+
+    settings = load_settings(env={"RAGCACHE_PIN_POLICY": "fixed_ttl", "RAGCACHE_PIN_FIXED_TTL_S": "0.5"})
+    assert (settings.pin_policy, settings.pin_fixed_ttl_s) == ("fixed_ttl", 0.5)
+    assert PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s).fixed_ttl_s == 0.5
+    with pytest.raises(SettingsError, match="pin_policy"):
+        load_settings(env={"RAGCACHE_PIN_POLICY": "lru"})
+    with pytest.raises(SettingsError, match="pin_fixed_ttl_s"):
+        load_settings(flags={"pin_fixed_ttl_s": 0})

@@ -49,6 +49,13 @@ class PinBudget:
         self.predictor = predictor
         self.share = share
         self.held: dict[ProgramRef, HeldPin] = {}
+        self.pinned_bytes_max: dict[str, int] = dict.fromkeys(self.tiers, 0)  # high-water mark per tier
+
+    def add(self, pin: HeldPin) -> None:
+        """Hold pin (its room made by room_for first); the tier's high-water mark follows."""
+        self.held[pin.ref] = pin
+        tier = pin.handle.tier
+        self.pinned_bytes_max[tier] = max(self.pinned_bytes_max[tier], self.pinned_bytes(tier))
 
     def budget_bytes(self, tier: str) -> int:
         return int(self.share * self.tier(tier).max_bytes)
@@ -113,4 +120,5 @@ class PinBudget:
 
     def usage(self) -> dict:
         return {name: {"budget_bytes": self.budget_bytes(name), "pinned_bytes": self.pinned_bytes(name),
-                       "max_bytes": tier.max_bytes} for name, tier in self.tiers.items()}
+                       "pinned_bytes_max": self.pinned_bytes_max[name], "max_bytes": tier.max_bytes}
+                for name, tier in self.tiers.items()}

@@ -11,6 +11,15 @@ A program between two turns, as this class sees it (one record per (tenant, prog
                               pin is released, and counted a hit if it still held
     end() / is_last_step      the program is over: release and forget it
 
+Policies (PinConfig.policy), what pin_for_tool does with a tool call:
+
+    tool_ttl    τ* from the tool's duration CDF (predictor.py), only when it pays; a pin that does
+                not fit displaces less valuable ones
+    fixed_ttl   every call pins for fixed_ttl_s whatever the tool or its value (the flat 2 s pin
+                of Continuum's released code); within the budget, first come first served: a pin
+                that does not fit is refused and displaces nothing (there is no value to rank by)
+    none        never pin: the store's eviction policy alone decides (durations are still recorded)
+
 Budget (budget.py): program pins hold at most budget_share of each local tier's bytes. A
 pin that does not fit displaces held pins in its tier, least valuable per byte first, only
 if it is worth more than all of them together; a displaced pin is unpinned, so the store
@@ -32,12 +41,15 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from ragcache.agents.budget import HeldPin, PinBudget, ProgramRef
-from ragcache.agents.predictor import ToolDurationPredictor
+from ragcache.agents.predictor import ToolDurationPredictor, TTLChoice
 from ragcache.agents.profile import PrefillProfile
 
 if TYPE_CHECKING:
     from ragcache.kv import ChunkKey
     from ragcache.storage.tiered import TieredStore
+
+
+POLICIES = ("tool_ttl", "fixed_ttl", "none")
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,14 @@ class PinConfig:
     delay_window: int = 64  # queueing delays of returning programs averaged into T
     size_window: int = 256  # program KV sizes averaged into M
     max_programs: int = 10_000  # programs remembered between turns; the least recently active go first
+    policy: str = "tool_ttl"  # one of POLICIES (see the module docstring)
+    fixed_ttl_s: float = 2.0  # the pin of every tool call under policy "fixed_ttl"
 
     def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if not self.fixed_ttl_s > 0:
+            raise ValueError(f"fixed_ttl_s must be positive, got {self.fixed_ttl_s}")
         if not 0.0 < self.budget_share < 1.0:
             raise ValueError(f"budget_share must be in (0, 1) (a whole tier pinned could stall the queue), "
                              f"got {self.budget_share}")
@@ -64,13 +82,14 @@ class PinConfig:
 @dataclass(frozen=True)
 class PinDecision:
     """What pin_for_tool did. reason: "pinned", "not_worth_it" (τ* = 0), "not_local" (no local
-    tier holds the key), "over_budget" (it would not fit, or is worth less than what it displaces)."""
+    tier holds the key), "over_budget" (it would not fit, or is worth less than what it displaces),
+    "off" (policy "none")."""
 
     pinned: bool
     reason: str
     ttl_s: float
     value_s: float
-    source: str  # the predictor's CDF: "tool", "global" or "default"
+    source: str  # the predictor's CDF: "tool", "global" or "default"; "fixed" or "off" by policy
     tier: str | None = None
     displaced: int = 0  # pins unpinned to make room for this one
 
@@ -99,6 +118,7 @@ class PinCounters:
     not_local: int = 0
     over_budget: int = 0
     extended: int = 0  # pins held on past tool_end for the next turn
+    off: int = 0  # tool calls not pinned because the policy is "none"
 
 
 @dataclass
@@ -229,8 +249,11 @@ class ProgramPins:
             self._set_kv(program, key, nbytes, num_tokens)
             now = self.clock()
             program.tool, program.tool_started_s, program.pinned = tool, now, False
+            if self.config.policy == "none":
+                self.counters.off += 1
+                return PinDecision(False, "off", 0.0, 0.0, "off")
             reload_s, mem_ratio = self.profile.reload_s(num_tokens, nbytes), self._mem_ratio(nbytes)
-            choice = self.predictor.choose(tenant, tool, reload_s, mem_ratio, self.queue_delay_s, self.config.eta)
+            choice = self._choose(tenant, tool, reload_s, mem_ratio)
             program.predicted_ttl_s = choice.ttl_s or None
             decision = PinDecision(False, "not_worth_it", choice.ttl_s, choice.value_s, choice.source)
             if choice.ttl_s <= 0:
@@ -241,14 +264,16 @@ class ProgramPins:
                 self.counters.not_local += 1
                 return replace(decision, reason="not_local")
             victims = self.budget.room_for(handle.tier, nbytes, choice.value_s, now)
+            if self.config.policy == "fixed_ttl" and victims:
+                victims = None  # a fixed pin displaces nothing: it only takes room that is free
             if victims is None:
                 self.store.unpin(handle)
                 self.counters.over_budget += 1
                 return replace(decision, reason="over_budget", tier=handle.tier)
             for victim in victims:
                 self._release(victim.ref, "displaced")
-            self.budget.held[ref] = HeldPin(tenant, program_id, tool, handle, nbytes, choice.ttl_s, now,
-                                            choice.saving_s, mem_ratio)
+            self.budget.add(HeldPin(tenant, program_id, tool, handle, nbytes, choice.ttl_s, now,
+                                    choice.saving_s, mem_ratio))
             program.pinned = True
             self.counters.created += 1
             return PinDecision(True, "pinned", choice.ttl_s, choice.value_s, choice.source, handle.tier, len(victims))
@@ -302,13 +327,16 @@ class ProgramPins:
         return self.budget.budget_bytes(tier)
 
     def stats(self) -> dict:
-        """Active pins (program, tool, ttl, age, bytes, value), budget use per tier, counters, hit rate."""
+        """The policy, active pins (program, tool, ttl, age, bytes, value), budget use per tier (with each
+        tier's pinned-bytes high-water mark), counters (created, expired, displaced, reclaimed = force-released,
+        ...), hit rate."""
         with self._lock:
             self._sweep()
             now = self.clock()
             c = self.counters
             returns = c.returned_held + c.returned_lost
             return {
+                "policy": self.config.policy,
                 "active_pins": self.budget.describe(now),
                 "budget": self.budget.usage(),
                 "counters": asdict(c),
@@ -320,6 +348,16 @@ class ProgramPins:
             }
 
     # internals
+
+    def _choose(self, tenant: str, tool: str, reload_s: float, mem_ratio: float) -> TTLChoice:
+        """The pin's TTL as the policy says: the predictor's τ*, or fixed_ttl_s with the value the
+        predictor gives that hold (kept with the pin: it orders reclaim; it never refuses the pin)."""
+        eta, delay_s = self.config.eta, self.queue_delay_s
+        if self.config.policy == "tool_ttl":
+            return self.predictor.choose(tenant, tool, reload_s, mem_ratio, delay_s, eta)
+        ttl_s = self.config.fixed_ttl_s
+        value = self.predictor.value_of(tenant, tool, ttl_s, reload_s, mem_ratio, delay_s, eta)
+        return replace(value, source="fixed")
 
     def _program(self, ref: ProgramRef) -> _Program:
         program = self._programs.get(ref)

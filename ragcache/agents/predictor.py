@@ -108,6 +108,14 @@ class ToolDurationPredictor:
                 best = TTLChoice(tau, source, probability, saving_s, value)
         return best
 
+    def value_of(self, tenant: str, tool: str, ttl_s: float, reload_s: float, mem_ratio: float,
+                 queue_delay_s: float, eta: float = 1.0) -> TTLChoice:
+        """A hold of ttl_s (> 0) scored as choose() scores its candidates, whether it pays or not."""
+        saving_s = queue_delay_s * eta + reload_s
+        cdf, source = self.distribution(tenant, tool)
+        probability = self.config.default_probability if cdf is None else cdf.at(ttl_s)
+        return TTLChoice(ttl_s, source, probability, saving_s, probability * saving_s - ttl_s * mem_ratio)
+
     def ttl_s(self, tenant: str, tool: str, reload_s: float, mem_ratio: float, queue_delay_s: float,
               eta: float = 1.0) -> float:
         return self.choose(tenant, tool, reload_s, mem_ratio, queue_delay_s, eta).ttl_s

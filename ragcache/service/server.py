@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from ragcache.agents.coordinator import ProgramCoordinator
+from ragcache.agents.coordinator import AgentConfig, ProgramCoordinator
+from ragcache.agents.pins import PinConfig
 from ragcache.checks.blend_budget import BlendBudget, BlendBudgetConfig
 from ragcache.checks.shadow import ShadowChecks, ShadowConfig
 from ragcache.config import Settings, SettingsError
@@ -44,7 +45,8 @@ def build_runtime(settings: Settings) -> Runtime:
                                   settings.max_running),
     )
     engine = BlendEngine(loaded, store, config)
-    coordinator = ProgramCoordinator.measured(store, engine.stack)
+    pins = PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s)
+    coordinator = ProgramCoordinator.measured(store, engine.stack, AgentConfig(pins=pins))
     engine.use_admission_order(coordinator.scheduler)
     semantic = _semantic_cache(settings)
     return Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic))
