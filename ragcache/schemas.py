@@ -22,10 +22,56 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it
+
+
+class ToolCallOut(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(msgspec.Struct):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCallOut] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(msgspec.Struct):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(msgspec.Struct):
+    function: FunctionDefinition
+    type: str = "function"
+
+
+class FunctionName(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: FunctionName
+    type: str = "function"
+
+
+class JsonSchemaFormat(msgspec.Struct):
+    name: str | None = None
+    schema: dict | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str  # "text", "json_object" or "json_schema"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -33,7 +79,9 @@ class StreamOptions(msgspec.Struct):
 
 
 class ChatCompletionRequest(msgspec.Struct):
-    """OpenAI's request plus extensions. Unknown OpenAI fields (n, logprobs, ...) are ignored."""
+    """OpenAI's request plus extensions. The fields policy (README, "OpenAI compatibility"): what is
+    declared here is honoured; `UNSUPPORTED` fields that would change the answer are refused
+    (400 naming them) when set; other unknown fields are ignored."""
 
     messages: list[ChatMessage]
     model: str | None = None
@@ -45,6 +93,30 @@ class ChatCompletionRequest(msgspec.Struct):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Union[str, NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    # accepted, no effect on the answer
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # refused when set (they change the answer and ragcache does not implement them)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
+    functions: list | None = None
+    function_call: Union[str, dict, None] = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+    prediction: dict | None = None
+    web_search_options: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
     # ragcache extensions
     documents: list[DocumentIn] | None = None
     document_ids: list[str] | None = None
@@ -82,6 +154,11 @@ class Timings(msgspec.Struct):
     blend_ms: float
     ttft_ms: float
     decode_ms: float
+    queue_ms: float = 0.0  # waiting for admission (working-KV budget, program-level order)
+
+
+UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "functions", "function_call", "audio",
+               "modalities", "prediction", "web_search_options", "reasoning_effort", "verbosity")
 
 
 class CacheReport(msgspec.Struct):
@@ -103,13 +180,32 @@ class CacheReport(msgspec.Struct):
 
 class AssistantMessage(msgspec.Struct):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct):
+    content: list[TokenLogprobOut]
 
 
 class Choice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct):
@@ -122,15 +218,29 @@ class ChatCompletion(msgspec.Struct):
     ragcache: CacheReport
 
 
+class FunctionDelta(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionDelta | None = None
+
+
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(msgspec.Struct):
     index: int
     delta: Delta
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):

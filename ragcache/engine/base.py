@@ -29,6 +29,13 @@ class Engine(Protocol):
         InvalidRequestError for a request that can never be served. Sequence.cancel()
         frees it at the next step. ticket: the admission order's (agents) for this turn."""
 
+    def conversation_of(self, request: RagRequest) -> str | None:
+        """The program whose stored conversation the request's prompt continues (matched by token
+        prefix), or None. Blocks for tokenising (call it off the event loop)."""
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text."""
+
     def ratio_of(self, request: RagRequest) -> float:
         """The blend ratio the request gets (its own or the engine's default)."""
 

@@ -9,6 +9,7 @@ import torch
 
 MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 
 TokenCallback = Callable[[str], None]  # receives each new piece of answer text
 
@@ -22,6 +23,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+    logprobs: bool = False  # report each generated token's log-probability (Generation.token_logprobs)
+    top_logprobs: int = 0  # and this many most likely alternatives per token
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
@@ -32,6 +35,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -8,10 +8,13 @@ ids, so modes differ only in how KV is obtained, never in the prompt.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
+from ragcache.engine.chat import ChatTurn, ToolSpec
 from ragcache.engine.errors import InvalidRequestError
+from ragcache.engine import toolformat
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question using the documents below. Answer briefly."
@@ -78,29 +81,73 @@ def encode_documents(tokenizer, documents: Sequence[str], limits: PromptLimits) 
     return chunks
 
 
-Turn = tuple[str, str]  # (role, content), role "user" or "assistant"
+Turn = tuple[str, str] | ChatTurn  # (role, content) with role "user" or "assistant", or a ChatTurn
 ROLES = ("user", "assistant")
 
 
+def as_chat_turn(turn: Turn) -> ChatTurn:
+    return turn if isinstance(turn, ChatTurn) else ChatTurn(turn[0], turn[1])
+
+
+def template_knows_tools(tokenizer) -> bool:
+    """Whether the model's chat template renders `tools` and tool turns itself (Qwen2.5, Llama 3.1, ...)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return isinstance(template, str) and "tools" in template and "tool_calls" in template
+
+
 def split_template(
-    tokenizer, system_prompt: str, question: str, has_documents: bool, history: Sequence[Turn] = ()
+    tokenizer, system_prompt: str, question: str, has_documents: bool, history: Sequence[Turn] = (),
+    tools: Sequence[ToolSpec] = (),
 ) -> tuple[str, str]:
     """The rendered chat prompt before and after the documents.
 
     Documents close the system message, so everything before them is the system prompt
     alone: chunk caches computed after it serve every conversation with that system
-    prompt, single questions and multi-turn chats alike.
+    prompt, single questions and multi-turn chats alike. Tools and tool turns go through
+    the chat template when it knows them, otherwise through toolformat.py (the tools listed
+    in the system message before the documents, calls and results as text turns).
+    question "" ends the prompt after the history (an agent's turn after a tool result).
     """
     header = "\n\nDocuments:\n\n" if has_documents else ""
+    turns = [as_chat_turn(turn) for turn in history]
+    native = bool(tools or any(t.role == "tool" or t.tool_calls for t in turns)) and template_knows_tools(tokenizer)
+    if tools and not native:
+        system_prompt = f"{system_prompt}\n\n{toolformat.tools_text(tools)}"
     system = f"{system_prompt}{header}{_DOCUMENTS_MARK}"
-    turns = [{"role": role, "content": content} for role, content in history]
-    messages = [{"role": "system", "content": system}, *turns, {"role": "user", "content": question}]
+    if native:
+        messages = [_native_message(turn) for turn in turns]
+    else:
+        messages = [{"role": role, "content": content}
+                    for role, content in toolformat.merge_tool_results([toolformat.turn_text(t) for t in turns])]
+    messages = [{"role": "system", "content": system}, *messages]
+    if question:
+        messages.append({"role": "user", "content": question})
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = {"tools": [tool.as_openai() for tool in tools]} if native and tools else {}
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     else:
         rendered = "".join(f"{m['role'].title()}: {m['content']}\n\n" for m in messages) + "Assistant:"
     before, _, after = rendered.partition(_DOCUMENTS_MARK)
     return before, after
+
+
+def _native_message(turn: ChatTurn) -> dict:
+    message: dict = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        message["tool_calls"] = [{"id": call.id, "type": "function",
+                                  "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
+                                 for call in turn.tool_calls]
+    if turn.tool_call_id is not None:
+        message["tool_call_id"] = turn.tool_call_id
+    if turn.name is not None:
+        message["name"] = turn.name
+    return message
+
+
+def _valid_turn(turn: ChatTurn) -> bool:
+    if turn.role not in (*ROLES, "tool") or not isinstance(turn.content, str):
+        return False
+    return bool(turn.content.strip() or turn.tool_calls or turn.role == "tool")
 
 
 def build_rag_prompt(
@@ -110,15 +157,19 @@ def build_rag_prompt(
     system_prompt: str | None = None,
     limits: PromptLimits = PromptLimits(),
     history: Sequence[Turn] = (),
+    tools: Sequence[ToolSpec] = (),
 ) -> PromptParts:
-    if not isinstance(question, str) or not question.strip():
+    """question "" is allowed only after a tool result (the model answers the result, not a new message)."""
+    turns = [as_chat_turn(turn) for turn in history]
+    after_tool = bool(turns) and turns[-1].role == "tool"
+    if not isinstance(question, str) or not (question.strip() or after_tool):
         raise InvalidRequestError("question is empty")
-    for index, (role, content) in enumerate(history):
-        if role not in ROLES or not isinstance(content, str) or not content.strip():
-            raise InvalidRequestError(f"history[{index}] must be a non-empty user or assistant turn")
+    for index, turn in enumerate(turns):
+        if not _valid_turn(turn):
+            raise InvalidRequestError(f"history[{index}] must be a non-empty user, assistant or tool turn")
     chunks = encode_documents(tokenizer, documents, limits)
     system = system_prompt or DEFAULT_SYSTEM_PROMPT
-    before, after = split_template(tokenizer, system, question.strip(), bool(chunks), history)
+    before, after = split_template(tokenizer, system, question.strip(), bool(chunks), turns, tools)
     parts = PromptParts(encode(tokenizer, before), tuple(chunks), encode(tokenizer, after))
     if parts.num_tokens > limits.max_prompt_tokens:
         raise InvalidRequestError(

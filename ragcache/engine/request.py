@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ragcache.engine.blend import DEVIATIONS, MODES, BlendConfig
+from ragcache.engine.chat import ChatTurn, OutputConstraint, ToolSpec
+from ragcache.engine.toolformat import ParsedCall
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, PromptLimits
@@ -41,8 +43,11 @@ class RagRequest:
     sampling: SamplingParams = SamplingParams()
     system_prompt: str | None = None
     namespace: str = DEFAULT_NAMESPACE
-    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a chat, oldest first
+    history: tuple[tuple[str, str] | ChatTurn, ...] = ()  # earlier turns of a chat, oldest first
     program_id: str | None = None  # an agent program: its conversation KV is kept and extended turn by turn
+    tools: tuple[ToolSpec, ...] = ()  # functions the model may call, listed in the prompt
+    constraint: OutputConstraint | None = None  # what the output must be (grammar.py); None: free text
+    implicit_program: bool = False  # program_id was found from the prompt's prefix (the conversation index)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -54,6 +59,15 @@ class RagRequest:
         sinks = self.blend_sink_tokens
         if sinks is not None and (not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0):
             raise InvalidRequestError(f"blend_sink_tokens must be an integer >= 0, got {sinks!r}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,9 @@ class Generation:
     blend_ratio: float = 0.0  # the ratio blending used (the engine's default when the request gave none)
     blend_deviation: str = ""  # the deviation that ranked the tokens (as blend_ratio: resolved; "" unless mode blend)
     blend_sink_tokens: int = 0  # EPIC's k the selection used (resolved; 0 unless mode blend)
+    token_logprobs: tuple[TokenLogprob, ...] = ()  # per generated token, when sampling.logprobs asked
+    tool_calls: tuple[ParsedCall, ...] = ()  # calls of the request's tools in the answer (finish_reason "tool_calls")
+    content: str | None = None  # the answer's text outside its tool calls (None: nothing but calls)
 
 
 class SequenceCancelled(Exception):

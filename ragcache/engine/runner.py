@@ -27,8 +27,10 @@ import torch
 
 from ragcache.engine.blend import BlendConfig, PromptLayout, place_prompt, prompt_layout
 from ragcache.engine.chunks import compute_chunks
+from ragcache.engine.conversations import ConversationIndex
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import TokenCallback
+from ragcache.engine.grammar import ConstraintCompiler
 from ragcache.engine.kvbuffer import KVBuffer, SharedPrefix
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.lookup import look_up
@@ -41,6 +43,7 @@ from ragcache.engine.scheduler import AdmissionOrder, Scheduler
 from ragcache.engine.sequence import BlockingSink, GenerationSink, Sequence, SeqState
 from ragcache.engine.stack import DecoderStack
 from ragcache.engine.step import run_step
+from ragcache.engine.toolformat import with_tool_calls
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey, KVChunk, chunk_key
 from ragcache.storage.base import KVStore
 
@@ -63,11 +66,15 @@ class BlendEngine:
         self.context_len = loaded.model.config.max_position_embeddings
         self.eos_ids = frozenset(_eos_ids(loaded))
         self.programs = ProgramIndex()
+        self.conversations = ConversationIndex()  # implicit programs, found by their prompt's prefix
         self.kv_bytes_per_token = KVBuffer.bytes_per_token(self.stack)
         self.scheduler = Scheduler(config.scheduler, self.kv_bytes_per_token, order)
         self._inbox: deque = deque()  # Sequences and (callable, Future) pairs from other threads
         self._wake = threading.Condition()
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not encode and decode at once
+        # output constraints: xgrammar is loaded, and the vocabulary read, on the first constrained request
+        self.grammars = ConstraintCompiler(self.tokenizer, loaded.model.config.vocab_size, sorted(self.eos_ids),
+                                           self._tokenizer_lock)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragcache-store-writer")
         self._thread: threading.Thread | None = None  # the one that runs the step loop
         self._loop_done = threading.Event()
@@ -99,7 +106,7 @@ class BlendEngine:
         with self._tokenizer_lock:
             parts = build_rag_prompt(self.tokenizer, request.question, request.documents,
                                      request.system_prompt or self.config.system_prompt, self.config.limits,
-                                     request.history)
+                                     request.history, request.tools)
         if parts.num_tokens + request.sampling.max_tokens > self.context_len:
             raise InvalidRequestError(
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
@@ -109,11 +116,12 @@ class BlendEngine:
         if too_big is not None:
             raise InvalidRequestError(
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) {too_big}")
+        grammar = self.grammars.matcher(request.constraint) if request.constraint is not None else None
         lookup = look_up(self.store, self.programs, self.loaded.fingerprint, request, parts, started)
         layout = (PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
                   if lookup.program is not None else prompt_layout(parts, request.mode, self.ratio_of(request)))
         seq = Sequence(request, parts, lookup, sink, self.eos_ids, ticket, return_logprobs, background,
-                       arrived_s=started)
+                       arrived_s=started, grammar=grammar)
         num_layers = self.stack.num_layers
         if request.mode != "full" and lookup.program is None:
             seq.shared_key, seq.shared_len = lookup.prefix_key, len(parts.prefix_ids)
@@ -122,6 +130,20 @@ class BlendEngine:
                         if layout.selective else PrefillProgress.plain(layout.start, parts.num_tokens, num_layers))
         self._post(seq)
         return seq
+
+    def conversation_of(self, request: RagRequest) -> str | None:
+        """The program of the stored conversation this request's prompt continues (conversations.py), if any."""
+        with self._tokenizer_lock:
+            parts = build_rag_prompt(self.tokenizer, request.question, request.documents,
+                                     request.system_prompt or self.config.system_prompt, self.config.limits,
+                                     request.history, request.tools)
+        found = self.conversations.match(request.namespace, parts.all_ids)
+        return found[0] if found is not None else None
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (for logprobs on the wire)."""
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([token]) for token in token_ids]
 
     def generate(self, request: RagRequest, on_token: TokenCallback | None = None,
                  return_logprobs: bool = False) -> Generation:
@@ -197,6 +219,7 @@ class BlendEngine:
 
     def forget_program(self, namespace: str, program_id: str) -> bool:
         """The program ended: forget its record and drop its KV."""
+        self.conversations.forget(namespace, program_id)
         record = self.programs.forget(namespace, program_id)
         return record is not None and self.store.delete(record.key)
 
@@ -383,7 +406,8 @@ class BlendEngine:
     def _finish(self, seq: Sequence) -> None:
         """A finished sequence: its Generation, the program KV (tensor work here, the store write off-thread)."""
         self.scheduler.finish(seq)
-        result = generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request), self.blend_of(seq.request))
+        result = with_tool_calls(generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request),
+                                               self.blend_of(seq.request)), seq.request)
         saved = program_entry(self.stack, seq, self.loaded.fingerprint) if seq.request.program_id else None
         self._release(seq)
         self._writer.submit(self._deliver, seq, result, saved)
@@ -397,6 +421,11 @@ class BlendEngine:
                 previous = self.programs.remember(request.namespace, request.program_id, ProgramRecord(key, token_ids))
                 if previous is not None and previous.key != key:
                     self.store.delete(previous.key)
+                if request.implicit_program:
+                    forgotten = self.conversations.index(request.namespace, request.program_id,
+                                                         token_ids[:seq.prompt_len])
+                    for namespace, program_id in forgotten:
+                        self.forget_program(namespace, program_id)
                 result = replace(result, program_key=key, program_tokens=len(token_ids))
             seq.sink.on_finish(result)
         except Exception as exc:

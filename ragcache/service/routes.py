@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -12,6 +13,7 @@ from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from ragcache.engine.errors import InvalidRequestError
+from ragcache.engine.toolformat import CallStream
 from ragcache.engine.runner import Generation, RagRequest
 from ragcache.schemas import (
     AddDocumentsRequest,
@@ -22,6 +24,8 @@ from ragcache.schemas import (
     ChunkChoice,
     Delta,
     DocumentIn,
+    FunctionDelta,
+    ToolCallDelta,
     DocumentRecord,
     ModelCard,
     ModelList,
@@ -51,7 +55,9 @@ async def list_models(runtime: RuntimeDep, request: Request, settings: SettingsD
 
 
 @post("/v1/chat/completions", operation_id="createChatCompletion", summary="OpenAI-compatible chat, with RAG documents",
-      description="With `stream: true` the answer comes as server-sent `chat.completion.chunk` events ending in `[DONE]`.",
+      description="With `stream: true` the answer comes as server-sent `chat.completion.chunk` events ending in `[DONE]`. "
+                  "Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`), `response_format`, `n`, `logprobs` "
+                  "and `top_logprobs` follow OpenAI; see the README's OpenAI compatibility section.",
       status_code=200, responses=ERRORS)
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], request: Request, runtime: RuntimeDep, settings: SettingsDep
@@ -60,19 +66,31 @@ async def chat_completions(
     documents = documents_for(runtime, tenant, data.documents, data.document_ids)
     program_id = data.program_id or request.headers.get("x-session-id")
     rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens, program_id)
+    n = data.n or 1
+    if n > 1 and program_id is not None:
+        raise InvalidRequestError("n must be 1 for a program's turn (program_id or X-Session-ID): "
+                                  "n answers cannot all continue one program")
     messages = [{"role": m.role, "content": convert.message_text(m, i)} for i, m in enumerate(data.messages)]
-    query = SemanticQueryIn(messages, data.category, data.cache, data.cache_sampled)
-    answer = runtime.answer(tenant, rag, query, data.is_last_step)
+    query = SemanticQueryIn(messages, data.category, data.cache, data.cache_sampled) if n == 1 else None
+    answers = [runtime.answer(tenant, convert.choice_request(rag, i), query, data.is_last_step, conversation=n == 1)
+               for i in range(n)]
+    token_texts = runtime.engine.token_texts if data.logprobs else None
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
     if data.stream:
-        first = await _first_item(answer)  # a full queue or a bad request is a 4xx, not an error inside a 200
-        return ServerSentEvent(_sse(runtime.model_name, first, answer, include_usage))
-    result = await _last_item(answer)
-    if isinstance(result, CachedAnswer):
-        report = semantic.hit_report(result)
-        return Response(convert.cached_completion(result.text, report, runtime.model_name),
+        try:  # a full queue or a bad request is a 4xx, not an error inside a 200
+            firsts = [await _first_item(answer) for answer in answers]
+        except BaseException:
+            for answer in answers:
+                await answer.aclose()
+            raise
+        calls = rag.constraint is not None and rag.constraint.kind == "tool_calls"
+        return ServerSentEvent(_sse(runtime.model_name, firsts, answers, include_usage, calls, token_texts))
+    results = await asyncio.gather(*(_last_item(answer) for answer in answers))
+    if isinstance(results[0], CachedAnswer):
+        report = semantic.hit_report(results[0])
+        return Response(convert.cached_completion(results[0].text, report, runtime.model_name),
                         headers=convert.report_headers(report))
-    body = convert.chat_completion(result, runtime.model_name)
+    body = convert.chat_completion(list(results), runtime.model_name, token_texts)
     return Response(body, headers=convert.report_headers(body.ragcache))
 
 
@@ -95,9 +113,9 @@ class _Chunks:
     def __init__(self, model: str) -> None:
         self.id, self.created, self.model = convert.completion_id(), int(time.time()), model
 
-    def delta(self, delta: Delta, finish: str | None = None, **extra) -> str:
+    def delta(self, delta: Delta, finish: str | None = None, index: int = 0, logprobs=None, **extra) -> str:
         body = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.model,
-                                   [ChunkChoice(0, delta, finish)], **extra)
+                                   [ChunkChoice(index, delta, finish, logprobs)], **extra)
         return msgspec.json.encode(body).decode()
 
     def usage(self, usage) -> str:
@@ -105,28 +123,88 @@ class _Chunks:
         return msgspec.json.encode(body).decode()
 
 
-async def _sse(model: str, first, answer, include_usage: bool):
+def _deltas(events: list[tuple]) -> list[Delta]:
+    """CallStream events as OpenAI's deltas: content, or tool_calls[i] (id and name first, then arguments)."""
+    deltas = []
+    for event in events:
+        if event[0] == "text":
+            deltas.append(Delta(content=event[1]))
+        elif event[0] == "call":
+            function = FunctionDelta(name=event[2], arguments="")
+            deltas.append(Delta(tool_calls=[ToolCallDelta(event[1], convert.call_id(), "function", function)]))
+        else:
+            deltas.append(Delta(tool_calls=[ToolCallDelta(event[1], function=FunctionDelta(arguments=event[2]))]))
+    return deltas
+
+
+async def _merged(answers):
+    """(choice index, item) from n answers as they come; the answers run as tasks, cancelled if we stop early."""
+    if len(answers) == 1:
+        async for item in answers[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, answer):
+        try:
+            async for item in answer:
+                await queue.put((index, item))
+            await queue.put((index, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, answer)) for i, answer in enumerate(answers)]
+    try:
+        left = len(answers)
+        while left:
+            index, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _sse(model: str, firsts: list, answers: list, include_usage: bool, calls: bool, token_texts):
     chunks = _Chunks(model)
-    if isinstance(first, CachedAnswer):
+    if isinstance(firsts[0], CachedAnswer):
+        first = firsts[0]
         yield chunks.delta(Delta(role="assistant", content=first.text))
         yield chunks.delta(Delta(), "stop", ragcache=semantic.hit_report(first))
         if include_usage:
             yield chunks.usage(convert.no_usage())
         yield "[DONE]"
         return
-    yield chunks.delta(Delta(role="assistant", content=""))
+    streams = [CallStream() if calls else None for _ in answers]
+    results: list[Generation] = []
+    for index in range(len(answers)):
+        yield chunks.delta(Delta(role="assistant", content=""), index=index)
     try:
-        async for item in answer:
+        async for index, item in _merged(answers):
+            stream = streams[index]
             if isinstance(item, Generation):
-                yield chunks.delta(Delta(), item.finish_reason, ragcache=convert.cache_report(item))
-                if include_usage:
-                    yield chunks.usage(convert.usage(item))
+                for delta in _deltas(stream.flush() if stream is not None else []):
+                    yield chunks.delta(delta, index=index)
+                logprobs = convert.choice_logprobs(item, token_texts) if token_texts is not None else None
+                yield chunks.delta(Delta(), item.finish_reason, index, logprobs, ragcache=convert.cache_report(item))
+                results.append(item)
+            elif stream is None:
+                yield chunks.delta(Delta(content=item), index=index)
             else:
-                yield chunks.delta(Delta(content=item))
+                for delta in _deltas(stream.push(item)):
+                    yield chunks.delta(delta, index=index)
+        if include_usage and results:
+            yield chunks.usage(convert.usage(results[0], results))
     except Exception as exc:  # the 200 is out: report in the stream, never drop it silently
         yield msgspec.json.encode({"error": _stream_error(exc)}).decode()
     finally:
-        await answer.aclose()  # a client that went away frees its sequence at the next step
+        for answer in answers:
+            await answer.aclose()  # a client that went away frees its sequence at the next step
     yield "[DONE]"
 
 

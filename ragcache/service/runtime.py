@@ -18,7 +18,8 @@ import hashlib
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 import msgspec
@@ -28,6 +29,7 @@ from ragcache.bench.metrics import percentile
 from ragcache.checks.blend_budget import BlendBudget, is_steerable
 from ragcache.checks.shadow import ShadowChecks
 from ragcache.engine.base import Engine
+from ragcache.engine.chat import ChatTurn
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.runner import Generation, RagRequest
 from ragcache.kv import ChunkKey
@@ -112,12 +114,15 @@ class Runtime:
     """engine: any Engine (started here); semantic: the SemanticCache or None; coordinator: the agents
     layer (program-level admission order, tool-aware pins) or None, built by the caller over the
     engine's store; budget: the blend error budget that picks each steerable request's setting, or
-    None (the engine's defaults); shadow: the shadow checks feeding it and the semantic cache, or None."""
+    None (the engine's defaults); shadow: the shadow checks feeding it and the semantic cache, or None;
+    conversations: keep the KV of chats that name no program (with tools or history) as programs found
+    by their prompt's prefix (conversations.py), so plain OpenAI agent loops get reuse and pins."""
 
     def __init__(self, engine: Engine, max_queue: int, semantic=None,
                  coordinator: ProgramCoordinator | None = None, budget: BlendBudget | None = None,
-                 shadow: ShadowChecks | None = None) -> None:
+                 shadow: ShadowChecks | None = None, conversations: bool = True) -> None:
         self.engine = engine
+        self.conversations = conversations
         self.semantic = semantic
         self.coordinator = coordinator
         self.budget = budget
@@ -148,12 +153,14 @@ class Runtime:
     # the request path
 
     async def answer(self, tenant: str, request: RagRequest, query: SemanticQueryIn | None = None,
-                     is_last_step: bool = False) -> AsyncIterator[Accepted | str | Generation | CachedAnswer]:
+                     is_last_step: bool = False, conversation: bool = True,
+                     ) -> AsyncIterator[Accepted | str | Generation | CachedAnswer]:
         """Accepted, text pieces as they are generated, then the Generation; or one CachedAnswer from the
         semantic cache. Bad input and a full queue raise before Accepted.
 
         query None: the semantic cache is not consulted (an agent's turn always is not: its answer
-        depends on tool results the cache cannot see)."""
+        depends on tool results the cache cannot see). conversation False: the request is not kept as
+        an implicit program (one of n choices)."""
         started = time.perf_counter()
         semantic_query = self._semantic_query(tenant, request, query)
         outcome = await self._lookup(semantic_query)
@@ -168,6 +175,8 @@ class Runtime:
                 self.shadow.check_semantic(tenant, request, hit.answer, hit.entry_id, hit.similarity)
             yield CachedAnswer(hit.answer, hit.similarity, hit.entry_id, time.perf_counter() - started)
             return
+        if conversation:
+            request = await self._conversation(request)
         checked = setting is not None and self.shadow is not None and self.shadow.sample_blend()
         served = None
         try:
@@ -218,8 +227,17 @@ class Runtime:
         self._finish(tenant, ticket, item, is_last_step)
         yield item
 
+    async def _conversation(self, request: RagRequest) -> RagRequest:
+        """A chat with tools or history that names no program continues the stored conversation its
+        prompt extends (found by token prefix), or starts one; either way its KV is kept (and pinned
+        while a tool it calls runs) as a program's."""
+        if not self.conversations or request.program_id is not None or not (request.tools or request.history):
+            return request
+        program_id = await asyncio.to_thread(self.engine.conversation_of, request)
+        return replace(request, program_id=program_id or f"conv-{uuid.uuid4().hex[:20]}", implicit_program=True)
+
     def _semantic_query(self, tenant: str, request: RagRequest, query: SemanticQueryIn | None):
-        if self.semantic is None or query is None or request.program_id is not None:
+        if self.semantic is None or query is None or request.program_id is not None or _agentic(request):
             return None
         from ragcache.semantic import SemanticQuery, documents_hash
         from ragcache.semantic.types import document_digest
@@ -265,7 +283,8 @@ class Runtime:
             metrics.blend_ratios[f"{result.blend_ratio:g}"] += 1
         if self.coordinator is not None and ticket is not None:
             nbytes = result.program_tokens * self.engine.kv_bytes_per_token
-            self.coordinator.finish(ticket, result.program_key, nbytes, result.program_tokens,
+            tool = result.tool_calls[0].name if result.finish_reason == "tool_calls" else None
+            self.coordinator.finish(ticket, result.program_key, nbytes, result.program_tokens, tool=tool,
                                     is_last_step=is_last_step)
 
     def program_event(self, tenant: str, program_id: str, kind: str, tool: str | None) -> None:
@@ -381,6 +400,13 @@ class Runtime:
         if self.shadow is not None:
             self.shadow.close()
         self.engine.close()
+
+
+def _agentic(request: RagRequest) -> bool:
+    """Tools, tool results or a constrained output: answers the semantic cache must not serve or keep."""
+    turns = [turn for turn in request.history if isinstance(turn, ChatTurn)]
+    return bool(request.tools or request.constraint is not None
+                or any(turn.role == "tool" or turn.tool_calls for turn in turns))
 
 
 def _category(outcome, query: SemanticQueryIn | None) -> str:
