@@ -1,0 +1,128 @@
+"""OpenAI tool calling and parity over a real server (tiny model): the wire, the refusals, conversations
+found by prefix. Constrained output itself is tested in test_grammar.py; real clients in test_clients.py."""
+
+import httpx
+import openai
+import pytest
+
+from ragcache.storage import CpuTier, GpuTier, TieredStore
+
+from service_server import running_server
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}
+ASK = {"role": "user", "content": "What is the weather in Paris?"}
+CALLED = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    from conftest import loaded, tiny_model
+    from ragcache.engine.runner import BlendEngine
+
+    engine = BlendEngine(loaded(tiny_model(), tokenizer), TieredStore([GpuTier(64 << 20, device="cpu"), CpuTier(64 << 20)]))
+    with running_server(engine) as (url, runtime):
+        yield url, runtime
+
+
+def post(url, **body):
+    return httpx.post(f"{url}/v1/chat/completions", json={"max_tokens": 4, "temperature": 0, **body}, timeout=60)
+
+
+def test_the_turn_after_a_tool_call_is_answered(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="m", messages=[ASK, CALLED, RESULT], tools=[WEATHER], max_tokens=4,
+                                           temperature=0, tool_choice="none")
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.tool_calls is None
+    assert reply.usage.prompt_tokens > post(url, messages=[ASK]).json()["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 0.5), ("frequency_penalty", 1.0),
+                                          ("logit_bias", {"42": 5}), ("functions", [{"name": "f"}]),
+                                          ("modalities", ["text", "audio"]), ("reasoning_effort", "high")])
+def test_fields_that_would_change_the_answer_are_refused_by_name(server, field, value):
+    response = post(server[0], messages=[ASK], **{field: value})
+    assert response.status_code == 400 and field in response.json()["error"]["message"]
+
+
+def test_harmless_fields_are_accepted(server):
+    response = post(server[0], messages=[ASK], user="u1", metadata={"a": "b"}, store=False, presence_penalty=0,
+                    logit_bias={}, modalities=["text"], service_tier="auto")
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters"),
+    ({"n": 9}, "n"),
+    ({"n": 2, "program_id": "p1"}, "n"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+])
+def test_bad_tool_and_parity_fields_are_a_400_naming_them(server, body, field):
+    response = post(server[0], messages=[ASK], **body)
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("messages, field", [
+    ([ASK, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "function": {"name": "get_weather", "arguments": "{x"}}]}, RESULT],
+     "messages[1].tool_calls[0].function.arguments"),
+    ([ASK, CALLED, {"role": "tool", "content": "sunny"}], "messages[2].tool_call_id"),
+    ([ASK, CALLED], "the last message"),
+    ([{**ASK, "tool_calls": CALLED["tool_calls"]}], "messages[0].tool_calls"),
+])
+def test_malformed_tool_turns_are_a_400_naming_the_message(server, messages, field):
+    response = post(server[0], messages=messages, tools=[WEATHER])
+    assert response.status_code == 400 and field in response.json()["error"]["message"]
+
+
+def test_n_choices_each_answer_and_usage_counts_them_all(server):
+    body = post(server[0], messages=[ASK], n=3, temperature=1.0, seed=7).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["usage"]["completion_tokens"] == sum(4 if c["finish_reason"] == "length" else 0 for c in body["choices"]) \
+        or body["usage"]["completion_tokens"] >= 3
+    again = post(server[0], messages=[ASK], n=3, temperature=1.0, seed=7).json()
+    assert [c["message"]["content"] for c in again["choices"]] == [c["message"]["content"] for c in body["choices"]]
+
+
+def test_n_choices_stream_with_their_indexes(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="m", messages=[ASK], n=2, max_tokens=4, temperature=0, stream=True)
+    finished = {choice.index: choice.finish_reason for chunk in stream for choice in chunk.choices if choice.finish_reason}
+    assert set(finished) == {0, 1}
+
+
+def test_a_plain_agent_loop_is_found_by_its_prefix_and_reuses_its_kv(server):
+    url, runtime = server
+    first = post(url, messages=[ASK], tools=[WEATHER], tool_choice="none").json()
+    answer = first["choices"][0]["message"]["content"].strip() or "It is sunny."  # a random model may say nothing
+    assert first["ragcache"]["program_reused_tokens"] == 0
+    programs = {p["program_id"] for p in httpx.get(f"{url}/admin/programs").json()["programs"]}
+    follow = [ASK, {"role": "assistant", "content": answer}, {"role": "user", "content": "And tomorrow?"}]
+    second = post(url, messages=follow, tools=[WEATHER], tool_choice="none").json()
+    assert second["ragcache"]["program_reused_tokens"] >= first["usage"]["prompt_tokens"]
+    after = {p["program_id"] for p in httpx.get(f"{url}/admin/programs").json()["programs"]}
+    assert len(after - programs) == 0 and any(p.startswith("conv-") for p in after)  # the same program, moved on
+    unrelated = post(url, messages=[{"role": "user", "content": "Tell me a joke."}], tools=[WEATHER],
+                     tool_choice="none").json()
+    assert unrelated["ragcache"]["program_reused_tokens"] == 0
+
+
+def test_a_single_question_without_tools_is_not_kept_as_a_conversation(server):
+    url, _ = server
+    before = len(httpx.get(f"{url}/admin/programs").json()["programs"])
+    post(url, messages=[{"role": "user", "content": "Just one question."}])
+    assert len(httpx.get(f"{url}/admin/programs").json()["programs"]) == before
