@@ -48,6 +48,8 @@ class Settings:
     # agent programs: how a tool call pins the program's KV (tool_ttl, fixed_ttl or none; see agents/pins.py)
     pin_policy: str = "tool_ttl"
     pin_fixed_ttl_s: float = 2.0  # the pin of every tool call under pin_policy fixed_ttl
+    # chats that name no program (with tools or history) kept as programs found by their token prefix
+    conversation_kv: bool = True
     # batching: working KV of running sequences, tokens per batched step, KV growth block, concurrency
     working_kv_gb: float = 4.0
     step_tokens: int = 512

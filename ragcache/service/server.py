@@ -49,7 +49,8 @@ def build_runtime(settings: Settings) -> Runtime:
     coordinator = ProgramCoordinator.measured(store, engine.stack, AgentConfig(pins=pins))
     engine.use_admission_order(coordinator.scheduler)
     semantic = _semantic_cache(settings)
-    return Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic))
+    return Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic),
+                   conversations=settings.conversation_kv)
 
 
 def answer_checks(settings: Settings, engine, semantic) -> tuple[BlendBudget, ShadowChecks]:
