@@ -141,8 +141,9 @@ def _arguments_text(body: str) -> str | None:
 
 
 def with_tool_calls(result, request):
-    """The Generation with its content and tool calls split out: calls only when the request listed tools
-    and did not say tool_choice "none" (then there is no constraint of kind tool_calls... nor parsing)."""
+    """The Generation with its content and tool calls split out (only for a tool_calls constraint, which
+    tool_choice "none" has not). finish_reason becomes "tool_calls" when the answer ends in calls; under
+    require_call also when max_tokens cut a further call short (the complete ones are valid calls)."""
     from dataclasses import replace
 
     constraint = request.constraint
@@ -151,8 +152,14 @@ def with_tool_calls(result, request):
     parsed = parse_tool_calls(result.text, request.tools)
     if not parsed.calls:
         return replace(result, content=parsed.content)
-    reason = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
-    return replace(result, tool_calls=parsed.calls, content=parsed.content, finish_reason=reason)
+    calls = tuple(dict.fromkeys(parsed.calls))  # a call repeated word for word is one call
+    content = parsed.content
+    if result.finish_reason == "length" and constraint.require_call:
+        # nothing but calls was allowed: the text left is an unfinished call, not an answer
+        content = None
+    elif result.finish_reason == "length":
+        return replace(result, tool_calls=calls, content=content)
+    return replace(result, tool_calls=calls, content=content, finish_reason="tool_calls")
 
 
 class CallStream:
