@@ -63,6 +63,14 @@ class ChatOptions(TypedDict, total=False):
     model: str
     category: str
     program_id: str
+    # OpenAI tool calling and output formats (as dicts in OpenAI's shape)
+    tools: list[dict]
+    tool_choice: Union[str, dict]  # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool
+    response_format: dict  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
+    n: int
+    logprobs: bool
+    top_logprobs: int
 
 
 class Call(NamedTuple):

@@ -14,7 +14,8 @@ from typing import AsyncIterator, Iterator
 import httpx
 import msgspec
 
-from ragcache.schemas import CacheReport, ChatCompletionChunk, Usage
+from ragcache.schemas import (CacheReport, ChatCompletionChunk, FunctionCall, FunctionDelta, ToolCallDelta,
+                              ToolCallOut, Usage)
 from ragcache.sdk.errors import RagcacheConnectionError, RagcacheTimeoutError, error_from_event
 
 class StreamState:
@@ -26,6 +27,7 @@ class StreamState:
         self.report: CacheReport | None = None
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
+        self.tool_calls: list[ToolCallOut] = []  # assembled from the tool_calls deltas of choice 0
         self.done = False  # `[DONE]` arrived
         self._data: list[str] = []  # data lines of the event being read
 
@@ -65,11 +67,26 @@ class StreamState:
         self.usage = chunk.usage or self.usage
         piece = None
         for choice in chunk.choices:
+            if choice.index != 0:
+                continue  # n > 1 streams are read raw, from chunks
             self.finish_reason = choice.finish_reason or self.finish_reason
             piece = choice.delta.content or piece
+            for delta in choice.delta.tool_calls or ():
+                self._tool_delta(delta)
         if piece:
             self.pieces.append(piece)
         return piece or None
+
+
+    def _tool_delta(self, delta: ToolCallDelta) -> None:
+        """A call's first delta brings its id and name; the following ones pieces of its arguments."""
+        while len(self.tool_calls) <= delta.index:
+            self.tool_calls.append(ToolCallOut("", FunctionCall("", "")))
+        call = self.tool_calls[delta.index]
+        function = delta.function or FunctionDelta()
+        self.tool_calls[delta.index] = ToolCallOut(
+            delta.id or call.id, FunctionCall(function.name or call.function.name,
+                                              call.function.arguments + (function.arguments or "")))
 
 
 def _broken(exc: httpx.TransportError) -> RagcacheConnectionError:
@@ -100,6 +117,11 @@ class _StreamResults:
     @property
     def finish_reason(self) -> str | None:
         return self._state.finish_reason
+
+    @property
+    def tool_calls(self) -> list[ToolCallOut]:
+        """The calls the answer made (finish_reason "tool_calls"), assembled from their deltas."""
+        return self._state.tool_calls
 
     @property
     def chunks(self) -> list[ChatCompletionChunk]:
