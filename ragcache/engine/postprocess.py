@@ -33,6 +33,7 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: Ble
         chunk_misses=len(lookup.chunk_kvs) - lookup.hits if looked_up else 0,
         timings=timings,
         first_token_logprobs=seq.first_logprobs,
+        token_logprobs=tuple(seq.token_logprobs[:len(seq.stream.tokens)]),  # an ending eos is no answer token
         program_reused_tokens=lookup.program.reused_tokens if lookup.program is not None else 0,
         mode=request.mode,
         blend_ratio=blend_ratio if blended else 0.0,

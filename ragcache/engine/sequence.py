@@ -17,7 +17,7 @@ import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -26,6 +26,10 @@ from ragcache.engine.prefill import BlendScan, PrefillProgress
 from ragcache.engine.generate import SamplingParams, held_back
 from ragcache.engine.lookup import Lookup
 from ragcache.engine.prompt import PromptParts
+
+if TYPE_CHECKING:
+    from ragcache.engine.grammar import SequenceGrammar
+    from ragcache.engine.request import TokenLogprob
 
 
 class SeqState(enum.Enum):
@@ -103,6 +107,8 @@ class Sequence:
     next_token: int | None = None  # sampled, not yet fed through the model
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    grammar: SequenceGrammar | None = None  # the output constraint's matcher (grammar.py); None: free text
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # per sampled token when sampling.logprobs
     stream: TextStream = field(init=False)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -142,15 +148,19 @@ class Sequence:
         return self.state in (SeqState.FINISHED, SeqState.CANCELLED)
 
     def accept(self, token: int, tokenizer, context_len: int) -> None:
-        """A sampled token: stream its text, or finish (end of turn, stop string, max_tokens, context full)."""
+        """A sampled token: stream its text, or finish (end of turn, stop string, the grammar done, max_tokens,
+        context full). eos is never fed to the grammar: its mask allowed eos only where the output may end."""
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter()
         if token in self.eos_ids:
             self._finish("stop")
             return
+        if self.grammar is not None and not self.grammar.accept(token):  # outside its mask: sampling never picks one
+            self._finish("stop", self.stream.flush())
+            return
         piece, stopped = self.stream.push(token, tokenizer)
-        if stopped:
-            self._finish("stop", piece)
+        if stopped or (self.grammar is not None and self.grammar.ended):
+            self._finish("stop", piece + self.stream.flush())
             return
         if piece:
             self.sink.on_text(piece)
