@@ -109,3 +109,32 @@ def test_the_conversation_index_forgets_the_least_recently_indexed_past_its_boun
     assert index.index("t", "a", [1]) == [] and index.index("t", "b", [2]) == []
     assert index.index("t", "c", [3]) == [("t", "a")]
     assert index.match("t", [1, 0]) is None and index.match("t", [3, 0]) == ("c", 1)
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+def test_a_call_repeated_word_for_word_streams_once_and_a_near_repeat_streams_whole(step):
+    text = CALL + "\n" + CALL + "\n" + render_call("get_weather", '{"city": "Paris", "unit": "c"}') + "\n" + CALL
+    stream, events = CallStream(), []
+    for i in range(0, len(text), step):
+        events += stream.push(text[i:i + step])
+    events += stream.flush()
+    calls = {}
+    for event in events:
+        if event[0] == "call":
+            calls[event[1]] = [event[2], ""]
+        elif event[0] == "arguments":
+            calls[event[1]][1] += event[2]
+    assert calls == {0: ["get_weather", '{"city": "Paris"}'], 1: ["get_weather", '{"city": "Paris", "unit": "c"}']}
+    assert [c.arguments for c in dict.fromkeys(parse_tool_calls(text, TOOLS).calls)] == [v[1] for v in calls.values()]
+
+
+CALL = render_call("get_weather", '{"city": "Paris"}')
+
+
+def test_a_repeated_call_is_noticed_when_it_closes():
+    from ragcache.engine.toolformat import ends_in_repeated_call
+
+    other = render_call("get_time", "{}")
+    assert not ends_in_repeated_call(CALL) and not ends_in_repeated_call(CALL + "\n" + other)
+    assert ends_in_repeated_call(CALL + "\n" + other + "\n" + CALL)
+    assert not ends_in_repeated_call(CALL + "\n" + CALL[:-3])  # not closed yet

@@ -140,6 +140,15 @@ def _arguments_text(body: str) -> str | None:
     return text if text.startswith("{") else None
 
 
+def ends_in_repeated_call(text: str) -> bool:
+    """Whether text has just closed a call identical to an earlier one: a small model looping on the
+    same call under tool_choice "required" (the engine ends the answer there; the repeat counts once)."""
+    if not text.endswith("</tool_call>"):
+        return False
+    blocks = [block.strip() for block in _CALL.findall(text)]
+    return len(blocks) > 1 and blocks[-1] in blocks[:-1]
+
+
 def with_tool_calls(result, request):
     """The Generation with its content and tool calls split out (only for a tool_calls constraint, which
     tool_choice "none" has not). finish_reason becomes "tool_calls" when the answer ends in calls; under
@@ -169,15 +178,21 @@ class CallStream:
     ("arguments", index, s) for pieces of its arguments text. Text that may be the start of
     <tool_call> (or of a call's end) is held back until it is known not to be. The format is
     the exact one grammar.py enforces; output that strays from it streams as text.
+
+    A call repeated word for word is one call (as with_tool_calls counts it): a later call is
+    held back while it is still a prefix of an earlier one of the same tool, and dropped if it
+    ends up identical; otherwise it streams from the point it differs.
     """
 
     _NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 
     def __init__(self) -> None:
         self.buffer = ""
-        self.calls = 0
         self.in_call = False  # inside <tool_call>, name not yet read
         self.in_arguments = False
+        self.calls: list[tuple[str, str]] = []  # (name, arguments) of the calls streamed so far
+        self.current: list[str] | None = None  # [name, arguments so far] of the call being read
+        self.released = False  # the current call's events have gone out
 
     def push(self, piece: str) -> list[tuple]:
         self.buffer += piece
@@ -189,7 +204,7 @@ class CallStream:
                     self._arguments(events, self.buffer[:end])
                     self.buffer = self.buffer[end + len(CALL_END):]
                     self.in_arguments = False
-                    self.calls += 1
+                    self._end_call(events)
                     continue
                 safe = len(self.buffer) - _partial_suffix(self.buffer, CALL_END)
                 self._arguments(events, self.buffer[:safe])
@@ -199,7 +214,8 @@ class CallStream:
                 match = self._NAME.match(self.buffer)
                 if match is None:
                     return events  # wait for more (flush() gives it back as text if it never comes)
-                events.append(("call", self.calls, json.loads(match.group(1))))
+                self.current, self.released = [json.loads(match.group(1)), ""], False
+                self._release_if_new(events)
                 self.buffer = self.buffer[match.end():]
                 self.in_call, self.in_arguments = False, True
                 continue
@@ -219,9 +235,11 @@ class CallStream:
         events: list[tuple] = []
         if self.in_arguments:
             self._arguments(events, self.buffer)
+            if not self.released:  # unfinished: it never became a repeat
+                self._release(events)
         else:
             self._text(events, (CALL_TRIGGER if self.in_call else "") + self.buffer)
-        self.buffer, self.in_call, self.in_arguments = "", False, False
+        self.buffer, self.in_call, self.in_arguments, self.current = "", False, False, None
         return events
 
     def _text(self, events: list, text: str) -> None:
@@ -229,8 +247,33 @@ class CallStream:
             events.append(("text", text))
 
     def _arguments(self, events: list, text: str) -> None:
-        if text:
-            events.append(("arguments", self.calls, text))
+        if not text:
+            return
+        self.current[1] += text
+        if self.released:
+            events.append(("arguments", len(self.calls), text))
+        else:
+            self._release_if_new(events)
+
+    def _release_if_new(self, events: list) -> None:
+        name, arguments = self.current
+        if not any(n == name and a.startswith(arguments) for n, a in self.calls):
+            self._release(events)
+
+    def _release(self, events: list) -> None:
+        name, arguments = self.current
+        events.append(("call", len(self.calls), name))
+        if arguments:
+            events.append(("arguments", len(self.calls), arguments))
+        self.released = True
+
+    def _end_call(self, events: list) -> None:
+        call = tuple(self.current)
+        if not self.released and call not in self.calls:
+            self._release(events)
+        if self.released:
+            self.calls.append(call)
+        self.current, self.released = None, False
 
 
 def _partial_suffix(text: str, marker: str) -> int:
