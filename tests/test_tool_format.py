@@ -138,3 +138,9 @@ def test_a_repeated_call_is_noticed_when_it_closes():
     assert not ends_in_repeated_call(CALL) and not ends_in_repeated_call(CALL + "\n" + other)
     assert ends_in_repeated_call(CALL + "\n" + other + "\n" + CALL)
     assert not ends_in_repeated_call(CALL + "\n" + CALL[:-3])  # not closed yet
+
+
+def test_a_repeat_cut_short_by_max_tokens_is_never_streamed():
+    stream = CallStream()
+    events = stream.push(CALL + "\n" + CALL[:-4]) + stream.flush()
+    assert [e[2] for e in events if e[0] == "call"] == ["get_weather"]

@@ -26,6 +26,7 @@ from ragcache.engine.prefill import BlendScan, PrefillProgress
 from ragcache.engine.generate import SamplingParams, held_back
 from ragcache.engine.lookup import Lookup
 from ragcache.engine.prompt import PromptParts
+from ragcache.engine.toolformat import ends_in_repeated_call
 
 if TYPE_CHECKING:
     from ragcache.engine.grammar import SequenceGrammar
@@ -159,7 +160,7 @@ class Sequence:
             self._finish("stop", self.stream.flush())
             return
         piece, stopped = self.stream.push(token, tokenizer)
-        if stopped or (self.grammar is not None and self.grammar.ended):
+        if stopped or (self.grammar is not None and (self.grammar.ended or self._looping())):
             self._finish("stop", piece + self.stream.flush())
             return
         if piece:
@@ -169,6 +170,12 @@ class Sequence:
             self._finish("length", self.stream.flush())
         else:
             self.next_token = token
+
+    def _looping(self) -> bool:
+        """A tool call just closed that repeats an earlier one word for word: a small model under
+        tool_choice "required" does that until max_tokens; the repeat adds nothing (it counts once)."""
+        constraint = self.request.constraint
+        return constraint.kind == "tool_calls" and constraint.parallel and ends_in_repeated_call(self.stream.text)
 
     def _finish(self, reason: str, piece: str = "") -> None:
         if piece:

@@ -233,12 +233,8 @@ class CallStream:
     def flush(self) -> list[tuple]:
         """The end of the answer: whatever is held back, as text (or the rest of unfinished arguments)."""
         events: list[tuple] = []
-        if self.in_arguments:
-            self._arguments(events, self.buffer)
-            if not self.released:  # unfinished: it never became a repeat
-                self._release(events)
-        else:
-            self._text(events, (CALL_TRIGGER if self.in_call else "") + self.buffer)
+        if not self.in_arguments:  # in a call cut short, what is held back is a partial end marker (a held-back
+            self._text(events, (CALL_TRIGGER if self.in_call else "") + self.buffer)  # repeat stays out)
         self.buffer, self.in_call, self.in_arguments, self.current = "", False, False, None
         return events
 
