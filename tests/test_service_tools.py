@@ -1,6 +1,8 @@
 """OpenAI tool calling and parity over a real server (tiny model): the wire, the refusals, conversations
 found by prefix. Constrained output itself is tested in test_grammar.py; real clients in test_clients.py."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -126,3 +128,57 @@ def test_a_single_question_without_tools_is_not_kept_as_a_conversation(server):
     before = len(httpx.get(f"{url}/admin/programs").json()["programs"])
     post(url, messages=[{"role": "user", "content": "Just one question."}])
     assert len(httpx.get(f"{url}/admin/programs").json()["programs"]) == before
+
+
+PICK = {"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"],
+    "additionalProperties": False}}}
+
+
+def test_a_named_tool_choice_gives_a_valid_call_of_that_tool_even_from_a_random_model(server):
+    body = post(server[0], messages=[ASK], tools=[WEATHER, PICK], max_tokens=96,
+                tool_choice={"type": "function", "function": {"name": "pick"}}).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "pick" and json.loads(call["function"]["arguments"])["color"] in ("red", "green")
+
+
+def test_the_sdk_gets_tool_calls_plain_and_streamed(server):
+    from ragcache.sdk import Client
+
+    options = dict(tools=[PICK], tool_choice="required", parallel_tool_calls=False, max_tokens=96, temperature=0)
+    with Client(server[0]) as client:
+        reply = client.chat([ASK], **options)
+        stream = client.chat([ASK], stream=True, **options)
+        list(stream)
+    plain = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == stream.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in stream.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in plain]
+    assert stream.tool_calls[0].id.startswith("call_")
+
+
+def test_response_format_json_schema_is_kept_to(server):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    body = post(server[0], messages=[ASK], max_tokens=60,
+                response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}).json()
+    assert json.loads(body["choices"][0]["message"]["content"])["answer"] in ("yes", "no")
+
+
+def test_a_bad_json_schema_is_a_400_naming_response_format(server):
+    response = post(server[0], messages=[ASK], response_format={"type": "json_schema", "json_schema": {
+        "name": "a", "schema": {"type": "nonsense"}}})
+    assert response.status_code == 400 and "response_format" in response.json()["error"]["message"]
+
+
+def test_logprobs_come_per_token_with_their_alternatives(server):
+    body = post(server[0], messages=[ASK], logprobs=True, top_logprobs=3, max_tokens=5).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    for entry in content:
+        tops = [t["logprob"] for t in entry["top_logprobs"]]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and entry["logprob"] <= tops[0] + 1e-6
+        assert entry["bytes"] == list(entry["token"].encode())
+    assert post(server[0], messages=[ASK]).json()["choices"][0]["logprobs"] is None
