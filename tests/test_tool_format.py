@@ -1,7 +1,5 @@
 """The tool-call text format (toolformat.py) and the conversation prefix index (conversations.py)."""
 
-import json
-
 import pytest
 
 from ragcache.engine.chat import ChatTurn, ToolCall, ToolSpec
@@ -26,19 +24,30 @@ def test_a_call_of_an_unlisted_tool_or_broken_json_stays_text():
     assert parsed.calls == () and parsed.malformed == 2 and parsed.content == text.strip()
 
 
-@pytest.mark.parametrize("step", [1, 2, 5, 13, 1000])
-def test_the_stream_splits_text_and_calls_at_any_piece_size(step):
-    text = "Sure.\n" + render_call("get_weather", '{"city": "Paris"}') + "\n" + render_call("get_time", '{"a":{"b":1}}')
+def streamed(text, step):
+    """CallStream's events for text pushed in pieces of step characters."""
     stream, events = CallStream(), []
     for i in range(0, len(text), step):
         events += stream.push(text[i:i + step])
-    events += stream.flush()
+    return events + stream.flush()
+
+
+def assembled(events):
+    """index -> [name, arguments] as a client adds up the deltas."""
     calls = {}
     for event in events:
         if event[0] == "call":
             calls[event[1]] = [event[2], ""]
         elif event[0] == "arguments":
             calls[event[1]][1] += event[2]
+    return calls
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 13, 1000])
+def test_the_stream_splits_text_and_calls_at_any_piece_size(step):
+    text = "Sure.\n" + render_call("get_weather", '{"city": "Paris"}') + "\n" + render_call("get_time", '{"a":{"b":1}}')
+    events = streamed(text, step)
+    calls = assembled(events)
     assert "".join(e[1] for e in events if e[0] == "text") == "Sure.\n"
     assert calls == {0: ["get_weather", '{"city": "Paris"}'], 1: ["get_time", '{"a":{"b":1}}']}
 
@@ -114,16 +123,8 @@ def test_the_conversation_index_forgets_the_least_recently_indexed_past_its_boun
 @pytest.mark.parametrize("step", [1, 4, 1000])
 def test_a_call_repeated_word_for_word_streams_once_and_a_near_repeat_streams_whole(step):
     text = CALL + "\n" + CALL + "\n" + render_call("get_weather", '{"city": "Paris", "unit": "c"}') + "\n" + CALL
-    stream, events = CallStream(), []
-    for i in range(0, len(text), step):
-        events += stream.push(text[i:i + step])
-    events += stream.flush()
-    calls = {}
-    for event in events:
-        if event[0] == "call":
-            calls[event[1]] = [event[2], ""]
-        elif event[0] == "arguments":
-            calls[event[1]][1] += event[2]
+    events = streamed(text, step)
+    calls = assembled(events)
     assert calls == {0: ["get_weather", '{"city": "Paris"}'], 1: ["get_weather", '{"city": "Paris", "unit": "c"}']}
     assert [c.arguments for c in dict.fromkeys(parse_tool_calls(text, TOOLS).calls)] == [v[1] for v in calls.values()]
 
