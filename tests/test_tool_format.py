@@ -145,3 +145,14 @@ def test_a_repeat_cut_short_by_max_tokens_is_never_streamed():
     stream = CallStream()
     events = stream.push(CALL + "\n" + CALL[:-4]) + stream.flush()
     assert [e[2] for e in events if e[0] == "call"] == ["get_weather"]
+
+
+def test_a_turn_is_indexed_without_its_generation_prompt_so_a_merged_boundary_still_matches():
+    from ragcache.engine.conversations import BOUNDARY_TOKENS, indexed_prompt
+
+    prompt = list(range(100, 120))
+    index = ConversationIndex()
+    index.index("t", "a", indexed_prompt(prompt))
+    retokenized = prompt[:-1] + [999, 5, 6]  # the last prompt token merged with the answer's first
+    assert index.match("t", retokenized) == ("a", len(prompt) - BOUNDARY_TOKENS)
+    assert indexed_prompt([1, 2]) == (1,)

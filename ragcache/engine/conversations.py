@@ -10,7 +10,9 @@ agents layer pins it while the turn's tool runs.
 
 Requiring the whole earlier prompt (not just a common prefix) is what keeps two
 conversations apart: every conversation shares the system prompt, none shares another's
-user turns. The index is a radix tree over token ids, one per tenant (SGLang's
+user turns. "Whole" spares the prompt's last BOUNDARY_TOKENS (indexed_prompt): they are the
+generation prompt ("<|im_start|>assistant\n"), where the next turn's re-rendering continues
+with the answer and a tokenizer may merge across the boundary. The index is a radix tree over token ids, one per tenant (SGLang's
 RadixAttention keeps KV in such a tree; here the tree only names the program, the KV stays
 in the tiered store, where it may be evicted like any entry: a match whose KV is gone
 costs a full prefill, never a wrong answer). Each program has one indexed prompt, its
@@ -22,6 +24,14 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from typing import Sequence
+
+
+BOUNDARY_TOKENS = 4
+
+
+def indexed_prompt(prompt_ids: Sequence[int]) -> tuple[int, ...]:
+    """What of a turn's prompt is indexed: all but its last BOUNDARY_TOKENS (never less than one token)."""
+    return tuple(prompt_ids[:max(1, len(prompt_ids) - BOUNDARY_TOKENS)])
 
 
 class _Node:

@@ -27,7 +27,7 @@ import torch
 
 from ragcache.engine.blend import BlendConfig, PromptLayout, place_prompt, prompt_layout
 from ragcache.engine.chunks import compute_chunks
-from ragcache.engine.conversations import ConversationIndex
+from ragcache.engine.conversations import ConversationIndex, indexed_prompt
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import TokenCallback
 from ragcache.engine.grammar import ConstraintCompiler
@@ -423,7 +423,7 @@ class BlendEngine:
                     self.store.delete(previous.key)
                 if request.implicit_program:
                     forgotten = self.conversations.index(request.namespace, request.program_id,
-                                                         token_ids[:seq.prompt_len])
+                                                         indexed_prompt(token_ids[:seq.prompt_len]))
                     for namespace, program_id in forgotten:
                         self.forget_program(namespace, program_id)
                 result = replace(result, program_key=key, program_tokens=len(token_ids))
