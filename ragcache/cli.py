@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--start-timeout-s", type=float, default=300.0, help="wait this long for a started server")
     serve_bench.add_argument("--json", type=Path, default=None, help="write the summary here")
     serve_bench.add_argument("--plot", type=Path, default=None, help="write TTFT and throughput against load (PNG)")
+    agents = suites.add_parser("agents", help="agent KV pins (LRU, fixed 2 s, tool TTL) on BFCL multi-turn traces")
+    agents.add_argument("--programs", type=int, default=8, help="BFCL multi-turn entries, one program each")
+    agents.add_argument("--turns", type=int, default=2, help="each program's first N user turns")
+    agents.add_argument("--arrival-rate", type=float, default=1.0, help="Poisson program arrivals per second")
+    agents.add_argument("--time-scale", type=float, default=1.0,
+                        help="multiplies tool durations, think time and the pins' time constants")
+    agents.add_argument("--kv-budget-mb", type=float, default=None,
+                        help="local KV (device + host tier, half each; default: half of all programs' final KV)")
+    agents.add_argument("--max-tokens", type=int, default=64, help="per tool-call request")
+    agents.add_argument("--seed", type=int, default=0, help="which programs, tool durations and arrivals")
+    agents.add_argument("--no-prefix-runs", action="store_true", help="skip the runs without program_id")
+    agents.add_argument("--json", type=Path, default=None, help="write the summary here")
+    agents.add_argument("--plot", type=Path, default=None, help="write job completion time per policy (PNG)")
     return parser
 
 
@@ -244,6 +257,24 @@ def _bench_serve(args) -> None:
         print(f"wrote {args.plot}")
 
 
+def _bench_agents(args) -> None:
+    from ragcache.bench.agents import AgentsBenchOptions, format_agents_table, plot_agents, run_agents_bench
+
+    options = AgentsBenchOptions(programs=args.programs, turns=args.turns, arrival_rate=args.arrival_rate,
+                                 time_scale=args.time_scale, kv_budget_mb=args.kv_budget_mb,
+                                 max_tokens=args.max_tokens, seed=args.seed, prefix_runs=not args.no_prefix_runs)
+    if args.plot is not None:
+        from ragcache.bench.serve_plot import pyplot
+
+        pyplot()  # missing matplotlib stops the bench before it runs, not after
+    summary = run_agents_bench(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_agents_table(summary))
+    _write_json(args.json, summary)
+    if args.plot is not None:
+        plot_agents(summary, args.plot)
+        print(f"wrote {args.plot}")
+
+
 def _write_json(path: Path | None, summary: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -263,7 +294,8 @@ def _serve(args) -> None:
 
 
 COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "store"): _bench_store,
-            ("bench", "semantic"): _bench_semantic, ("bench", "serve"): _bench_serve}
+            ("bench", "semantic"): _bench_semantic, ("bench", "serve"): _bench_serve,
+            ("bench", "agents"): _bench_agents}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,524 @@
+"""`ragcache bench agents`: tool-aware KV pins against the store's LRU, on the real engine, over BFCL traces.
+
+Programs (bfcl.py: one BFCL multi-turn entry each, its first --turns user turns) arrive as a
+Poisson process (--arrival-rate programs/s) and run interleaved against an in-process
+ragcache server, with real HTTP and OpenAI wire bodies. A program, per user turn:
+
+    for each ground-truth call of the turn:
+        POST /v1/chat/completions, tool_choice = that call's function (constrained decoding:
+        the model makes a call of it, finish_reason "tool_calls", which starts the pin)
+        append the trace's call (not the model's) and wait the call's simulated duration
+        append the trace's simulated result (role "tool")
+    POST once more with tool_choice "none" (the answer); append a fixed answer text
+    ("Done: <the calls>", not the model's, so every policy sends the same prompts)
+    wait the think time, then the next user turn
+
+Waits (tool durations, think time) are multiplied by --time-scale; so are the fixed pin's
+2 s and the predictor's cold-start TTL and cap, so the policies see the same time axis.
+Policies, each on a fresh store, runtime and server over the one loaded model:
+
+    lru         pin policy "none": the store's LRU alone
+    fixed_ttl   every tool call pinned 2 s (× time scale), what Continuum's released code does
+    tool_ttl    the predictor's TTL per tool (agents/predictor.py)
+
+and, unless --no-prefix-runs, the same three with no program_id in the bodies ("by prefix":
+the server finds the program from the conversation's token prefix).
+
+KV budget (--kv-budget-mb): the store's local KV, split evenly between its two tiers, both
+LRU, no Redis below them: the device tier, where a turn's KV lands and pins hold it, and the
+host tier, where what the device tier evicts (or an expired pin leaves) goes before it is
+dropped, as in a deployment. By default KV_SHARE of all programs' final KV, so it holds well
+under all of them (and each program's system-prefix chunk takes room too). Pins may hold
+budget_share (0.5) of the device tier: pin_budget_bytes; a pin that does not fit is refused.
+
+Measured, per policy:
+
+    re-prefilled tokens   for each request that follows a tool result (a "returning" turn):
+                          max(0, prompt tokens of the program's previous request − tokens reused
+                          from stored KV). The previous request's prompt is the context the tool
+                          call left behind; what this request reuses of it is the program's stored
+                          KV (ragcache.program_reused_tokens), or, when that was lost, the system
+                          prefix's chunk if it was found rather than computed (cached_tokens −
+                          recomputed_tokens when no chunk was computed for this request).
+    TTFT                  ragcache.timings.ttft_ms: arrival at the server to the first token
+    queueing delay        ragcache.timings.queue_ms of returning turns
+    JCT                   per program: its last response minus its first request
+    pins                  /admin/programs: created, expired, force-released (reclaimed),
+                          displaced, the pinned-bytes high-water mark against the budget
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import random
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple, Sequence
+
+from ragcache.bench.bfcl import Trace, duration_stats, load_traces
+
+KV_SHARE = 0.5  # default KV budget: this share of all programs' final KV
+POLICIES = {"lru": "none", "fixed_ttl": "fixed_ttl", "tool_ttl": "tool_ttl"}  # bench name -> PinConfig.policy
+FIXED_TTL_S = 2.0  # Continuum's released code; scaled by --time-scale
+PIN_TIER = "device"
+
+
+class BenchAgentsError(ValueError):
+    """The agents bench cannot run, or the server refused a request of it."""
+
+
+@dataclass(frozen=True)
+class AgentsBenchOptions:
+    programs: int = 8
+    turns: int = 2
+    arrival_rate: float = 1.0  # programs/s
+    time_scale: float = 1.0  # waits (tools, think time) and the pins' time constants are multiplied by it
+    kv_budget_mb: float | None = None  # device + host tier; None: KV_SHARE of all programs' final KV
+    max_tokens: int = 64  # per tool-call request
+    answer_tokens: int = 16  # per tool_choice "none" request
+    think_s: float = 1.0  # the user's next message, this long after the answer
+    seed: int = 0
+    prefix_runs: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.programs <= 200, "--programs", self.programs, "must be in 1..200 (BFCL's base set)"),
+            (self.turns >= 1, "--turns", self.turns, "must be positive"),
+            (self.arrival_rate > 0, "--arrival-rate", self.arrival_rate, "must be positive programs/s"),
+            (self.time_scale > 0, "--time-scale", self.time_scale, "must be positive"),
+            (self.kv_budget_mb is None or self.kv_budget_mb > 0, "--kv-budget-mb", self.kv_budget_mb,
+             "must be positive"),
+            (self.max_tokens >= 8, "--max-tokens", self.max_tokens, "must be >= 8 (a call needs room)"),
+            (self.answer_tokens >= 1, "answer_tokens", self.answer_tokens, "must be positive"),
+            (self.think_s >= 0, "think_s", self.think_s, "must be >= 0"),
+        ]
+        for ok, flag, value, rule in checks:
+            if not ok:
+                raise BenchAgentsError(f"{flag} {rule}, got {value!r}")
+
+
+class RequestRecord(NamedTuple):
+    kind: str  # "call" or "answer"
+    returning: bool  # it follows a tool result
+    prompt_tokens: int
+    reused_tokens: int
+    reprefill_tokens: int | None  # returning turns only
+    ttft_s: float
+    queue_s: float
+    latency_s: float  # sent to reply, at the client
+    called: bool  # a call request that came back as a call of the asked tool
+
+
+class ProgramRecord(NamedTuple):
+    trace_id: str
+    jct_s: float
+    requests: list[RequestRecord]
+
+
+class Sizes(NamedTuple):
+    device_bytes: int
+    cpu_bytes: int
+    expected_kv_bytes: int  # all programs' final contexts together
+
+
+def run_agents_bench(options: AgentsBenchOptions, progress: Callable[[str], None] = lambda line: None,
+                     loaded=None) -> dict:
+    """Every policy (with and without program_id) on the same traces; the JSON-ready summary.
+
+    loaded: the model (default: SmolLM2-135M on the CPU, loaded here). Runs the engine's step loop
+    on this thread, the one that loads the model (see BlendEngine.run_loop)."""
+    from ragcache.agents.profile import measure_prefill_profile, stack_prefill_fn
+    from ragcache.engine.loader import ModelSpec, load_model
+
+    load_before = os.getloadavg()[0]
+    traces = load_traces(options.programs, options.turns, options.seed)
+    loaded = loaded or load_model(ModelSpec(None, "cpu", "float32"))
+    warm = _engine(loaded, Sizes(1 << 20, 1 << 20, 0))
+    sizes = _sizes(loaded.tokenizer, warm.kv_bytes_per_token, traces, options)
+    profile = measure_prefill_profile(stack_prefill_fn(warm.stack), (64, 256, 1024), repeats=1)
+    warm.close()
+    progress("warm-up: one program, untimed (the first server's first requests pay one-off costs)")
+    _serve_and_drive(loaded, profile, sizes, traces[:1], options, "none", True, "warm-up", lambda line: None)
+    runs: dict[str, dict] = {"program_id": {}, "prefix": {}}
+    for identify in ("program_id", "prefix") if options.prefix_runs else ("program_id",):
+        for name, policy in POLICIES.items():
+            label = f"{name}{'' if identify == 'program_id' else ' by prefix'}"
+            started = time.perf_counter()
+            programs, stats = _serve_and_drive(loaded, profile, sizes, traces, options, policy,
+                                               identify == "program_id", label, progress)
+            runs[identify][name] = policy_figures(programs, stats) | {"wall_s": time.perf_counter() - started}
+            progress(f"{label}: done in {runs[identify][name]['wall_s']:.0f} s")
+    summary = summarise(runs, traces, options, sizes)
+    summary["machine"]["load_average_1m_before"] = load_before
+    return summary
+
+
+# the server side: one fresh store, engine, coordinator and runtime per policy
+
+
+def _engine(loaded, sizes: Sizes):
+    from ragcache.engine.prompt import PromptLimits
+    from ragcache.engine.runner import BlendEngine, EngineConfig
+    from ragcache.storage import CpuTier, GpuTier, TieredStore
+    from ragcache.storage.eviction import make_policy
+
+    store = TieredStore([GpuTier(sizes.device_bytes, "cpu", make_policy("lru")),
+                         CpuTier(sizes.cpu_bytes, make_policy("lru"))])
+    limits = PromptLimits(max_prompt_tokens=loaded.model.config.max_position_embeddings)
+    return BlendEngine(loaded, store, EngineConfig(limits=limits))
+
+
+def _agent_config(policy: str, time_scale: float):
+    from ragcache.agents import AgentConfig, PinConfig, PredictorConfig
+
+    predictor = PredictorConfig(default_ttl_s=FIXED_TTL_S * time_scale,
+                                max_ttl_s=PredictorConfig.max_ttl_s * time_scale)
+    return AgentConfig(predictor=predictor, pins=PinConfig(policy=policy, fixed_ttl_s=FIXED_TTL_S * time_scale))
+
+
+def _serve_and_drive(loaded, profile, sizes: Sizes, traces: list[Trace], options: AgentsBenchOptions, policy: str,
+                     identify: bool, label: str, progress) -> tuple[list[ProgramRecord], dict]:
+    """Serve one policy over HTTP (a thread), drive the programs (another), step the engine here."""
+    import uvicorn
+
+    from ragcache.agents import ProgramCoordinator
+    from ragcache.config import Settings
+    from ragcache.service.app import create_app
+    from ragcache.service.runtime import Runtime
+
+    engine = _engine(loaded, sizes)
+    engine.store.start_sweeper(0.1)
+    coordinator = ProgramCoordinator(engine.store, profile, _agent_config(policy, options.time_scale))
+    engine.use_admission_order(coordinator.scheduler)
+    runtime = Runtime(engine, max_queue=4 * len(traces), coordinator=coordinator)
+    settings = Settings(port=_free_port(), semantic_cache=False, shadow_fraction=0.0, semantic_shadow_fraction=0.0)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, runtime), host="127.0.0.1", port=settings.port,
+                                           log_level="warning"))
+    engine.claim_loop()
+    http = threading.Thread(target=server.run, name="bench-agents-http", daemon=True)
+    http.start()
+    outcome: dict = {}
+
+    def drive() -> None:
+        try:
+            while not server.started:
+                if not http.is_alive():
+                    raise BenchAgentsError("the bench's server did not start")
+                time.sleep(0.01)
+            url = f"http://127.0.0.1:{settings.port}"
+            outcome["run"] = asyncio.run(_drive(url, traces, options, identify, label, progress))
+        except BaseException as exc:  # raised on the main thread below
+            outcome["error"] = exc
+
+    client = threading.Thread(target=drive, name="bench-agents-client")
+    client.start()
+    engine.run_loop(alive=client.is_alive)
+    client.join()
+    server.should_exit = True
+    http.join(timeout=60)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# the client side: programs as agents run them
+
+
+async def _drive(url: str, traces: list[Trace], options: AgentsBenchOptions, identify: bool, label: str,
+                 progress) -> tuple[list[ProgramRecord], dict]:
+    import logging
+
+    import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the progress lines
+    rng = random.Random(f"{options.seed}/arrivals")  # the same arrivals for every policy
+    offsets, at = [], 0.0
+    for _ in traces:
+        offsets.append(at)
+        at += rng.expovariate(options.arrival_rate)
+    done = [0]
+
+    async def one(index: int, trace: Trace) -> ProgramRecord:
+        await asyncio.sleep(offsets[index])
+        program_id = f"bench-{index}-{trace.id}" if identify else None
+        record = await _program(client, url, trace, program_id, options)
+        done[0] += 1
+        progress(f"{label}: program {done[0]}/{len(traces)} ({trace.id}) done: {len(record.requests)} requests, "
+                 f"JCT {record.jct_s:.1f} s")
+        return record
+
+    timeout = httpx.Timeout(900.0, connect=10.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
+        programs = list(await asyncio.gather(*(one(i, trace) for i, trace in enumerate(traces))))
+        stats = (await client.get(url + "/admin/programs")).json()
+    return programs, stats
+
+
+class Step(NamedTuple):
+    """One request of a program's script and the wait after its reply (unscaled)."""
+
+    body: dict  # the wire body, program_id aside
+    tool: str | None  # the call it asks for; None: the answer (tool_choice "none")
+    returning: bool  # its last message is a tool result
+    wait_s: float  # the call's duration, the think time before the next user turn, or 0 at the end
+
+
+def script(trace: Trace, options: AgentsBenchOptions) -> list[Step]:
+    """The requests a program sends, in order: fixed by the trace alone, so every policy sends the same."""
+    messages: list[dict] = []
+    steps = []
+    tools = list(trace.tools)
+    for number, turn in enumerate(trace.turns):
+        messages.append({"role": "user", "content": turn.message})
+        for call in turn.calls:
+            choice = {"type": "function", "function": {"name": call.name}}
+            steps.append(Step(_body(messages, tools, choice, options.max_tokens), call.name,
+                              messages[-1]["role"] == "tool", call.duration_s))
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]})
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": call.result})
+        last = number == len(trace.turns) - 1
+        steps.append(Step(_body(messages, tools, "none", options.answer_tokens, is_last_step=last), None,
+                          messages[-1]["role"] == "tool", 0.0 if last else options.think_s))
+        messages.append({"role": "assistant", "content": "Done: " + ", ".join(c.name for c in turn.calls) + "."})
+    return steps
+
+
+def _body(messages: list[dict], tools: list[dict], tool_choice, max_tokens: int, is_last_step: bool = False) -> dict:
+    body = {"messages": list(messages), "tools": tools, "tool_choice": tool_choice, "max_tokens": max_tokens,
+            "temperature": 0, "cache": False}
+    return body | {"is_last_step": True} if is_last_step else body
+
+
+async def _program(client, url: str, trace: Trace, program_id: str | None,
+                   options: AgentsBenchOptions) -> ProgramRecord:
+    records: list[RequestRecord] = []
+    previous_prompt = 0
+    started = time.perf_counter()
+    for step in script(trace, options):
+        body = step.body | ({"program_id": program_id} if program_id is not None else {})
+        sent = time.perf_counter()
+        reply = await _post(client, url, body)
+        finished = time.perf_counter()
+        records.append(_record(step, reply, previous_prompt, finished - sent))
+        previous_prompt = reply["usage"]["prompt_tokens"]
+        await asyncio.sleep(step.wait_s * options.time_scale)
+    return ProgramRecord(trace.id, finished - started, records)
+
+
+async def _post(client, url: str, body: dict) -> dict:
+    response = await client.post(url + "/v1/chat/completions", json=body)
+    if response.status_code != 200:
+        raise BenchAgentsError(f"the server refused a request: HTTP {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def _record(step: Step, reply: dict, previous_prompt: int, latency_s: float) -> RequestRecord:
+    reused = reused_tokens(reply)
+    timings = reply["ragcache"]["timings"]
+    calls = reply["choices"][0]["message"].get("tool_calls") or []
+    called = step.tool is not None and any(c["function"]["name"] == step.tool for c in calls)
+    return RequestRecord("answer" if step.tool is None else "call", step.returning, reply["usage"]["prompt_tokens"],
+                         reused, max(0, previous_prompt - reused) if step.returning else None,
+                         timings["ttft_ms"] / 1e3, timings.get("queue_ms", 0.0) / 1e3, latency_s, called)
+
+
+def reused_tokens(reply: dict) -> int:
+    """Prompt tokens whose KV came from the store (see the module docstring): the program's KV, else the
+    system prefix's chunk when nothing was computed for it (cached_tokens also counts a prefix computed now)."""
+    report = reply["ragcache"]
+    if report["program_reused_tokens"]:
+        return report["program_reused_tokens"]
+    if report["timings"]["chunk_compute_ms"] > 0:
+        return 0
+    return max(0, report["cached_tokens"] - report["recomputed_tokens"])
+
+
+# figures
+
+
+def policy_figures(programs: Sequence[ProgramRecord], stats: dict) -> dict:
+    """One policy's JSON row from its programs' records and the coordinator's stats at the end."""
+    requests = [r for p in programs for r in p.requests]
+    returning = [r for r in requests if r.returning]
+    reprefill = sum(r.reprefill_tokens for r in returning)
+    calls = [r for r in requests if r.kind == "call"]
+    pins = stats.get("pins", {})
+    counters, budget = pins.get("counters", {}), pins.get("budget", {})
+    tier = budget.get(PIN_TIER, {})
+    return {
+        "reprefill_tokens": reprefill,
+        "reprefill_tokens_per_turn": reprefill / len(returning) if returning else None,
+        "reused_tokens_per_turn": sum(r.reused_tokens for r in returning) / len(returning) if returning else None,
+        "ttft_p50_s": _percentile([r.ttft_s for r in requests], 50),
+        "ttft_p90_s": _percentile([r.ttft_s for r in requests], 90),
+        "ttft_returning_p50_s": _percentile([r.ttft_s for r in returning], 50),
+        "ttft_returning_p90_s": _percentile([r.ttft_s for r in returning], 90),
+        "jct_mean_s": _mean([p.jct_s for p in programs]),
+        "jct_p90_s": _percentile([p.jct_s for p in programs], 90),
+        "queue_delay_mean_s": _mean([r.queue_s for r in returning]),
+        "pinned_bytes_max": max((t.get("pinned_bytes_max", 0) for t in budget.values()), default=0),
+        "pin_budget_bytes": tier.get("budget_bytes"),
+        "within_pin_budget": all(t.get("pinned_bytes_max", 0) <= t["budget_bytes"] for t in budget.values()),
+        "pins_created": counters.get("created", 0),
+        "pins_expired": counters.get("expired", 0),
+        "pins_force_released": counters.get("reclaimed", 0),
+        "pins_displaced": counters.get("displaced", 0),
+        "pins_over_budget": counters.get("over_budget", 0),
+        "pins_not_worth_it": counters.get("not_worth_it", 0),
+        "pin_hit_rate": pins.get("pin_hit_rate"),
+        **pin_outcomes(pins.get("predictor", {}).get("tools", {})),
+        "programs": len(programs),
+        "turns": len(requests),
+        "returning_turns": len(returning),
+        "calls_made": sum(r.called for r in calls) / len(calls) if calls else None,
+        "jct_s": [p.jct_s for p in programs],
+    }
+
+
+def pin_outcomes(tools: dict) -> dict:
+    """Over every tool's pins (the predictor's stats): the mean TTL given, and the share whose tool returned in time."""
+    rows = [tool["predicted_vs_actual"] for tool in tools.values() if tool["predicted_vs_actual"]["pins"]]
+    pins = sum(row["pins"] for row in rows)
+    if not pins:
+        return {"pin_ttl_mean_s": None, "pins_covering": None}
+    return {"pin_ttl_mean_s": sum(row["mean_predicted_ttl_s"] * row["pins"] for row in rows) / pins,
+            "pins_covering": sum(row["covered"] * row["pins"] for row in rows) / pins}
+
+
+def summarise(runs: dict[str, dict], traces: Sequence[Trace], options: AgentsBenchOptions, sizes: Sizes) -> dict:
+    """The JSON summary: per identification, per policy, with re-prefill cuts against LRU and the targets."""
+    for policies in runs.values():
+        lru = policies.get("lru", {}).get("reprefill_tokens")
+        for name in ("fixed_ttl", "tool_ttl"):
+            if name in policies:
+                own = policies[name]["reprefill_tokens"]
+                policies[name]["reprefill_cut_vs_lru"] = 1.0 - own / lru if lru else None
+    durations = [call.duration_s for trace in traces for call in trace.calls]
+    summary = {
+        "policies": runs["program_id"],
+        "by_prefix": {"policies": runs["prefix"]},
+        "pin_budget_bytes": runs["program_id"]["lru"]["pin_budget_bytes"] if runs["program_id"] else None,
+        "config": {**asdict(options), "device_tier_bytes": sizes.device_bytes, "cpu_tier_bytes": sizes.cpu_bytes,
+                   "expected_kv_bytes": sizes.expected_kv_bytes, "fixed_ttl_s": FIXED_TTL_S * options.time_scale,
+                   "traces": [trace.id for trace in traces]},
+        "durations": {"all": duration_stats(durations), **{kind: duration_stats(
+            [c.duration_s for t in traces for c in t.calls if c.kind == kind]) for kind in ("web", "shell")}},
+        "machine": machine_info(),
+    }
+    summary["targets"] = {identify: targets(policies) for identify, policies in runs.items() if policies}
+    return summary
+
+
+def machine_info() -> dict:
+    """The machine, and how busy it was: a 2-core box shared with other work measures slower and noisier."""
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version(), "load_average_1m": os.getloadavg()[0]}
+
+
+def targets(policies: dict) -> dict:
+    """The done-line, checked: tool_ttl cuts re-prefill after tool calls by >= 80% against LRU, has the lowest
+    mean JCT of the three, and no policy's pins ever held more than the budget."""
+    cut = policies["tool_ttl"].get("reprefill_cut_vs_lru")
+    lowest = min(policies, key=lambda name: policies[name]["jct_mean_s"])
+    checks = {"reprefill_cut_ge_80pct": cut is not None and cut >= 0.8, "lowest_jct_mean": lowest == "tool_ttl",
+              "within_pin_budget": all(row["within_pin_budget"] for row in policies.values())}
+    return checks | {"met": all(checks.values())}
+
+
+def _sizes(tokenizer, per_token: int, traces: Sequence[Trace], options: AgentsBenchOptions) -> Sizes:
+    """Each tier half the budget: --kv-budget-mb, or KV_SHARE of all programs' final KV, but never a device
+    tier smaller than the largest program's KV (a turn's KV must fit where it is stored)."""
+    kv = [final_tokens(tokenizer, trace, options) * per_token for trace in traces]
+    total = options.kv_budget_mb * 2 ** 20 if options.kv_budget_mb else max(KV_SHARE * sum(kv), 2 * max(kv))
+    return Sizes(int(total / 2), int(total / 2), sum(kv))
+
+
+def final_tokens(tokenizer, trace: Trace, options: AgentsBenchOptions) -> int:
+    """A program's KV at its end: its last request's prompt, rendered as the server renders it, and the answer."""
+    import msgspec
+
+    from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, build_rag_prompt
+    from ragcache.schemas import ChatCompletionRequest
+    from ragcache.service.convert import chat_request
+
+    body = msgspec.convert(script(trace, options)[-1].body, ChatCompletionRequest)
+    request = chat_request(body, [], "default", options.answer_tokens)
+    parts = build_rag_prompt(tokenizer, request.question, (), request.system_prompt or DEFAULT_SYSTEM_PROMPT,
+                             history=request.history, tools=request.tools)
+    return parts.num_tokens + options.answer_tokens
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    from ragcache.bench.metrics import percentile
+
+    return percentile(values, q) if values else None
+
+
+# output
+
+
+def format_agents_table(summary: dict) -> str:
+    config, durations = summary["config"], summary["durations"]["all"]
+    header = (f"{'found by':<10} {'policy':<10} {'re-prefill':>10} {'/turn':>6} {'cut':>5} {'TTFT p50':>8} {'p90':>6} "
+              f"{'JCT mean':>8} {'p90':>6} {'queue':>6} {'pins c/e/f/d':>13} {'pinned max':>10}")
+    lines = [f"{config['programs']} BFCL programs x {config['turns']} turns, arrivals {config['arrival_rate']:g}/s, "
+             f"time scale {config['time_scale']:g}; tools {_f(durations['mean_s'], 2)} ± {_f(durations['sd_s'], 2)} s, "
+             f"slowest 10% {_f(100 * (durations['slowest_10pct_share'] or 0), 0)}% of the delay; KV device + host "
+             f"{2 * config['device_tier_bytes'] / 2**20:.0f} MiB of {config['expected_kv_bytes'] / 2**20:.0f}, pins "
+             f"{(summary['pin_budget_bytes'] or 0) / 2**20:.0f} MiB", header, "-" * len(header)]
+    for identify, policies in (("program_id", summary["policies"]), ("prefix", summary["by_prefix"]["policies"])):
+        for name, row in policies.items():
+            cut = row.get("reprefill_cut_vs_lru")
+            pins = f"{row['pins_created']}/{row['pins_expired']}/{row['pins_force_released']}/{row['pins_displaced']}"
+            lines.append(f"{identify:<10} {name:<10} {row['reprefill_tokens']:>10} "
+                         f"{_f(row['reprefill_tokens_per_turn'], 0):>6} "
+                         f"{'-' if cut is None else f'{cut:.0%}':>5} {_f(row['ttft_p50_s'], 2):>8} "
+                         f"{_f(row['ttft_p90_s'], 2):>6} {_f(row['jct_mean_s'], 1):>8} {_f(row['jct_p90_s'], 1):>6} "
+                         f"{_f(row['queue_delay_mean_s'], 2):>6} {pins:>13} {row['pinned_bytes_max'] / 2**20:>9.0f}M")
+    for identify, check in summary["targets"].items():
+        lines.append(f"targets ({identify}): " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in check.items()))
+    return "\n".join(lines)
+
+
+def _f(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def plot_agents(summary: dict, path) -> None:
+    """Job completion time per policy: each program's JCT as a dot, the mean as a bar; with and without program_id."""
+    from ragcache.bench.serve_plot import pyplot
+
+    plt = pyplot()
+    groups = [("program_id", summary["policies"]), ("prefix", summary["by_prefix"]["policies"])]
+    groups = [(label, policies) for label, policies in groups if policies]
+    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False, sharey=True)
+    for axis, (label, policies) in zip(axes[0], groups):
+        names = list(policies)
+        axis.bar(names, [policies[n]["jct_mean_s"] for n in names], color="#9ab", label="mean")
+        for x, name in enumerate(names):
+            axis.plot([x] * len(policies[name]["jct_s"]), policies[name]["jct_s"], "k.", alpha=0.6)
+        axis.set(title=f"programs identified by {label}", ylabel="job completion time, s")
+        axis.grid(axis="y", alpha=0.3)
+    config = summary["config"]
+    figure.suptitle(f"ragcache bench agents: {config['programs']} BFCL programs x {config['turns']} turns, "
+                    f"{config['arrival_rate']:g} programs/s, time scale {config['time_scale']:g}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
