@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--json", type=Path, default=None, help="write the summary here")
     serve_bench.add_argument("--plot", type=Path, default=None, help="write TTFT and throughput against load (PNG)")
     agents = suites.add_parser("agents", help="agent KV pins (LRU, fixed 2 s, tool TTL) on BFCL multi-turn traces")
-    agents.add_argument("--programs", type=int, default=8, help="BFCL multi-turn entries, one program each")
+    agents.add_argument("--programs", type=int, default=12, help="BFCL multi-turn entries, one program each")
     agents.add_argument("--turns", type=int, default=2, help="each program's first N user turns")
     agents.add_argument("--arrival-rate", type=float, default=1.0, help="Poisson program arrivals per second")
     agents.add_argument("--time-scale", type=float, default=1.0,

@@ -90,7 +90,8 @@ def test_bfcl_schema_types_become_json_schema():
 def test_tool_durations_are_lognormal_with_the_stated_mean_and_sd(kind):
     dist = bfcl.DURATIONS[kind]
     mean = math.exp(dist.mu + dist.sigma ** 2 / 2)  # the log-normal's moments are the stated ones
-    assert mean == pytest.approx(dist.mean_s) and mean * math.sqrt(math.expm1(dist.sigma ** 2)) == pytest.approx(dist.sd_s)
+    assert mean == pytest.approx(dist.mean_s)
+    assert mean * math.sqrt(math.expm1(dist.sigma ** 2)) == pytest.approx(dist.sd_s)
     rng = random.Random(8)
     draws = [dist.draw(rng) for _ in range(200_000)]
     assert bfcl.duration_stats(draws)["mean_s"] == pytest.approx(dist.mean_s, rel=0.05) and min(draws) > 0
@@ -188,9 +189,22 @@ def test_figures_aggregate_to_the_json_shape_with_cuts_against_lru_and_the_targe
                                                  "within_pin_budget": True, "met": True}}
     assert summary["config"]["device_tier_bytes"] == 2000 and summary["config"]["fixed_ttl_s"] == 2.0
     assert summary["durations"]["all"]["calls"] == sum(len(t.calls) for t in traces)
+    assert "noise" not in summary  # no prefix runs: no second LRU run to compare with
     json.dumps(summary)  # JSON-ready
     table = format_agents_table(summary)
     assert "tool_ttl" in table and "90%" in table and "met yes" in table
+
+
+def test_noise_compares_each_policys_two_runs_of_the_same_work():
+    runs = synthetic_runs()
+    runs["prefix"] = {name: dict(row) for name, row in runs["program_id"].items()}
+    runs["prefix"]["lru"] |= {"reprefill_tokens": 1500, "jct_mean_s": 11.0}
+    summary = summarise(runs, [], AgentsBenchOptions(), Sizes(2000, 2000, 9000))
+    assert summary["noise"]["lru"] == {"reprefill_tokens_rel_diff": 0.4, "jct_mean_s_rel_diff": 0.0,
+                                       "ttft_p50_s_rel_diff": 0.0}
+    assert summary["noise"]["tool_ttl"]["reprefill_tokens_rel_diff"] == 0.0
+    assert summary["by_prefix"]["policies"]["tool_ttl"]["reprefill_cut_vs_lru"] == pytest.approx(1 - 100 / 1500)
+    assert "lru 40% / 0%, fixed_ttl 0% / 0%" in format_agents_table(summary)
 
 
 def test_a_missed_target_is_reported_as_missed():

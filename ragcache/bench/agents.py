@@ -27,7 +27,8 @@ the server finds the program from the conversation's token prefix).
 KV budget (--kv-budget-mb): the store's local KV, split evenly between its two tiers, both
 LRU, no Redis below them: the device tier, where a turn's KV lands and pins hold it, and the
 host tier, where what the device tier evicts (or an expired pin leaves) goes before it is
-dropped, as in a deployment. By default KV_SHARE of all programs' final KV, so it holds well
+dropped, as in a deployment (with one local tier and nothing below it, the store drops an
+expired pin's entry at once: every pin that expires would cost more than no pin). By default KV_SHARE of all programs' final KV, so it holds well
 under all of them (and each program's system-prefix chunk takes room too). Pins may hold
 budget_share (0.5) of the device tier: pin_budget_bytes; a pin that does not fit is refused.
 
@@ -45,6 +46,8 @@ Measured, per policy:
     JCT                   per program: its last response minus its first request
     pins                  /admin/programs: created, expired, force-released (reclaimed),
                           displaced, the pinned-bytes high-water mark against the budget
+    noise                 each policy with and without program_id is the same work twice: how
+                          far the two land apart is the run-to-run spread to read the others by
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class BenchAgentsError(ValueError):
 
 @dataclass(frozen=True)
 class AgentsBenchOptions:
-    programs: int = 8
+    programs: int = 12
     turns: int = 2
     arrival_rate: float = 1.0  # programs/s
     time_scale: float = 1.0  # waits (tools, think time) and the pins' time constants are multiplied by it
@@ -417,7 +420,21 @@ def summarise(runs: dict[str, dict], traces: Sequence[Trace], options: AgentsBen
         "machine": machine_info(),
     }
     summary["targets"] = {identify: targets(policies) for identify, policies in runs.items() if policies}
+    if runs["prefix"]:
+        summary["noise"] = noise(runs["program_id"], runs["prefix"])
     return summary
+
+
+def noise(first: dict, second: dict) -> dict:
+    """How far two runs of the same work land apart, per policy: with and without program_id a policy gets the
+    same requests at the same times (the server finds the program either way), so mostly timing jitter —
+    which entry is least recently used when room is needed — tells them apart."""
+    def spread(a: float | None, b: float | None) -> float | None:
+        return abs(a - b) / ((a + b) / 2) if a is not None and b is not None and a + b else None
+
+    return {name: {f"{figure}_rel_diff": spread(first[name][figure], second[name][figure])
+                   for figure in ("reprefill_tokens", "jct_mean_s", "ttft_p50_s")}
+            for name in first if name in second}
 
 
 def machine_info() -> dict:
@@ -492,6 +509,11 @@ def format_agents_table(summary: dict) -> str:
                          f"{'-' if cut is None else f'{cut:.0%}':>5} {_f(row['ttft_p50_s'], 2):>8} "
                          f"{_f(row['ttft_p90_s'], 2):>6} {_f(row['jct_mean_s'], 1):>8} {_f(row['jct_p90_s'], 1):>6} "
                          f"{_f(row['queue_delay_mean_s'], 2):>6} {pins:>13} {row['pinned_bytes_max'] / 2**20:>9.0f}M")
+    if "noise" in summary:
+        spreads = ", ".join(f"{name} {_f(100 * (row['reprefill_tokens_rel_diff'] or 0), 0)}% / "
+                            f"{_f(100 * (row['jct_mean_s_rel_diff'] or 0), 0)}%"
+                            for name, row in summary["noise"].items())
+        lines.append(f"noise, each policy by program_id vs by prefix (the same work), re-prefill / mean JCT: {spreads}")
     for identify, check in summary["targets"].items():
         lines.append(f"targets ({identify}): " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in check.items()))
     return "\n".join(lines)
