@@ -43,7 +43,8 @@ def test_a_tool_call_pins_the_programs_kv_for_the_predicted_ttl():
     pins, store, device, _, _ = make_pins()
     decision = finish(pins, store, "p1", "search")
     assert (decision.pinned, decision.reason, decision.tier, decision.source) == (True, "pinned", "device", "default")
-    assert decision.ttl_s == 2.0 and decision.value_s == pytest.approx(0.5 * 10 - 2.0)
+    pressure = SIZE / (0.5 * 4 * SIZE + 0.5 * 16 * SIZE)  # its share of the local tiers' pin budget
+    assert decision.ttl_s == 2.0 and decision.value_s == pytest.approx(0.5 * 10 - 2.0 * pressure)
     for name in "abcdef":  # other work fills the tier: the pinned program stays
         stored(store, name)
     assert device.contains(ChunkKey("t-p1")) and device.is_pinned(ChunkKey("t-p1"))
@@ -232,7 +233,7 @@ def test_policy_fixed_ttl_pins_every_call_for_the_fixed_ttl_whatever_it_is_worth
     teach(pins, "search", [0.1, 0.1, 0.1])  # and the tool is always quick
     decision = finish(pins, store, "p1", "search")
     assert (decision.pinned, decision.ttl_s, decision.source) == (True, 3.0, "fixed")
-    assert decision.value_s == pytest.approx(-3.0)  # P(3 s) = 1, saving 0, held 3 s at mem ratio 1
+    assert decision.value_s == pytest.approx(-3.0 * 0.1)  # P(3 s) = 1, saving 0, 3 s at mem ratio 1 x pressure 0.1
     clock.now += 3.0
     assert pins.stats()["counters"]["expired"] == 1 and not device.is_pinned(ChunkKey("t-p1"))
 
@@ -266,3 +267,16 @@ def test_the_settings_name_the_pin_policy_and_refuse_an_unknown_one():
         load_settings(env={"RAGCACHE_PIN_POLICY": "lru"})
     with pytest.raises(SettingsError, match="pin_fixed_ttl_s"):
         load_settings(flags={"pin_fixed_ttl_s": 0})
+
+
+def test_a_fuller_pin_budget_prices_memory_higher_and_shortens_the_ttl():
+    """Tool durations 1, 2 and 8 s, re-prefill 3 s: with the budget nearly free, covering the 8 s tail pays;
+    once other pins hold most of it, the TTL falls back to the durations that return most."""
+    profile = PrefillProfile(((4, 3.0),))
+    free, store, _, _, _ = make_pins(profile=profile, device_entries=64, cpu_entries=64)
+    teach(free, "shell", [1.0, 2.0, 8.0])
+    assert finish(free, store, "p1", "shell").ttl_s == 8.0
+    full, store, _, _, _ = make_pins(profile=profile, device_entries=4, cpu_entries=1)
+    teach(full, "shell", [1.0, 2.0, 8.0])
+    assert finish(full, store, "p1", "other").pinned  # the default TTL: one of the budget's two entries
+    assert finish(full, store, "p2", "shell").ttl_s == 2.0

@@ -56,7 +56,8 @@ POLICIES = ("tool_ttl", "fixed_ttl", "none")
 class PinConfig:
     budget_share: float = 0.5  # of each local tier's max_bytes that program pins may hold
     eta: float = 1.0  # Continuum's η: how much of the queueing delay a held pin saves
-    memory_weight: float = 1.0  # seconds of cost per second an average-sized program's KV is held
+    memory_weight: float = 1.0  # seconds of cost per second an average-sized program's KV is held with
+    # the pin budget full (scaled by how full it would be: _mem_ratio)
     resume_grace_s: float = 2.0  # after tool_end, the pin holds at least this long for the next turn
     delay_window: int = 64  # queueing delays of returning programs averaged into T
     size_window: int = 256  # program KV sizes averaged into M
@@ -376,9 +377,22 @@ class ProgramPins:
         program.key, program.nbytes, program.num_tokens = key, nbytes, num_tokens
 
     def _mem_ratio(self, nbytes: int) -> float:
-        """mem / M: this program's KV against the mean of recent programs' (1.0 before any), weighted."""
+        """mem / M, priced by how full the pin budget would be: this program's KV against the mean of recent
+        programs' (1.0 before any), times memory_weight, times the share of the local tiers' pin budget
+        that pins would hold with this one.
+
+        Why the pressure factor: a second of pinned memory costs what the memory would do otherwise.
+        While the budget is mostly free nothing waits for it (the budget keeps the rest of each tier
+        for everything else), so a hold that covers the tool's tail is cheap; as the budget fills, each
+        second held costs up to memory_weight, and τ* shortens toward the durations that return most.
+        Without it, a CPU deployment, whose re-prefill costs about as much as a second of an average
+        program's memory, never holds a pin longer than its fastest tool calls (bench agents measured
+        TTLs of 0.05 s against tools of 2 s: every pin expired)."""
         mean = sum(self._sizes) / len(self._sizes) if self._sizes else 0.0
-        return self.config.memory_weight * (nbytes / mean if mean > 0 else 1.0)
+        budget = sum(self.budget.budget_bytes(name) for name in self.budget.tiers)
+        pinned = sum(pin.nbytes for pin in self.budget.held.values())
+        pressure = min(1.0, (pinned + nbytes) / budget) if budget > 0 else 1.0
+        return self.config.memory_weight * (nbytes / mean if mean > 0 else 1.0) * pressure
 
     def _release(self, ref: ProgramRef, reason: str) -> bool:
         pin = self.budget.held.pop(ref, None)

@@ -9,7 +9,8 @@ empirical CDF of the tool's past durations,
 
 where T is the recent queueing delay of returning programs that lost their KV, η the
 correlation term (1 by default), reload the seconds to bring this program's KV back and
-mem / M its KV size relative to the average program's. τ = 0 scores 0, so τ* = 0 ("do not
+mem / M its KV size relative to the average program's (ProgramPins prices it by how full the
+pin budget would be: a second of memory nobody else is waiting for costs little). τ = 0 scores 0, so τ* = 0 ("do not
 pin") whenever no hold pays for its memory. The candidates are the observed durations
 because the objective only rises at them: between two samples P is flat and the cost grows;
 so the cap max_ttl_s drops the longer durations from the candidates (a TTL cut to the cap
