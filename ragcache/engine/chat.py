@@ -44,6 +44,11 @@ class ChatTurn:
     tool_call_id: str | None = None
     name: str | None = None  # a tool result's function name, when the client gave it
 
+    @property
+    def about_tools(self) -> bool:
+        """A tool's result, or an assistant turn that called tools."""
+        return self.role == "tool" or bool(self.tool_calls)
+
 
 @dataclass(frozen=True)
 class OutputConstraint:

@@ -12,11 +12,13 @@ Requiring the whole earlier prompt (not just a common prefix) is what keeps two
 conversations apart: every conversation shares the system prompt, none shares another's
 user turns. "Whole" spares the prompt's last BOUNDARY_TOKENS (indexed_prompt): they are the
 generation prompt ("<|im_start|>assistant\n"), where the next turn's re-rendering continues
-with the answer and a tokenizer may merge across the boundary. The index is a radix tree over token ids, one per tenant (SGLang's
-RadixAttention keeps KV in such a tree; here the tree only names the program, the KV stays
-in the tiered store, where it may be evicted like any entry: a match whose KV is gone
-costs a full prefill, never a wrong answer). Each program has one indexed prompt, its
-latest turn's; past max_conversations the least recently indexed is forgotten.
+with the answer and a tokenizer may merge across the boundary.
+
+The index is a radix tree over token ids, one per tenant (SGLang's RadixAttention keeps KV
+in such a tree; here the tree only names the program, the KV stays in the tiered store,
+where it may be evicted like any entry: a match whose KV is gone costs a full prefill,
+never a wrong answer). Each program has one indexed prompt, its latest turn's; past
+max_conversations the least recently indexed is forgotten.
 """
 
 from __future__ import annotations

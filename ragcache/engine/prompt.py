@@ -110,7 +110,7 @@ def split_template(
     """
     header = "\n\nDocuments:\n\n" if has_documents else ""
     turns = [as_chat_turn(turn) for turn in history]
-    native = bool(tools or any(t.role == "tool" or t.tool_calls for t in turns)) and template_knows_tools(tokenizer)
+    native = bool(tools or any(turn.about_tools for turn in turns)) and template_knows_tools(tokenizer)
     if tools and not native:
         system_prompt = f"{system_prompt}\n\n{toolformat.tools_text(tools)}"
     system = f"{system_prompt}{header}{_DOCUMENTS_MARK}"

@@ -103,10 +103,7 @@ class BlendEngine:
 
         Raises InvalidRequestError at once for a request that can never be served."""
         started = time.perf_counter()
-        with self._tokenizer_lock:
-            parts = build_rag_prompt(self.tokenizer, request.question, request.documents,
-                                     request.system_prompt or self.config.system_prompt, self.config.limits,
-                                     request.history, request.tools)
+        parts = self._prompt(request)
         if parts.num_tokens + request.sampling.max_tokens > self.context_len:
             raise InvalidRequestError(
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
@@ -132,13 +129,19 @@ class BlendEngine:
         return seq
 
     def conversation_of(self, request: RagRequest) -> str | None:
-        """The program of the stored conversation this request's prompt continues (conversations.py), if any."""
-        with self._tokenizer_lock:
-            parts = build_rag_prompt(self.tokenizer, request.question, request.documents,
-                                     request.system_prompt or self.config.system_prompt, self.config.limits,
-                                     request.history, request.tools)
-        found = self.conversations.match(request.namespace, parts.all_ids)
+        """The program of the stored conversation this request's prompt continues (conversations.py), if any.
+
+        It tokenises the prompt, which submit() then does again: the service needs the program
+        before it takes the turn's admission ticket, which submit() is given."""
+        found = self.conversations.match(request.namespace, self._prompt(request).all_ids)
         return found[0] if found is not None else None
+
+    def _prompt(self, request: RagRequest):
+        """The request's prompt as token ids (PromptParts); InvalidRequestError for one that cannot be built."""
+        with self._tokenizer_lock:
+            return build_rag_prompt(self.tokenizer, request.question, request.documents,
+                                    request.system_prompt or self.config.system_prompt, self.config.limits,
+                                    request.history, request.tools)
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs on the wire)."""

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ragcache.engine.chat import ChatTurn, ToolSpec
+from ragcache.engine.generate import held_back
 
 CALL_TRIGGER = "<tool_call>"
 CALL_END = "}\n</tool_call>"
@@ -132,11 +133,12 @@ def _arguments_text(body: str) -> str | None:
     if start < 0:
         return None
     start = body.find(":", start) + 1
+    start += len(body[start:]) - len(body[start:].lstrip())  # raw_decode takes no leading whitespace
     try:
-        _, end = json.JSONDecoder().raw_decode(body, len(body[:start]) + (len(body[start:]) - len(body[start:].lstrip())))
+        _, end = json.JSONDecoder().raw_decode(body, start)
     except json.JSONDecodeError:
         return None
-    text = body[start:end].strip()
+    text = body[start:end]
     return text if text.startswith("{") else None
 
 
@@ -149,15 +151,20 @@ def ends_in_repeated_call(text: str) -> bool:
     return len(blocks) > 1 and blocks[-1] in blocks[:-1]
 
 
-def with_tool_calls(result, request):
-    """The Generation with its content and tool calls split out (only for a tool_calls constraint, which
-    tool_choice "none" has not). finish_reason becomes "tool_calls" when the answer ends in calls; under
-    require_call also when max_tokens cut a further call short (the complete ones are valid calls)."""
-    from dataclasses import replace
-
+def parses_tool_calls(request) -> bool:
+    """Whether a request's answer is read for tool calls: it lists tools and is held to the call format
+    (tool_choice "none" is not)."""
     constraint = request.constraint
-    if not request.tools or constraint is None or constraint.kind != "tool_calls":
+    return bool(request.tools) and constraint is not None and constraint.kind == "tool_calls"
+
+
+def with_tool_calls(result, request):
+    """The Generation with its content and tool calls split out (when parses_tool_calls(request)).
+    finish_reason becomes "tool_calls" when the answer ends in calls; under require_call also when
+    max_tokens cut a further call short (the complete ones are valid calls)."""
+    if not parses_tool_calls(request):
         return replace(result, content=result.text)
+    constraint = request.constraint
     parsed = parse_tool_calls(result.text, request.tools)
     if not parsed.calls:
         return replace(result, content=parsed.content)
@@ -206,7 +213,7 @@ class CallStream:
                     self.in_arguments = False
                     self._end_call(events)
                     continue
-                safe = len(self.buffer) - _partial_suffix(self.buffer, CALL_END)
+                safe = len(self.buffer) - held_back(self.buffer, (CALL_END,))
                 self._arguments(events, self.buffer[:safe])
                 self.buffer = self.buffer[safe:]
                 return events
@@ -225,16 +232,17 @@ class CallStream:
                 self.buffer = self.buffer[start + len(CALL_TRIGGER):]
                 self.in_call = True
                 continue
-            safe = len(self.buffer) - _partial_suffix(self.buffer, CALL_TRIGGER)
+            safe = len(self.buffer) - held_back(self.buffer, (CALL_TRIGGER,))
             self._text(events, self.buffer[:safe])
             self.buffer = self.buffer[safe:]
             return events
 
     def flush(self) -> list[tuple]:
-        """The end of the answer: whatever is held back, as text (or the rest of unfinished arguments)."""
+        """The end of the answer: text held back goes out as text. In a call cut short (max_tokens), what is
+        held back is a partial end marker and goes nowhere; a held-back repeat stays out."""
         events: list[tuple] = []
-        if not self.in_arguments:  # in a call cut short, what is held back is a partial end marker (a held-back
-            self._text(events, (CALL_TRIGGER if self.in_call else "") + self.buffer)  # repeat stays out)
+        if not self.in_arguments:
+            self._text(events, (CALL_TRIGGER if self.in_call else "") + self.buffer)
         self.buffer, self.in_call, self.in_arguments, self.current = "", False, False, None
         return events
 
@@ -271,10 +279,3 @@ class CallStream:
             self.calls.append(call)
         self.current, self.released = None, False
 
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of marker."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0

@@ -163,9 +163,8 @@ def tool_specs(body: ChatCompletionRequest) -> tuple[ToolSpec, ...]:
 def output_constraint(body: ChatCompletionRequest, tools: tuple[ToolSpec, ...]) -> OutputConstraint | None:
     """tool_choice and response_format as the grammar the sampler keeps to (grammar.py)."""
     choice, parallel = body.tool_choice, body.parallel_tool_calls is not False
-    if body.tool_choice is not None and not tools:
-        if choice not in ("none", "auto"):
-            raise InvalidRequestError("tool_choice needs tools")
+    if choice not in (None, "none", "auto") and not tools:
+        raise InvalidRequestError("tool_choice needs tools")
     if isinstance(choice, NamedToolChoice):
         named = [tool for tool in tools if tool.name == choice.function.name]
         if not named:

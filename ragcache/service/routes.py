@@ -13,7 +13,7 @@ from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine.toolformat import CallStream
+from ragcache.engine.toolformat import CallStream, parses_tool_calls
 from ragcache.engine.runner import Generation, RagRequest
 from ragcache.schemas import (
     AddDocumentsRequest,
@@ -83,7 +83,7 @@ async def chat_completions(
             for answer in answers:
                 await answer.aclose()
             raise
-        calls = rag.constraint is not None and rag.constraint.kind == "tool_calls"
+        calls = parses_tool_calls(rag)
         return ServerSentEvent(_sse(runtime.model_name, firsts, answers, include_usage, calls, token_texts))
     results = await asyncio.gather(*(_last_item(answer) for answer in answers))
     if isinstance(results[0], CachedAnswer):

@@ -404,9 +404,8 @@ class Runtime:
 
 def _agentic(request: RagRequest) -> bool:
     """Tools, tool results or a constrained output: answers the semantic cache must not serve or keep."""
-    turns = [turn for turn in request.history if isinstance(turn, ChatTurn)]
     return bool(request.tools or request.constraint is not None
-                or any(turn.role == "tool" or turn.tool_calls for turn in turns))
+                or any(isinstance(turn, ChatTurn) and turn.about_tools for turn in request.history))
 
 
 def _category(outcome, query: SemanticQueryIn | None) -> str:
