@@ -56,13 +56,14 @@ import asyncio
 import os
 import platform
 import random
-import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple, Sequence
 
 from ragcache.bench.bfcl import Trace, duration_stats, load_traces
+from ragcache.bench.metrics import percentile_or_none as _percentile
+from ragcache.bench.serve_targets import free_port
 
 KV_SHARE = 0.5  # default KV budget: this share of all programs' final KV
 POLICIES = {"lru": "none", "fixed_ttl": "fixed_ttl", "tool_ttl": "tool_ttl"}  # bench name -> PinConfig.policy
@@ -198,7 +199,7 @@ def _serve_and_drive(loaded, profile, sizes: Sizes, traces: list[Trace], options
     coordinator = ProgramCoordinator(engine.store, profile, _agent_config(policy, options.time_scale))
     engine.use_admission_order(coordinator.scheduler)
     runtime = Runtime(engine, max_queue=4 * len(traces), coordinator=coordinator)
-    settings = Settings(port=_free_port(), semantic_cache=False, shadow_fraction=0.0, semantic_shadow_fraction=0.0)
+    settings = Settings(port=free_port(), semantic_cache=False, shadow_fraction=0.0, semantic_shadow_fraction=0.0)
     server = uvicorn.Server(uvicorn.Config(create_app(settings, runtime), host="127.0.0.1", port=settings.port,
                                            log_level="warning"))
     engine.claim_loop()
@@ -227,11 +228,6 @@ def _serve_and_drive(loaded, profile, sizes: Sizes, traces: list[Trace], options
         raise outcome["error"]
     return outcome["run"]
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # the client side: programs as agents run them
@@ -481,11 +477,6 @@ def final_tokens(tokenizer, trace: Trace, options: AgentsBenchOptions) -> int:
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
-
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    from ragcache.bench.metrics import percentile
-
-    return percentile(values, q) if values else None
 
 
 # output

@@ -42,3 +42,8 @@ def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> f
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation."""
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100.0))
+
+
+def percentile_or_none(values: Sequence[float], q: float) -> float | None:
+    """percentile(), or None for no values (a level or policy with nothing measured: a gap, not an error)."""
+    return percentile(values, q) if values else None

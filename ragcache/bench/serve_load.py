@@ -14,11 +14,11 @@ import json
 import math
 import random
 import time
-from typing import Awaitable, Callable, NamedTuple, Sequence
+from typing import Awaitable, Callable, NamedTuple
 
 import httpx
 
-from ragcache.bench.metrics import percentile
+from ragcache.bench.metrics import percentile_or_none as _percentile
 
 
 class BenchServeError(ValueError):
@@ -132,6 +132,3 @@ def level_figures(run: LevelRun) -> dict:
         "error_examples": sorted(set(errors))[:3],
     }
 
-
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    return percentile(values, q) if values else None
