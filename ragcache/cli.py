@@ -78,11 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also answer N held-out pairs with the model and score the shadow check's answer agreement")
     _add_model_args(sem)
     sem.add_argument("--json", type=Path, default=None, help="write the summary here")
-    store = suites.add_parser("store", help="eviction policies replayed on a RAG retrieval trace")
-    store.add_argument("--documents", type=int, default=2000)
-    store.add_argument("--requests", type=int, default=5000)
-    store.add_argument("--budget-share", type=float, default=0.1, help="tier budget as a share of the corpus KV")
-    store.add_argument("--json", type=Path, default=None, help="write the summary here")
+    eviction_help = "eviction policies replayed on a RAG retrieval trace"
+    for name, help_text in (("eviction", eviction_help),
+                            ("store", f"{eviction_help} (for now; per-tier throughput is to come: use 'eviction')")):
+        replay = suites.add_parser(name, help=help_text)
+        replay.add_argument("--documents", type=int, default=2000)
+        replay.add_argument("--requests", type=int, default=5000)
+        replay.add_argument("--budget-share", type=float, default=0.1, help="tier budget as a share of the corpus KV")
+        replay.add_argument("--json", type=Path, default=None, help="write the summary here")
     serve_bench = suites.add_parser("serve", help="the HTTP service under load per mode, beside llama.cpp's server")
     serve_bench.add_argument("dataset", type=Path, help="JSON list of {question, answers, ctxs: [{text}]}")
     serve_bench.add_argument("--limit", type=int, default=None, help="first N questions")
@@ -189,7 +192,7 @@ def _gate_options(args):
     return gate
 
 
-def _bench_store(args) -> None:
+def _bench_eviction(args) -> None:
     from ragcache.bench.store import TraceOptions, format_store_table, run_store_bench
 
     if args.documents < 6 or args.requests <= 0 or not 0 < args.budget_share <= 1:
@@ -293,7 +296,8 @@ def _serve(args) -> None:
     serve(load_settings(args.config, os.environ, flags))
 
 
-COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "store"): _bench_store,
+COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "eviction"): _bench_eviction,
+            ("bench", "store"): _bench_eviction,
             ("bench", "semantic"): _bench_semantic, ("bench", "serve"): _bench_serve,
             ("bench", "agents"): _bench_agents}
 
