@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default=None)
     serve.add_argument("--redis-url", default=None)
+    serve.add_argument("--data-dir", default=None, help="folder of the embedded (sqlite) registry")
+    serve.add_argument("--registry", default=None, choices=["auto", "redis", "sqlite", "memory"])
     sem = suites.add_parser("semantic", help="semantic cache on fow-cache's labelled pairs, and lookup latency")
     sem.add_argument("--datasets", default="questions,conversations")
     sem.add_argument("--sizes", default="1000,10000,100000", help="index sizes for the latency runs ('' skips them)")
@@ -292,7 +294,8 @@ def _serve(args) -> None:
     from ragcache.service.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    flags = {name: getattr(args, name) for name in ("host", "port", "model", "device", "dtype", "redis_url")}
+    flags = {name: getattr(args, name) for name in ("host", "port", "model", "device", "dtype", "redis_url",
+                                                 "data_dir", "registry")}
     serve(load_settings(args.config, os.environ, flags))
 
 

@@ -42,9 +42,13 @@ class Settings:
     # store
     device_cache_gb: float = 1.0
     cpu_cache_gb: float = 8.0
-    redis_url: str | None = None
+    redis_url: str | None = None  # one node or any node of a Redis Cluster (found out at start-up)
     codec: str = "raw"
     eviction: str = "cost_aware"
+    write_backlog_mb: float = 256.0  # chunks whose write to Redis failed, kept to retry once it is back
+    # registrations (documents, programs) and semantic answers: durable, shared by replicas
+    registry: str = "auto"  # auto (redis with redis_url, else sqlite), redis, sqlite or memory (lost on exit)
+    data_dir: str | None = None  # the sqlite registry's folder; None: $XDG_DATA_HOME/ragcache or ~/.local/share/ragcache
     # agent programs: how a tool call pins the program's KV (tool_ttl, fixed_ttl or none; see agents/pins.py)
     pin_policy: str = "tool_ttl"
     pin_fixed_ttl_s: float = 2.0  # the pin of every tool call under pin_policy fixed_ttl
@@ -65,6 +69,8 @@ class Settings:
     max_documents: int = 64
     max_document_tokens: int = 4096
     max_new_tokens: int = 1024
+    max_body_bytes: int = 8 * 1024 * 1024  # a larger request body is a 413 before it is read or parsed
+    max_json_depth: int = 64  # deeper nesting of arrays/objects in a body is a 400 before it is parsed
 
     def __post_init__(self) -> None:
         checks = [
@@ -82,6 +88,11 @@ class Settings:
             (self.max_running > 0, "max_running must be positive"),
             (self.max_documents > 0 and self.max_document_tokens > 0, "document limits must be positive"),
             (self.max_new_tokens > 0, "max_new_tokens must be positive"),
+            (self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024"),
+            (self.max_json_depth >= 8, "max_json_depth must be at least 8"),
+            (self.write_backlog_mb >= 0, "write_backlog_mb must be >= 0"),
+            (self.registry in ("auto", "redis", "sqlite", "memory"), "registry must be auto, redis, sqlite or memory"),
+            (self.registry != "redis" or bool(self.redis_url), "registry redis needs redis_url"),
             (self.pin_policy in ("tool_ttl", "fixed_ttl", "none"), "pin_policy must be tool_ttl, fixed_ttl or none"),
             (self.pin_fixed_ttl_s > 0, "pin_fixed_ttl_s must be positive"),
             (all(k and t for k, t in self.api_keys.items()), "api_keys must map non-empty keys to non-empty tenants"),
@@ -103,6 +114,23 @@ class Settings:
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise SettingsError("admin_key must differ from every tenant API key")
 
+
+    @property
+    def data_path(self) -> Path:
+        """Where the embedded (sqlite) registry lives."""
+        import os
+
+        if self.data_dir:
+            return Path(self.data_dir).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        return Path(base) / "ragcache"
+
+    @property
+    def registry_kind(self) -> str:
+        """The registry in use: auto resolved against redis_url."""
+        if self.registry != "auto":
+            return self.registry
+        return "redis" if self.redis_url else "sqlite"
 
     @property
     def ladder(self) -> tuple[str, ...]:

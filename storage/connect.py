@@ -1,0 +1,44 @@
+"""One way for every part of ragcache to open Redis: a single node or a Redis Cluster.
+
+A deployment gives one URL (any node of a cluster will do); whether it is a cluster is
+asked of the server (`INFO cluster`) when the client is made, so the same setting works
+for both. In a cluster, keys that one operation touches together (an entry's meta and its
+parts, a registry table) carry the same hash tag, `{...}`, so they share a slot.
+
+If the server cannot be reached when the client is made, a single-node client is made
+(and a warning logged): a cluster must be reachable at start-up to be used as one.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote
+
+import redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+
+def is_cluster(url: str, timeout_s: float = 0.5) -> bool:
+    """True when the server at url runs with cluster-enabled yes; False for a node or an unreachable one."""
+    try:
+        with redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) as probe:
+            return bool(probe.info("cluster").get("cluster_enabled"))
+    except (RedisError, OSError) as error:
+        log.warning("cannot reach Redis at %s to ask whether it is a cluster (%s): using a single-node client",
+                    url, error)
+        return False
+
+
+def sync_client(url: str, *, timeout_s: float = 0.5) -> "redis.Redis | redis.RedisCluster":
+    """A blocking client with timeouts on every command and connection attempt."""
+    options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    if is_cluster(url, timeout_s):
+        return redis.RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def hash_tag(text: str) -> str:
+    """`{text}` with braces percent-encoded inside, so all keys built on it land in one cluster slot."""
+    return "{" + quote(text, safe="") + "}"
