@@ -43,9 +43,10 @@ from ragcache.service.runtime import CachedAnswer, QueueFullError, Runtime, Sema
 log = logging.getLogger("ragcache.service")
 
 
-def documents_for(runtime: Runtime, tenant: str, inline: list[DocumentIn] | None, ids: list[str] | None) -> list[str]:
+async def documents_for(runtime: Runtime, tenant: str, inline: list[DocumentIn] | None,
+                        ids: list[str] | None) -> list[str]:
     texts = [doc.text for doc in inline or []]
-    return texts + runtime.resolve_documents(tenant, ids or [])
+    return texts + (await runtime.resolve_documents(tenant, ids) if ids else [])
 
 
 @get("/v1/models", operation_id="listModels", summary="The model this server runs", responses=ERRORS)
@@ -63,7 +64,7 @@ async def chat_completions(
     data: JSONBody[ChatCompletionRequest], request: Request, runtime: RuntimeDep, settings: SettingsDep
 ) -> Response[ChatCompletion]:
     tenant = tenant_of(request, settings)
-    documents = documents_for(runtime, tenant, data.documents, data.document_ids)
+    documents = await documents_for(runtime, tenant, data.documents, data.document_ids)
     program_id = data.program_id or request.headers.get("x-session-id")
     rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens, program_id)
     n = data.n or 1
@@ -221,7 +222,7 @@ def _stream_error(exc: Exception) -> dict:
       responses=ERRORS)
 async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> Response[RagResponse]:
     tenant = tenant_of(request, settings)
-    documents = documents_for(runtime, tenant, data.documents, data.document_ids)
+    documents = await documents_for(runtime, tenant, data.documents, data.document_ids)
     sampling = convert.sampling_from(data.max_tokens, data.temperature, data.top_p, data.seed, data.stop,
                                      settings.max_new_tokens)
     rag = RagRequest(data.question, tuple(documents), mode=data.mode or "blend", blend_ratio=data.blend_ratio,

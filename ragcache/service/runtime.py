@@ -32,7 +32,8 @@ from ragcache.engine.base import Engine
 from ragcache.engine.chat import ChatTurn
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.runner import Generation, RagRequest
-from ragcache.kv import ChunkKey
+from ragcache.registry import MemoryRegistry
+from ragcache.registry.documents import DocumentRegistry, StoredDocument
 
 
 DEFAULT_CATEGORY = "default"  # a request's category for the blend budget when the semantic cache names none
@@ -44,14 +45,6 @@ class QueueFullError(RuntimeError):
 
 class UnknownDocumentError(LookupError):
     """A document id the tenant never added (or deleted)."""
-
-
-@dataclass(frozen=True)
-class StoredDocument:
-    id: str
-    text: str
-    key: ChunkKey
-    num_tokens: int
 
 
 @dataclass(frozen=True)
@@ -116,11 +109,13 @@ class Runtime:
     engine's store; budget: the blend error budget that picks each steerable request's setting, or
     None (the engine's defaults); shadow: the shadow checks feeding it and the semantic cache, or None;
     conversations: keep the KV of chats that name no program (with tools or history) as programs found
-    by their prompt's prefix (conversations.py), so plain OpenAI agent loops get reuse and pins."""
+    by their prompt's prefix (conversations.py), so plain OpenAI agent loops get reuse and pins;
+    documents: where registered documents live (registry/; process memory when None)."""
 
     def __init__(self, engine: Engine, max_queue: int, semantic=None,
                  coordinator: ProgramCoordinator | None = None, budget: BlendBudget | None = None,
-                 shadow: ShadowChecks | None = None, conversations: bool = True) -> None:
+                 shadow: ShadowChecks | None = None, conversations: bool = True,
+                 documents: DocumentRegistry | None = None) -> None:
         self.engine = engine
         self.conversations = conversations
         self.semantic = semantic
@@ -131,8 +126,7 @@ class Runtime:
         self.max_queue = max_queue
         self.started_s = time.time()
         self._in_flight = 0
-        self._documents: dict[str, dict[str, StoredDocument]] = defaultdict(dict)  # tenant -> id -> doc
-        self._lock = threading.Lock()
+        self.documents = documents or DocumentRegistry(MemoryRegistry())
         self.metrics: dict[str, RequestMetrics] = defaultdict(RequestMetrics.empty)  # per tenant
 
     def start(self) -> None:
@@ -306,31 +300,23 @@ class Runtime:
                 raise InvalidRequestError(f"documents[{index}].id must be 1-200 characters without '/'")
         texts = [text for _, text in documents]
         infos = await asyncio.to_thread(self.engine.add_documents, texts, system_prompt, tenant)
-        stored, replaced = [], []
-        with self._lock:
-            for (doc_id, text), info in zip(documents, infos):
-                doc_id = doc_id or hashlib.sha256(text.encode()).hexdigest()[:16]
-                record = StoredDocument(doc_id, text, info.key, info.num_tokens)
-                previous = self._documents[tenant].get(doc_id)
-                self._documents[tenant][doc_id] = record
-                if previous is not None and previous.text != text:
-                    replaced.append(previous)
-                stored.append((record, info.cached))
+        records = [StoredDocument(doc_id or hashlib.sha256(text.encode()).hexdigest()[:16], text, info.key,
+                                  info.num_tokens) for (doc_id, text), info in zip(documents, infos)]
+        previous = await asyncio.to_thread(lambda: [self.documents.put(tenant, record) for record in records])
+        replaced = [old for old, record in zip(previous, records) if old is not None and old.text != record.text]
         await self._invalidate(tenant, replaced)
-        return stored
+        return [(record, info.cached) for record, info in zip(records, infos)]
 
-    def resolve_documents(self, tenant: str, ids: list[str]) -> list[str]:
+    async def resolve_documents(self, tenant: str, ids: list[str]) -> list[str]:
         """Texts of the tenant's documents; another tenant's id is as unknown as a made-up one."""
-        with self._lock:
-            known = self._documents.get(tenant, {})
-            missing = [doc_id for doc_id in ids if doc_id not in known]
-            if missing:
-                raise UnknownDocumentError(f"unknown document id(s): {missing}")
-            return [known[doc_id].text for doc_id in ids]
+        found = await asyncio.to_thread(self.documents.get_many, tenant, ids)
+        missing = [doc_id for doc_id, record in zip(ids, found) if record is None]
+        if missing:
+            raise UnknownDocumentError(f"unknown document id(s): {missing}")
+        return [record.text for record in found]
 
     async def delete_document(self, tenant: str, doc_id: str) -> None:
-        with self._lock:
-            record = self._documents.get(tenant, {}).pop(doc_id, None)
+        record = await asyncio.to_thread(self.documents.delete, tenant, doc_id)
         if record is None:
             raise UnknownDocumentError(f"unknown document id: {doc_id!r}")
         await self._invalidate(tenant, [record])
@@ -338,8 +324,9 @@ class Runtime:
     async def _invalidate(self, tenant: str, gone: list[StoredDocument]) -> None:
         """Documents deleted or re-registered with other text: drop their chunk KV and every semantic
         answer built on them, unless the same text is still registered under another id."""
-        with self._lock:
-            live = {record.text for record in self._documents.get(tenant, {}).values()}
+        if not gone:
+            return
+        live = {record.text for record in await asyncio.to_thread(self.documents.all, tenant)}
         gone = [record for record in gone if record.text not in live]
         for record in gone:
             await asyncio.to_thread(self.engine.forget_chunk, record.key)
@@ -352,13 +339,13 @@ class Runtime:
     # operations
 
     async def flush(self, tier: str | None, tenant: str | None) -> int:
-        """Drop cached chunk KV: every tier or one, every tenant's documents or one's. Returns entries dropped."""
+        """Drop cached chunk KV: every tier or one, every tenant's documents or one's. Returns entries dropped.
+        The documents stay registered (their KV is computed again on next use)."""
         if tier is not None and tier not in self.engine.tier_names:
             raise InvalidRequestError(f"tier must be one of {self.engine.tier_names}, got {tier!r}")
         keys = None
         if tenant is not None:
-            with self._lock:
-                keys = [record.key for record in self._documents.pop(tenant, {}).values()]
+            keys = [record.key for record in await asyncio.to_thread(self.documents.all, tenant)]
         return await asyncio.to_thread(self.engine.flush, tier, keys)
 
     def stats(self) -> dict:
@@ -388,7 +375,7 @@ class Runtime:
         return {
             "requests": dict(metrics.requests),
             "errors": dict(metrics.errors),
-            "documents": len(self._documents.get(tenant, {})),
+            "documents": self.documents.count(tenant),
             "blend_ratios": dict(metrics.blend_ratios),
             "ttft_s": {f"p{q}": percentile(ttft, q) for q in (50, 90, 99)} if ttft else {},
         }
