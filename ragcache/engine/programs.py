@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
+import msgspec
+import numpy as np
 import torch
 
 from ragcache.engine.blend import Prefill
@@ -21,6 +23,7 @@ from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.stack import DecoderStack
 from ragcache.kernels import apply_rope
 from ragcache.kv import ChunkKey, KVChunk, chunk_key
+from ragcache.registry.base import Registry, RegistryUnavailableError
 
 PROGRAM_CONTEXT = "program"
 
@@ -47,13 +50,24 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class ProgramIndex:
-    """(tenant, program id) -> the program's latest KV entry. Thread-safe; holds no tensors."""
+    """(tenant, program id) -> the program's latest KV entry. Thread-safe; holds no tensors.
 
-    def __init__(self) -> None:
+    With a registry (registry/), records are written through to it and read from it first,
+    so a program's next turn on another replica, or after a restart, finds its entry (the KV
+    itself comes from the store's Redis tier). The local copy answers while the registry
+    cannot be reached: a turn then reuses what this process last saw, or computes afresh."""
+
+    def __init__(self, registry: Registry | None = None) -> None:
         self._records: dict[tuple[str, str], ProgramRecord] = {}
+        self._registry = registry
         self._lock = threading.Lock()
+        self.registry_errors = 0
 
     def latest(self, namespace: str, program_id: str) -> ProgramRecord | None:
+        if self._registry is not None:
+            raw = self._shared(lambda: self._registry.get(PROGRAMS_TABLE, namespace, program_id), _UNREACHED)
+            if raw is not _UNREACHED:
+                return _decode(raw) if raw is not None else None
         with self._lock:
             return self._records.get((namespace, program_id))
 
@@ -62,15 +76,50 @@ class ProgramIndex:
         with self._lock:
             previous = self._records.get((namespace, program_id))
             self._records[(namespace, program_id)] = record
-            return previous
+        if self._registry is not None:
+            raw = self._shared(lambda: self._registry.put(PROGRAMS_TABLE, namespace, program_id, _encode(record)),
+                               _UNREACHED)
+            if raw is not _UNREACHED:
+                previous = _decode(raw) if raw is not None else None
+        return previous
 
     def forget(self, namespace: str, program_id: str) -> ProgramRecord | None:
         with self._lock:
-            return self._records.pop((namespace, program_id), None)
+            record = self._records.pop((namespace, program_id), None)
+        if self._registry is not None:
+            raw = self._shared(lambda: self._registry.delete(PROGRAMS_TABLE, namespace, program_id), _UNREACHED)
+            if raw is not _UNREACHED and raw is not None:
+                record = _decode(raw)
+        return record
 
     def programs(self) -> list[tuple[str, str, ProgramRecord]]:
+        if self._registry is not None:
+            rows = self._shared(lambda: list(self._registry.rows(PROGRAMS_TABLE)), _UNREACHED)
+            if rows is not _UNREACHED:
+                return [(ns, pid, _decode(raw)) for ns, pid, raw in rows]
         with self._lock:
             return [(ns, pid, record) for (ns, pid), record in self._records.items()]
+
+    def _shared(self, work, fallback):
+        try:
+            return work()
+        except RegistryUnavailableError:
+            with self._lock:
+                self.registry_errors += 1
+            return fallback
+
+
+PROGRAMS_TABLE = "programs"
+_UNREACHED = object()  # the registry could not be reached (not the same as "no record")
+
+
+def _encode(record: ProgramRecord) -> bytes:
+    return msgspec.msgpack.encode({"key": record.key, "ids": np.asarray(record.token_ids, dtype=np.int32).tobytes()})
+
+
+def _decode(raw: bytes) -> ProgramRecord:
+    fields = msgspec.msgpack.decode(raw)
+    return ProgramRecord(ChunkKey(fields["key"]), tuple(np.frombuffer(fields["ids"], dtype=np.int32).tolist()))
 
 
 def place_program(stack: DecoderStack, match: ProgramMatch, ids: Sequence[int], capacity: int) -> Prefill:

@@ -54,7 +54,7 @@ class BlendEngine:
     """Serves RAG requests and agent turns over one loaded model and one KV store, batched."""
 
     def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig = EngineConfig(),
-                 order: AdmissionOrder | None = None) -> None:
+                 order: AdmissionOrder | None = None, programs: ProgramIndex | None = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.stack = DecoderStack(loaded.model)
@@ -65,7 +65,7 @@ class BlendEngine:
         self.model_name = loaded.name
         self.context_len = loaded.model.config.max_position_embeddings
         self.eos_ids = frozenset(_eos_ids(loaded))
-        self.programs = ProgramIndex()
+        self.programs = programs or ProgramIndex()  # with a registry: shared by replicas, kept across restarts
         self.conversations = ConversationIndex()  # implicit programs, found by their prompt's prefix
         self.kv_bytes_per_token = KVBuffer.bytes_per_token(self.stack)
         self.scheduler = Scheduler(config.scheduler, self.kv_bytes_per_token, order)

@@ -271,18 +271,29 @@ class SemanticCache:
 
     def rebuild(self) -> int:
         """Index every unexpired record in the answer store (done at construction); how many."""
-        count = 0
-        for record in self.answers.records(self._clock()):
-            if record.category not in self._policies:
-                continue
-            if record.embedder != self.embedder.name:
-                record = self._reembedded(record)
-            query = SemanticQuery(record.tenant, record.text, record.history, model=record.model,
-                                  documents_hash=record.documents_hash, category=record.category,
-                                  document_digests=record.document_digests)
-            self._index(record, self._analyse(query, record.category, record.text_vector, record.context_vector))
-            count += 1
-        return count
+        return sum(self.index_record(record) for record in self.answers.records(self._clock()))
+
+    def index_record(self, record: AnswerRecord) -> bool:
+        """Index a record already in the answer store (at a rebuild, or one another replica stored);
+        False for a category this cache does not have or an expired record."""
+        if record.category not in self._policies or record.expires_s <= self._clock():
+            return False
+        if record.embedder != self.embedder.name:
+            record = self._reembedded(record)
+        query = SemanticQuery(record.tenant, record.text, record.history, model=record.model,
+                              documents_hash=record.documents_hash, category=record.category,
+                              document_digests=record.document_digests)
+        self._index(record, self._analyse(query, record.category, record.text_vector, record.context_vector))
+        return True
+
+    def drop_entries(self, tenant: str, entry_ids) -> int:
+        """Take entries out of the index only (another replica removed them from the shared store)."""
+        wanted, dropped = set(entry_ids), 0
+        for _, shard in self._tenant_shards(tenant):
+            with shard.lock:
+                dropped += sum(shard.remove(i) is not None for i in wanted if i in shard.entries)
+        self._learned.forget_entries(tenant, list(wanted))
+        return dropped
 
     # internals: preparing a query
 

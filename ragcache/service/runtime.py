@@ -127,6 +127,7 @@ class Runtime:
         self.started_s = time.time()
         self._in_flight = 0
         self.documents = documents or DocumentRegistry(MemoryRegistry())
+        self._closed = False
         self.metrics: dict[str, RequestMetrics] = defaultdict(RequestMetrics.empty)  # per tenant
 
     def start(self) -> None:
@@ -382,11 +383,17 @@ class Runtime:
 
     def close(self) -> None:
         """Let queued work finish, release pins, write hot local KV through to Redis (if configured), close."""
+        if self._closed:
+            return
+        self._closed = True
         if self.coordinator is not None:
             self.coordinator.close()
         if self.shadow is not None:
             self.shadow.close()
         self.engine.close()
+        if self.semantic is not None:
+            self.semantic.answers.close()
+        self.documents.registry.close()
 
 
 def _agentic(request: RagRequest) -> bool:

@@ -12,9 +12,12 @@ from ragcache.checks.shadow import ShadowChecks, ShadowConfig
 from ragcache.config import Settings, SettingsError
 from ragcache.engine.blend import BlendConfig
 from ragcache.engine.loader import ModelSpec, load_model
+from ragcache.engine.programs import ProgramIndex
 from ragcache.engine.prompt import PromptLimits
 from ragcache.engine.runner import BlendEngine, EngineConfig
 from ragcache.engine.scheduler import SchedulerConfig
+from ragcache.registry import make_registry
+from ragcache.registry.documents import DocumentRegistry
 from ragcache.service.runtime import Runtime
 from ragcache.storage.factory import GiB, StoreConfig, make_store
 
@@ -44,13 +47,14 @@ def build_runtime(settings: Settings) -> Runtime:
         scheduler=SchedulerConfig(int(settings.working_kv_gb * GiB), settings.step_tokens, settings.kv_block_tokens,
                                   settings.max_running),
     )
-    engine = BlendEngine(loaded, store, config)
+    registry = make_registry(settings.registry_kind, settings.redis_url, settings.data_path)
+    engine = BlendEngine(loaded, store, config, programs=ProgramIndex(registry))
     pins = PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s)
     coordinator = ProgramCoordinator.measured(store, engine.stack, AgentConfig(pins=pins))
     engine.use_admission_order(coordinator.scheduler)
     semantic = _semantic_cache(settings)
     return Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic),
-                   conversations=settings.conversation_kv)
+                   conversations=settings.conversation_kv, documents=DocumentRegistry(registry))
 
 
 def answer_checks(settings: Settings, engine, semantic) -> tuple[BlendBudget, ShadowChecks]:
@@ -72,15 +76,23 @@ def _agreement(semantic):
 
 
 def _semantic_cache(settings: Settings):
-    """The semantic cache: MiniLM embeddings, HNSW in memory, answers in Redis (rebuilt from it) or memory."""
+    """The semantic cache: MiniLM embeddings, HNSW in memory, answers where the registry's kind says
+    (Redis, shared and followed: other replicas' new entries are indexed as they are stored; SQLite
+    under the data directory; or memory), the index rebuilt from them at start-up."""
     if not settings.semantic_cache:
         return None
     from ragcache.semantic import SemanticCache
     from ragcache.semantic.answers import make_answer_store
     from ragcache.semantic.embedder import SentenceTransformerEmbedder
 
-    cache = SemanticCache(SentenceTransformerEmbedder(), make_answer_store(settings.redis_url))
-    log.info("semantic cache ready: %d entries rebuilt", cache.rebuilt)
+    kind = settings.registry_kind
+    answers = make_answer_store(settings.redis_url if kind == "redis" else None,
+                                sqlite_path=settings.data_path / "semantic.sqlite3" if kind == "sqlite" else None)
+    cache = SemanticCache(SentenceTransformerEmbedder(), answers)
+    events = getattr(answers, "events", None)
+    if events is not None and not events.follow(cache.index_record, cache.drop_entries, cache.rebuild):
+        log.warning("semantic cache: not yet subscribed to other replicas' entries (Redis unreachable?)")
+    log.info("semantic cache ready: %d entries rebuilt (%s answers)", cache.rebuilt, answers.stats().kind)
     return cache
 
 

@@ -1,17 +1,32 @@
-"""Answer stores behind one contract (base.py): Redis when configured, process memory otherwise."""
+"""Answer stores behind one contract (base.py): Redis when configured (shared by replicas, with
+their changes published to each other: events.py), SQLite on one node, process memory when asked."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ragcache.semantic.answers.base import AnswerRecord, AnswerStore, AnswerStoreStats, AnswerStoreUnavailable
 from ragcache.semantic.answers.memory import MemoryAnswerStore
 
 
-def make_answer_store(redis_url: str | None, namespace: str = "semantic") -> AnswerStore:
-    """RedisAnswerStore when a URL is given (redis-py imported only then), else MemoryAnswerStore."""
+def make_answer_store(redis_url: str | None, namespace: str = "semantic", sqlite_path: Path | None = None,
+                      shared: bool = True) -> AnswerStore:
+    """RedisAnswerStore when a URL is given (wrapped in a SharedAnswerStore unless shared is False),
+    else SqliteAnswerStore at sqlite_path when one is given, else MemoryAnswerStore. redis-py is
+    imported only for Redis."""
     if redis_url:
         from ragcache.semantic.answers.redis import RedisAnswerStore
 
-        return RedisAnswerStore(redis_url, namespace=namespace)
+        store = RedisAnswerStore(redis_url, namespace=namespace)
+        if not shared:
+            return store
+        from ragcache.semantic.answers.events import AnswerEvents, SharedAnswerStore
+
+        return SharedAnswerStore(store, AnswerEvents(redis_url, namespace=namespace))
+    if sqlite_path is not None:
+        from ragcache.semantic.answers.sqlite import SqliteAnswerStore
+
+        return SqliteAnswerStore(sqlite_path)
     return MemoryAnswerStore()
 
 

@@ -84,3 +84,33 @@ class AnswerStore(ABC):
 
     def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
+
+
+def pack_record(record: AnswerRecord) -> bytes:
+    """A record as bytes (msgpack; vectors as float32 bytes): how the embedded store and the
+    replicas' change messages carry it."""
+    import msgspec
+
+    fields = {name: getattr(record, name) for name in AnswerRecord.__dataclass_fields__}
+    fields["history"] = [list(message) for message in record.history]
+    fields["text_vector"] = np.asarray(record.text_vector, dtype=np.float32).tobytes()
+    fields["context_vector"] = (None if record.context_vector is None
+                                else np.asarray(record.context_vector, dtype=np.float32).tobytes())
+    fields["document_digests"] = list(record.document_digests)
+    return msgspec.msgpack.encode(fields)
+
+
+def unpack_record(raw: bytes) -> AnswerRecord:
+    """pack_record's inverse; ValueError for bytes it did not write."""
+    import msgspec
+
+    try:
+        fields = msgspec.msgpack.decode(raw)
+        fields["history"] = tuple(Message(role, content) for role, content in fields["history"])
+        fields["text_vector"] = np.frombuffer(fields["text_vector"], dtype=np.float32).copy()
+        if fields["context_vector"] is not None:
+            fields["context_vector"] = np.frombuffer(fields["context_vector"], dtype=np.float32).copy()
+        fields["document_digests"] = tuple(fields["document_digests"])
+        return AnswerRecord(**fields)
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"not an answer record: {error}") from None
