@@ -154,7 +154,8 @@ def ragcache_target(servers: ServerOptions, modes: Sequence[str]) -> Iterator[Ra
     for flag, value in (("--model", servers.model), ("--device", servers.device), ("--dtype", servers.dtype),
                         ("--redis-url", servers.redis_url)):
         command += [flag, value] if value else []
-    env = {**os.environ, "RAGCACHE_SEMANTIC_CACHE": "false"}  # every request bypasses it: do not load MiniLM
+    # every request bypasses the semantic cache: do not load MiniLM; a run's registrations are its own
+    env = {**os.environ, "RAGCACHE_SEMANTIC_CACHE": "false", "RAGCACHE_REGISTRY": "memory"}
     if servers.api_key:
         env["RAGCACHE_API_KEYS"] = f"{servers.api_key}:bench"
     with launched("ragcache serve", command, env, f"http://127.0.0.1:{port}", "/ready", servers.start_timeout_s) as url:
