@@ -7,6 +7,9 @@ parts, a registry table) carry the same hash tag, `{...}`, so they share a slot.
 
 If the server cannot be reached when the client is made, a single-node client is made
 (and a warning logged): a cluster must be reachable at start-up to be used as one.
+
+async_client never retries a failed command: its caller (the Redis tier) has its own
+back-off, and a retry inside the client would multiply the time a dead node costs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,23 @@ def sync_client(url: str, *, timeout_s: float = 0.5) -> "redis.Redis | redis.Red
     if is_cluster(url, timeout_s):
         return redis.RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, **options)
+
+
+def async_client(url: str, *, timeout_s: float = 0.5, max_connections: int = 16
+                 ) -> "redis.asyncio.Redis | redis.asyncio.RedisCluster":
+    """An asyncio client for the event loop it is first used on, with timeouts on every command and
+    connection attempt. A single node gets a blocking pool of max_connections (a caller waits up to
+    timeout_s for a free one); a cluster gets up to max_connections per node, and the caller must
+    keep no more than that in flight (the cluster client fails a command beyond it)."""
+    from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    if is_cluster(url, timeout_s):
+        return RedisCluster.from_url(url, max_connections=max_connections, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s, **options)
+    return Redis.from_pool(pool)  # closing the client closes the pool
 
 
 def hash_tag(text: str) -> str:

@@ -1,30 +1,40 @@
-"""Redis tier: chunk caches as codec bytes in a Redis that every replica shares.
+"""Redis tier: chunk caches as codec bytes in a Redis (one node or a Cluster) that every replica shares.
 
-Keys, for namespace N (it carries the model fingerprint and the tenant):
+Keys, for namespace N (it carries the model fingerprint and the tenant) and an entry key K
+in bucket B = crc32(K) mod 256, written as two hex digits:
 
-| key                                | value                                                 |
-|------------------------------------|-------------------------------------------------------|
-| ragcache:N:meta:{key}              | b"v1 {nonce} {num_parts} {total_len}"                 |
-| ragcache:N:part:{key}:{nonce}:{i}  | bytes [i * part_bytes, (i + 1) * part_bytes) of the entry |
-| ragcache:N:index                   | hash: key -> entry length, for usage()                |
+| key                                  | value                                                 |
+|--------------------------------------|-------------------------------------------------------|
+| ragcache:N:{N.B}:meta:K              | b"v1 {nonce} {num_parts} {total_len}"                 |
+| ragcache:N:{N.B}:part:K:{nonce}:{i}  | bytes [i * part_bytes, (i + 1) * part_bytes) of the entry |
+| ragcache:N:{N.B}:index               | hash: K -> entry length, for usage() and keys()       |
+
+`{N.B}` is a hash tag: an entry's meta, its parts and its bucket's index share one cluster
+slot, so every script and transaction below touches one slot; the 256 buckets of a
+namespace spread its entries over the masters. keys() and usage() read all 256 index
+hashes (one pipeline on a single node; one command each, concurrently, on a cluster).
 
 A write puts the parts under a fresh nonce (pipelined, about 4 MiB per round trip so
 one value never holds the server or the connection for long, each part with a
-provisional 60 s expiry so a writer that dies midway leaves nothing behind), then in one
-MULTI sets the meta LAST (SET ... GET, returning the meta it replaces), lifts the parts'
-provisional expiry (or sets ttl_s plus a grace) and records the index. A reader reads the
-meta, then that nonce's parts: it never sees a meta without its data, and concurrent
-writers of one key each leave a complete entry, the last meta winning. The parts of a
-replaced entry expire 10 s later instead of vanishing at once, so a reader that fetched
-the old meta still finds them.
+provisional 60 s expiry so a writer that dies midway leaves nothing behind), then one
+script, atomic as a transaction is, sets the meta LAST (returning the meta it replaces),
+lifts the parts' provisional expiry (or sets ttl_s plus a grace) and records the index.
+A reader reads the meta, then that nonce's parts: it never sees a meta without its data,
+and concurrent writers of one key each leave a complete entry, the last meta winning.
+The parts of a replaced entry expire 10 s later instead of vanishing at once, so a
+reader that fetched the old meta still finds them.
 
 Anything wrong with what was read (unreadable meta, missing part, CorruptEntryError from
 the codec: checksum, foreign fingerprint, truncation) is a miss; the entry is deleted,
 only if its meta is still the one read (a concurrent writer's newer entry is kept), and
 counted as corrupt. Connection failures and timeouts are misses too (put returns False);
 after one, Redis is skipped for 0.5 s, doubling per failure up to 10 s, and a success
-resets it, so a dead Redis costs one timeout per back-off period rather than one per
-request. redis-py reconnects by itself when Redis comes back.
+(of a call that began after the last failure) resets it, so a dead Redis costs one
+timeout per back-off period rather than one per request. redis-py reconnects by itself
+when Redis comes back. On a cluster the entries of a batch are read and written per
+bucket, so a dead master costs the misses of its own slots and the batch's other entries
+are served; the back-off is the tier's, so while a master is dead the tier is skipped
+after every batch that touched it.
 """
 
 from __future__ import annotations
@@ -35,18 +45,17 @@ import logging
 import secrets
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Coroutine, NamedTuple, Sequence, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.base import TierUsage
 from ragcache.storage.codec import CODECS, CorruptEntryError, decode_chunk, encode_chunk
+from ragcache.storage.connect import async_client, hash_tag, is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +65,26 @@ _BATCH_BYTES = 4 << 20
 _PROVISIONAL_PARTS_MS = 60_000
 _REPLACED_PARTS_GRACE_MS = 10_000
 _LATENCY_SAMPLES = 1024
-# delete the meta only if it is still the one the reader saw
-_DELETE_IF_UNCHANGED = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-)
+_BUCKETS = 256
+# KEYS: meta, index, parts. ARGV: meta, ttl ms ("" for none), parts' expiry ms, entry key, entry length.
+# Sets the meta last and returns the one it replaced.
+_COMMIT = """
+local old = redis.call('GET', KEYS[1])
+if ARGV[2] == '' then redis.call('SET', KEYS[1], ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+for i = 3, #KEYS do
+  if ARGV[2] == '' then redis.call('PERSIST', KEYS[i]) else redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+return old
+"""
+# KEYS: meta, index, parts. ARGV: the meta the reader saw, entry key. Drops the entry only if unchanged.
+_DROP_IF_UNCHANGED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[1])
+for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -78,7 +103,7 @@ class RedisTierStats:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     available: bool  # False from a failure until the next success
-    last_error: str | None
+    last_error: str | None  # what opened the back-off; None once Redis answers again
 
     @property
     def compression_ratio(self) -> float | None:
@@ -124,6 +149,7 @@ class _Backoff:
         self._base_s, self._max_s = base_s, max_s
         self._delay_s = 0.0
         self._open_until = 0.0
+        self._failed_at = float("-inf")
         self._lock = threading.Lock()
 
     @property
@@ -136,15 +162,17 @@ class _Backoff:
     def failed(self) -> None:
         """Failures of calls already in flight when it opened count once."""
         with self._lock:
-            now = time.monotonic()
+            now = self._failed_at = time.monotonic()
             if now < self._open_until:
                 return
             self._delay_s = min(2 * self._delay_s, self._max_s) if self._delay_s else self._base_s
             self._open_until = now + self._delay_s
 
-    def succeeded(self) -> None:
+    def succeeded(self, started_s: float) -> None:
+        """A call begun at started_s (time.monotonic()) went through: closed, unless a failure came since."""
         with self._lock:
-            self._delay_s = self._open_until = 0.0
+            if self._failed_at < started_s:
+                self._delay_s = self._open_until = 0.0
 
 
 class _LoopThread:
@@ -165,12 +193,13 @@ class _LoopThread:
 
 
 class RedisTier:
-    """A KVTier over Redis; safe to call from any number of threads at once.
+    """A KVTier over Redis, one node or a Cluster; safe to call from any number of threads at once.
 
     namespace: prefix of every key (model fingerprint and tenant); model_fingerprint, when
     given, is checked against every entry read. timeout_s bounds each round trip (one
-    command, or one batch of about 4 MiB of parts) and each connection attempt. The calls
-    block their thread while the tier's own event loop does the I/O; get_many_async does not.
+    command, or one batch of about 4 MiB of parts) and each connection attempt. At most
+    max_connections round trips are in flight at once. The calls block their thread while
+    the tier's own event loop does the I/O; get_many_async does not.
     """
 
     def __init__(
@@ -194,7 +223,8 @@ class RedisTier:
             raise ValueError(f"need part_bytes > 0, timeout_s > 0, ttl_s >= 0.001 s: {part_bytes}, {timeout_s}, {ttl_s}")
         self.name = name
         self.codec = codec
-        self._prefix = f"ragcache:{namespace}"
+        self._prefix = "ragcache:" + namespace.replace("{", "%7B").replace("}", "%7D")
+        self._tags = [hash_tag(f"{namespace}.{bucket:02x}") for bucket in range(_BUCKETS)]
         self._fingerprint = model_fingerprint
         self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
         self._part_bytes = part_bytes
@@ -206,12 +236,14 @@ class RedisTier:
         self._lock = threading.Lock()
         self._backoff = _Backoff()
         self._loop = _LoopThread(f"ragcache-{name}")
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
-        )
-        self._client = aioredis.Redis(connection_pool=self._pool)
-        self._delete_if_unchanged = self._client.register_script(_DELETE_IF_UNCHANGED)
+        self._cluster = is_cluster(url, timeout_s)
+        self._client = async_client(url, timeout_s=timeout_s, max_connections=max_connections)
+        self._in_flight = asyncio.Semaphore(max_connections)
+
+    @property
+    def available(self) -> bool:
+        """False from a failure until the next success; calls made while it is False may skip Redis."""
+        return self._backoff.available
 
     # KVTier
 
@@ -232,11 +264,13 @@ class RedisTier:
         return self.put_many([(key, chunk)])[0]
 
     def put_many(self, items: Sequence[tuple[ChunkKey, KVChunk]]) -> list[bool]:
-        """Encodes on the calling thread (CPU work stays off the loop), then writes concurrently."""
+        """Encodes on the calling thread (CPU work stays off the loop), then writes concurrently;
+        per item, False if it was not written (Redis failing or skipped, or the codec refused it)."""
         if not items or not self._backoff.allows():
             return [False] * len(items)
         encoded = [(key, self._encode(chunk)) for key, chunk in items]
-        return self._call(lambda: _gather([self._write(key, blob) for key, blob in encoded]), [False] * len(items))
+        return self._call(lambda: self._each([self._write(key, blob) for key, blob in encoded], False),
+                          [False] * len(items))
 
     def contains(self, key: ChunkKey) -> bool:
         return bool(self._call(lambda: self._round_trip(self._client.exists(self._meta_key(key))), 0))
@@ -246,13 +280,13 @@ class RedisTier:
 
     def keys(self) -> list[ChunkKey]:
         """Keys the namespace's index lists (approximate, as usage() is): how flushes find entries."""
-        names = self._call(lambda: self._round_trip(self._client.hkeys(self._index_key)), [])
+        names = self._call(lambda: self._read_index("HKEYS"), [])
         return [ChunkKey(name.decode() if isinstance(name, bytes) else name) for name in names]
 
     def usage(self) -> TierUsage:
         """From the index puts and deletes keep: approximate, since Redis's maxmemory eviction and
         TTL expiry drop entries without telling it. max_bytes 0: the budget is Redis's own."""
-        sizes = self._call(lambda: self._round_trip(self._client.hvals(self._index_key)), [])
+        sizes = self._call(lambda: self._read_index("HVALS"), [])
         return TierUsage(self.name, len(sizes), sum(int(size) for size in sizes), 0)
 
     # the rest of the public surface
@@ -261,33 +295,36 @@ class RedisTier:
         with self._lock:
             counts = asdict(self._counts)
             latencies_s = sorted(self._latencies_s)
+            last_error = self._last_error
         return RedisTierStats(
             name=self.name,
             **counts,
             latency_p50_ms=_percentile_ms(latencies_s, 0.5),
             latency_p99_ms=_percentile_ms(latencies_s, 0.99),
             available=self._backoff.available,
-            last_error=self._last_error,
+            last_error=None if self._backoff.available else last_error,
         )
 
     def close(self) -> None:
         """Closes the connections and stops the loop; the tier is unusable afterwards."""
         if self._loop.loop.is_closed():
             return
-        self._loop.submit(self._pool.aclose()).result()
+        self._loop.submit(self._client.aclose()).result()
         self._loop.stop()
 
     # keys
 
-    @property
-    def _index_key(self) -> str:
-        return f"{self._prefix}:index"
+    def _tag(self, key: str) -> str:
+        return self._tags[zlib.crc32(key.encode()) % _BUCKETS]
+
+    def _index_key(self, key: str) -> str:
+        return f"{self._prefix}:{self._tag(key)}:index"
 
     def _meta_key(self, key: str) -> str:
-        return f"{self._prefix}:meta:{key}"
+        return f"{self._prefix}:{self._tag(key)}:meta:{key}"
 
     def _part_keys(self, key: str, meta: _Meta) -> list[str]:
-        return [f"{self._prefix}:part:{key}:{meta.nonce}:{i}" for i in range(meta.num_parts)]
+        return [f"{self._prefix}:{self._tag(key)}:part:{key}:{meta.nonce}:{i}" for i in range(meta.num_parts)]
 
     # reading
 
@@ -298,8 +335,25 @@ class RedisTier:
         return chunks
 
     async def _fetch_many(self, keys: list[ChunkKey]) -> list[KVChunk | None]:
-        raw_metas = await self._round_trip(self._client.mget([self._meta_key(key) for key in keys]))
-        return await _gather([self._fetch(key, raw) for key, raw in zip(keys, raw_metas)])
+        return await self._each([self._fetch(key, raw) for key, raw in zip(keys, await self._read_metas(keys))], None)
+
+    async def _read_metas(self, keys: list[ChunkKey]) -> list[bytes | None]:
+        """One MGET on a single node; on a cluster one MGET per bucket (a slot), a failed one giving Nones."""
+        if not self._cluster:
+            return await self._round_trip(self._client.mget([self._meta_key(key) for key in keys]))
+        buckets: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            buckets.setdefault(self._tag(key), []).append(i)
+        groups = list(buckets.values())
+        replies = await self._each(
+            [self._round_trip(self._client.mget([self._meta_key(keys[i]) for i in group])) for group in groups],
+            None,
+        )
+        metas: list[bytes | None] = [None] * len(keys)
+        for group, reply in zip(groups, replies):
+            for i, raw in zip(group, reply or [None] * len(group)):
+                metas[i] = raw
+        return metas
 
     async def _fetch(self, key: ChunkKey, raw_meta: bytes | None) -> KVChunk | None:
         if raw_meta is None:
@@ -321,14 +375,24 @@ class RedisTier:
             return await self._drop(key, raw_meta, meta, str(error))
 
     async def _drop(self, key: ChunkKey, raw_meta: bytes, meta: _Meta | None, reason: str) -> None:
-        """Deletes an unusable entry unless a writer has replaced it since it was read."""
+        """Deletes an unusable entry (meta, index field, parts) unless a writer has replaced it since it was read."""
         self._count(corrupt=1)
         log.warning("%s: dropping entry %s: %s", self.name, key, reason)
-        if await self._round_trip(self._delete_if_unchanged(keys=[self._meta_key(key)], args=[raw_meta])):
-            await self._round_trip(self._client.hdel(self._index_key, key))
-            if meta is not None:
-                await self._round_trip(self._client.delete(*self._part_keys(key, meta)))
+        names = [self._meta_key(key), self._index_key(key), *(self._part_keys(key, meta) if meta else [])]
+        await self._round_trip(self._client.eval(_DROP_IF_UNCHANGED, len(names), *names, raw_meta, key))
         return None
+
+    async def _read_index(self, command: str) -> list[bytes]:
+        """HKEYS or HVALS of every bucket's index, flattened."""
+        names = [f"{self._prefix}:{tag}:index" for tag in self._tags]
+        if self._cluster:
+            replies = await self._each([self._round_trip(self._client.execute_command(command, n)) for n in names], [])
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.execute_command(command, name)
+            replies = await self._round_trip(pipe.execute())
+        return [item for reply in replies for item in reply]
 
     # writing
 
@@ -351,17 +415,15 @@ class RedisTier:
             for i, name in enumerate(names[first : first + self._parts_per_batch], start=first):
                 pipe.set(name, view[i * size : (i + 1) * size], px=_PROVISIONAL_PARTS_MS)
             await self._round_trip(pipe.execute())
-        commit = self._client.pipeline(transaction=True)
-        commit.set(self._meta_key(key), meta.encode(), px=self._ttl_ms, get=True)
-        for name in names:
-            if self._ttl_ms is None:
-                commit.persist(name)
-            else:  # parts outlive their meta, so a live meta never points at expired parts
-                commit.pexpire(name, self._ttl_ms + _REPLACED_PARTS_GRACE_MS)
-        commit.hset(self._index_key, key, len(blob))
-        replaced = (await self._round_trip(commit.execute()))[0]
+        # parts outlive their meta, so a live meta never points at expired parts
+        ttl_ms = "" if self._ttl_ms is None else self._ttl_ms
+        parts_ms = "" if self._ttl_ms is None else self._ttl_ms + _REPLACED_PARTS_GRACE_MS
+        keys = [self._meta_key(key), self._index_key(key), *names]
+        replaced = await self._round_trip(
+            self._client.eval(_COMMIT, len(keys), *keys, meta.encode(), ttl_ms, parts_ms, key, len(blob))
+        )
         self._count(bytes_written=len(blob))
-        old = _Meta.parse(replaced) if replaced is not None else None
+        old = _Meta.parse(replaced) if replaced else None
         if old is not None:
             pipe = self._client.pipeline(transaction=False)
             for name in self._part_keys(key, old):
@@ -372,7 +434,7 @@ class RedisTier:
     async def _delete(self, key: ChunkKey) -> bool:
         pipe = self._client.pipeline(transaction=False)
         pipe.getdel(self._meta_key(key))
-        pipe.hdel(self._index_key, key)
+        pipe.hdel(self._index_key(key), key)
         raw_meta, _ = await self._round_trip(pipe.execute())
         meta = _Meta.parse(raw_meta) if raw_meta is not None else None
         if meta is not None:
@@ -388,39 +450,50 @@ class RedisTier:
         return self._loop.submit(self._guarded(work, fallback)).result()
 
     async def _guarded(self, work: Callable[[], Awaitable[T]], fallback: T) -> T:
+        started_s = time.monotonic()
         try:
             result = await work()
         except _FAULTS as error:
-            with self._lock:
-                self._counts.errors += 1
-                self._last_error = f"{type(error).__name__}: {error}"
-            self._backoff.failed()
-            log.warning("%s: Redis failed, skipping it for a while: %s", self.name, self._last_error)
+            self._failed(error)
             return fallback
-        self._backoff.succeeded()
+        self._backoff.succeeded(started_s)
         return result
+
+    async def _each(self, coros: Sequence[Awaitable[T]], fallback: T) -> list[T]:
+        """Runs coros concurrently; each that fails with a Redis fault gives fallback, and the
+        first such fault counts as the call's failure (the rest are the same outage)."""
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        faults = [r for r in results if isinstance(r, _FAULTS)]
+        if faults:
+            self._failed(faults[0])
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, _FAULTS):
+                raise result
+        return [fallback if isinstance(r, _FAULTS) else r for r in results]  # type: ignore[misc]
+
+    def _failed(self, error: BaseException) -> None:
+        with self._lock:
+            self._counts.errors += 1
+            self._last_error = f"{type(error).__name__}: {error}"
+        self._backoff.failed()
+        log.warning("%s: Redis failed, skipping it for a while: %s", self.name, self._last_error)
 
     async def _round_trip(self, awaitable: Awaitable[T]) -> T:
         """One request/response with Redis, bounded by timeout_s; its latency is sampled."""
         start = time.perf_counter()
-        result = await asyncio.wait_for(awaitable, self._timeout_s)
+        result = await asyncio.wait_for(self._limited(awaitable), self._timeout_s)
         with self._lock:
             self._latencies_s.append(time.perf_counter() - start)
         return result
+
+    async def _limited(self, awaitable: Awaitable[T]) -> T:
+        async with self._in_flight:
+            return await awaitable
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for counter, delta in deltas.items():
                 setattr(self._counts, counter, getattr(self._counts, counter) + delta)
-
-
-async def _gather(coros: Sequence[Awaitable[T]]) -> list[T]:
-    """asyncio.gather that lets every coroutine finish before raising the first failure."""
-    results = await asyncio.gather(*coros, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]
 
 
 def _percentile_ms(sorted_s: list[float], q: float) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 
 import pytest
 import redis
@@ -15,6 +16,7 @@ from ragcache.engine.stack import DecoderStack
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.base import TierUsage
 from ragcache.storage.codec import decode_chunk, encode_chunk
+from ragcache.storage.connect import hash_tag
 from ragcache.storage.redis import RedisTier
 from redis_server import wait_until
 
@@ -71,12 +73,14 @@ def synthetic(tokens: int, seed: int, layers: int = 4, heads: int = 2, head_dim:
 
 
 def meta_name(namespace: str, k: ChunkKey) -> str:
-    return f"ragcache:{namespace}:meta:{k}"
+    """As storage/redis.py's key table says: the entry's bucket is crc32(key) mod 256, its hash tag {N.B}."""
+    return f"ragcache:{namespace}:{hash_tag(f'{namespace}.{zlib.crc32(k.encode()) % 256:02x}')}:meta:{k}"
 
 
 def part_names(client: redis.Redis, namespace: str, k: ChunkKey) -> list[bytes]:
     """The entry's part keys in Redis, of every nonce, in part order."""
-    return sorted(client.scan_iter(match=f"ragcache:{namespace}:part:{k}:*"), key=lambda n: int(n.rsplit(b":", 1)[1]))
+    names = client.scan_iter(match=f"ragcache:{namespace}:*:part:{k}:*")
+    return sorted(names, key=lambda n: int(n.rsplit(b":", 1)[1]))
 
 
 @pytest.mark.parametrize("codec", ["raw", "int8"])
@@ -205,7 +209,7 @@ def test_redis_evicting_parts_gives_exact_chunks_or_misses(make_tier, throwaway_
         stats = tier.stats()
         assert stats.hits == sum(got is not None for got in read) and stats.hits + stats.misses == 30
         assert stats.corrupt > 0 and stats.errors == 0
-        assert not any(client.exists(f"ragcache:test:meta:{key(i)}") for i, got in enumerate(read) if got is None)
+        assert not any(client.exists(meta_name("test", key(i))) for i, got in enumerate(read) if got is None)
 
 
 def test_concurrent_writers_of_one_key_leave_one_intact_chunk(make_tier, admin, redis_namespace, chunks):
