@@ -11,7 +11,7 @@ from ragcache.engine.stack import DecoderStack
 from ragcache.kv import KVChunk
 from ragcache.storage import CpuTier
 from ragcache.storage.tiered import TieredStore
-from redis_server import *  # noqa: F401,F403  real Redis fixtures: redis_url, redis_namespace, throwaway_redis
+from redis_server import *  # noqa: F401,F403  real Redis fixtures: redis_url, redis_namespace, throwaway_redis, redis_cluster
 
 DOCUMENTS = (
     "The Amazon river flows through Brazil, Peru and Colombia into the Atlantic Ocean.",

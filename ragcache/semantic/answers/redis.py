@@ -19,6 +19,11 @@ cannot leave a hash without a TTL behind.
 Failures (connection refused, timeouts) count as errors and raise AnswerStoreUnavailable
 on reads (a miss for the caller); after one, Redis is skipped for a second, so a dead
 Redis costs one timeout per second rather than one per request.
+
+On a Redis Cluster (storage.connect finds out) every command and the script touch one
+key, so each goes to its key's master; delete splits its keys by slot and records()
+scans every master. A dead master costs the answers in its slots: reads of them are
+misses, and records() yields nothing while it is down (the index rebuilds on the next start).
 """
 
 from __future__ import annotations
@@ -51,10 +56,12 @@ class RedisAnswerStore(AnswerStore):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "semantic", timeout_s: float = 0.5) -> None:
         import redis
 
+        from ragcache.storage.connect import sync_client
+
         if not namespace or ":" in namespace:
             raise ValueError(f"namespace must be non-empty and free of ':', got {namespace!r}")
         self._errors_caught = (redis.RedisError, OSError)
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._client = sync_client(url, timeout_s=timeout_s)
         self._answer_script = self._client.register_script(_ANSWER_AND_COUNT)
         self._prefix = f"ragcache:{namespace}:semantic"
         self._lock = threading.Lock()
