@@ -7,9 +7,21 @@ ragcache's own fields ride along as extensions (`documents`, `blend_ratio`, `cat
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
+from msgspec import Meta
+
+# Bounds the server enforces whatever its settings. Settings-dependent ones (max_tokens <= max_new_tokens,
+# documents <= max_documents) are checked by the engine and stated in the served OpenAPI spec (service/limits.py).
+NonEmptyList = Meta(min_length=1)
+Ratio = Annotated[float, Meta(ge=0.0, le=1.0)]
+Temperature = Annotated[float, Meta(ge=0.0, le=10.0)]  # SamplingParams' range
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # torch.Generator.manual_seed takes int64 (seed + choice index too)
+PositiveInt = Annotated[int, Meta(ge=1)]
+Mode = Literal["full", "prefix", "reuse", "blend"]  # engine.blend.MODES
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class DocumentIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,7 +46,7 @@ class ToolCallOut(msgspec.Struct):
 
 
 class ChatMessage(msgspec.Struct):
-    role: str
+    role: Role
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
     tool_calls: list[ToolCallOut] | None = None  # an assistant's calls
@@ -83,19 +95,19 @@ class ChatCompletionRequest(msgspec.Struct):
     declared here is honoured; `UNSUPPORTED` fields that would change the answer are refused
     (400 naming them) when set; other unknown fields are ignored."""
 
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], NonEmptyList]
     model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: Annotated[int, Meta(ge=1, le=8)] | None = None  # convert.MAX_CHOICES
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # generate.MAX_TOP_LOGPROBS
     tools: list[ToolDefinition] | None = None
     tool_choice: Union[str, NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
@@ -120,8 +132,8 @@ class ChatCompletionRequest(msgspec.Struct):
     # ragcache extensions
     documents: list[DocumentIn] | None = None
     document_ids: list[str] | None = None
-    blend_ratio: float | None = None
-    mode: str | None = None
+    blend_ratio: Ratio | None = None
+    mode: Mode | None = None
     category: str | None = None
     program_id: str | None = None
     is_last_step: bool = False  # the program ends with this turn: its KV is released
@@ -129,11 +141,24 @@ class ChatCompletionRequest(msgspec.Struct):
     cache_sampled: bool = False  # true: let a temperature > 0 request use the semantic cache
 
 
-class ProgramEvent(msgspec.Struct, forbid_unknown_fields=True):
-    """A client telling ragcache where its agent is: a tool started, ended, or the program is over."""
+class ToolStart(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="tool_start"):
+    """The agent's tool started: the program's KV is pinned for the tool's expected duration."""
 
-    type: Literal["tool_start", "tool_end", "end"]
+    tool: Annotated[str, Meta(min_length=1)]
+
+
+class ToolEnd(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="tool_end"):
     tool: str | None = None
+
+
+class ProgramEnd(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="end"):
+    """The program is over: its KV is released."""
+
+    tool: str | None = None
+
+
+# A client telling ragcache where its agent is: a tool started, ended, or the program is over.
+ProgramEvent = Union[ToolStart, ToolEnd, ProgramEnd]
 
 
 class PromptTokensDetails(msgspec.Struct):
@@ -266,7 +291,7 @@ class ModelList(msgspec.Struct):
 
 
 class AddDocumentsRequest(msgspec.Struct, forbid_unknown_fields=True):
-    documents: list[DocumentIn]
+    documents: Annotated[list[DocumentIn], NonEmptyList]
     system_prompt: str | None = None
 
 
@@ -285,13 +310,13 @@ class RagRequestBody(msgspec.Struct, forbid_unknown_fields=True):
     documents: list[DocumentIn] | None = None
     document_ids: list[str] | None = None
     system_prompt: str | None = None
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    max_tokens: PositiveInt | None = None  # None: 128, or max_new_tokens if that is less
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
     stop: list[str] | None = None
-    blend_ratio: float | None = None
-    mode: str | None = None
+    blend_ratio: Ratio | None = None
+    mode: Mode | None = None
     category: str | None = None
     cache: bool = True
 
@@ -320,16 +345,22 @@ class Feedback(msgspec.Struct, forbid_unknown_fields=True):
     entry_id: str
 
 
+Similarity = Annotated[float, Meta(gt=0.0, le=1.0)]
+PositiveSeconds = Annotated[float, Meta(gt=0.0)]
+
+
 class CategoryPolicyIn(msgspec.Struct, forbid_unknown_fields=True):
-    threshold: float
-    ttl_s: float
-    max_entries: int
+    """Also checked together: min_threshold <= threshold <= max_threshold, ttl_s <= max_ttl_s (a 400 otherwise)."""
+
+    threshold: Similarity
+    ttl_s: PositiveSeconds
+    max_entries: PositiveInt
     enabled: bool = True
-    min_threshold: float | None = None
-    max_threshold: float | None = None
-    max_ttl_s: float | None = None
-    delta: float = 0.05  # the largest wrong-answer rate learned thresholds may allow
+    min_threshold: Similarity | None = None
+    max_threshold: Similarity | None = None
+    max_ttl_s: PositiveSeconds | None = None
+    delta: Annotated[float, Meta(gt=0.0, lt=1.0)] = 0.05  # the largest wrong-answer rate learned thresholds may allow
 
 
 class BlendEpsilonIn(msgspec.Struct, forbid_unknown_fields=True):
-    epsilon: float  # the largest first-token disagreement rate blending may have in this category
+    epsilon: Annotated[float, Meta(gt=0.0, lt=1.0)]  # the largest first-token disagreement rate blending may have

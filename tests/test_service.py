@@ -105,7 +105,7 @@ def test_documents_ahead_then_rag_by_id_then_delete(open_server):
     "body, needle",
     [
         ({"messages": "hello"}, "messages"),
-        ({"messages": []}, "messages must not be empty"),
+        ({"messages": []}, "messages: Expected `array` of length >= 1"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "blend_ratio": 2}, "blend_ratio"),

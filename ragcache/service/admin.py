@@ -2,34 +2,34 @@
 
 from __future__ import annotations
 
-from litestar.params import FromQuery
-from litestar import MediaType, Request, Response, get, post
+from typing import Annotated
 
-from ragcache.service.auth import require_admin
-from ragcache.service.errors import ERRORS
+from litestar import MediaType, Response, get, post
+from litestar.params import FromQuery, QueryParameter
+
+from ragcache.service.auth import ADMIN
+from ragcache.service.errors import responses
 from ragcache.service.metrics import prometheus_text
-from ragcache.service.deps import RuntimeDep, SettingsDep
+from ragcache.service.deps import RuntimeDep
 
-
-@get("/admin/stats", operation_id="adminStats", summary="Per-tier and per-tenant cache statistics", responses=ERRORS)
-async def admin_stats(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> dict:
-    require_admin(request, settings)
+@get("/admin/stats", operation_id="adminStats", summary="Per-tier and per-tenant cache statistics", guards=ADMIN,
+     responses=responses(401, 403))
+async def admin_stats(runtime: RuntimeDep) -> dict:
     return runtime.stats()
 
 
 @get("/admin/programs", operation_id="adminPrograms", summary="Agent programs, pins, TTLs, tool durations",
-     responses=ERRORS)
-async def admin_programs(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> dict:
-    require_admin(request, settings)
+     guards=ADMIN, responses=responses(401, 403))
+async def admin_programs(runtime: RuntimeDep) -> dict:
     return runtime.program_stats()
 
 
 @post("/admin/flush", operation_id="adminFlush", summary="Drop cached KV, by tier and/or tenant", status_code=200,
-      responses=ERRORS)
-async def admin_flush(request: Request, runtime: RuntimeDep, settings: SettingsDep,
-                      tier: FromQuery[str | None] = None, tenant: FromQuery[str | None] = None) -> dict:
-    require_admin(request, settings)
-    return {"dropped": await runtime.flush(tier, tenant), "tier": tier, "tenant": tenant}
+      description="`tier` is one of this server's tiers (the enum below).", guards=ADMIN,
+      responses=responses(400, 401, 403))
+async def admin_flush(runtime: RuntimeDep, tier: FromQuery[str | None] = None,
+                      of_tenant: Annotated[str | None, QueryParameter(name="tenant")] = None) -> dict:
+    return {"dropped": await runtime.flush(tier, of_tenant), "tier": tier, "tenant": of_tenant}
 
 
 @get("/health", operation_id="health", summary="The process is up")
@@ -46,9 +46,9 @@ async def ready(runtime: RuntimeDep) -> Response[dict]:
     return Response(body, status_code=200)
 
 
-@get("/metrics", operation_id="metrics", summary="Prometheus metrics", media_type=MediaType.TEXT, responses=ERRORS)
-async def metrics(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> str:
-    require_admin(request, settings)
+@get("/metrics", operation_id="metrics", summary="Prometheus metrics", media_type=MediaType.TEXT, guards=ADMIN,
+     responses=responses(401, 403))
+async def metrics(runtime: RuntimeDep) -> str:
     return prometheus_text(runtime.stats())
 
 

@@ -50,7 +50,8 @@ def message_text(message: ChatMessage, index: int) -> str:
 
 
 def sampling_from(max_tokens, temperature, top_p, seed, stop, limit: int, logprobs: bool = False,
-                  top_logprobs: int | None = None) -> SamplingParams:
+                  top_logprobs: int | None = None, default_max_tokens: int = 256) -> SamplingParams:
+    """max_tokens None: default_max_tokens, or limit (max_new_tokens) if that is less."""
     if max_tokens is not None and not 1 <= max_tokens <= limit:
         raise InvalidRequestError(f"max_tokens must be in [1, {limit}], got {max_tokens}")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -58,7 +59,7 @@ def sampling_from(max_tokens, temperature, top_p, seed, stop, limit: int, logpro
         raise InvalidRequestError("top_logprobs needs logprobs: true")
     try:
         return SamplingParams(
-            max_tokens=max_tokens or min(256, limit),
+            max_tokens=max_tokens or min(default_max_tokens, limit),
             temperature=1.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
             seed=seed,

@@ -1,4 +1,4 @@
-"""Names under which handlers receive the app's singletons (see create_app's dependencies)."""
+"""Names under which handlers receive the app's singletons and the caller's tenant (see create_app's dependencies)."""
 
 from litestar.di import NamedDependency
 
@@ -7,3 +7,4 @@ from ragcache.service.runtime import Runtime
 
 RuntimeDep = NamedDependency[Runtime]
 SettingsDep = NamedDependency[Settings]
+TenantDep = NamedDependency[str]  # found by auth.tenant_guard, which the handler must have

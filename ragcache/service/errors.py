@@ -51,16 +51,20 @@ def on_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error; the server log has the details")
 
 
-ERRORS = {
-    status: ResponseSpec(ErrorResponse, description=description)
-    for status, description in {
-        400: "Bad input; the message names the field",
-        401: "Missing or invalid API key",
-        403: "The key may not do this (e.g. a tenant key on an admin endpoint)",
-        404: "Unknown document id (or another tenant's)",
-        429: "The request queue is full; retry after Retry-After seconds",
-    }.items()
+_DESCRIPTIONS = {
+    400: "Bad input; the message names the field",
+    401: "Missing or invalid API key",
+    403: "The key may not do this (e.g. a tenant key on an admin endpoint)",
+    404: "Unknown document id (or another tenant's)",
+    413: "The request body is over max_body_bytes (refused before it is read)",
+    429: "The request queue is full; retry after Retry-After seconds",
 }
+
+
+def responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """The error responses an endpoint can give, for its OpenAPI entry (each an ErrorResponse)."""
+    return {status: ResponseSpec(ErrorResponse, description=_DESCRIPTIONS[status]) for status in statuses}
+
 
 HANDLERS = {
     ValidationException: on_validation,

@@ -34,9 +34,9 @@ from ragcache.schemas import (
     RagResponse,
 )
 from ragcache.service import convert, semantic
-from ragcache.service.auth import tenant_of
-from ragcache.service.errors import ERRORS
-from ragcache.service.deps import RuntimeDep, SettingsDep
+from ragcache.service.auth import TENANT
+from ragcache.service.errors import responses
+from ragcache.service.deps import RuntimeDep, SettingsDep, TenantDep
 from ragcache.service.runtime import CachedAnswer, QueueFullError, Runtime, SemanticQueryIn
 
 
@@ -49,9 +49,9 @@ async def documents_for(runtime: Runtime, tenant: str, inline: list[DocumentIn] 
     return texts + (await runtime.resolve_documents(tenant, ids) if ids else [])
 
 
-@get("/v1/models", operation_id="listModels", summary="The model this server runs", responses=ERRORS)
-async def list_models(runtime: RuntimeDep, request: Request, settings: SettingsDep) -> ModelList:
-    tenant_of(request, settings)
+@get("/v1/models", operation_id="listModels", summary="The model this server runs", guards=TENANT,
+     responses=responses(401))
+async def list_models(runtime: RuntimeDep) -> ModelList:
     return ModelList([ModelCard(runtime.model_name, created=int(runtime.started_s))])
 
 
@@ -59,11 +59,9 @@ async def list_models(runtime: RuntimeDep, request: Request, settings: SettingsD
       description="With `stream: true` the answer comes as server-sent `chat.completion.chunk` events ending in `[DONE]`. "
                   "Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`), `response_format`, `n`, `logprobs` "
                   "and `top_logprobs` follow OpenAI; see the README's OpenAI compatibility section.",
-      status_code=200, responses=ERRORS)
-async def chat_completions(
-    data: JSONBody[ChatCompletionRequest], request: Request, runtime: RuntimeDep, settings: SettingsDep
-) -> Response[ChatCompletion]:
-    tenant = tenant_of(request, settings)
+      status_code=200, guards=TENANT, responses=responses(400, 401, 404, 413, 429))
+async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request, runtime: RuntimeDep,
+                           settings: SettingsDep, tenant: TenantDep) -> Response[ChatCompletion]:
     documents = await documents_for(runtime, tenant, data.documents, data.document_ids)
     program_id = data.program_id or request.headers.get("x-session-id")
     rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens, program_id)
@@ -219,12 +217,12 @@ def _stream_error(exc: Exception) -> dict:
 
 
 @post("/v1/rag", operation_id="rag", summary="Question + documents (inline or by id) -> answer", status_code=200,
-      responses=ERRORS)
-async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> Response[RagResponse]:
-    tenant = tenant_of(request, settings)
+      guards=TENANT, responses=responses(400, 401, 404, 413, 429))
+async def rag_answer(data: JSONBody[RagRequestBody], runtime: RuntimeDep, settings: SettingsDep,
+                     tenant: TenantDep) -> Response[RagResponse]:
     documents = await documents_for(runtime, tenant, data.documents, data.document_ids)
     sampling = convert.sampling_from(data.max_tokens, data.temperature, data.top_p, data.seed, data.stop,
-                                     settings.max_new_tokens)
+                                     settings.max_new_tokens, default_max_tokens=128)
     rag = RagRequest(data.question, tuple(documents), mode=data.mode or "blend", blend_ratio=data.blend_ratio,
                      sampling=sampling, system_prompt=data.system_prompt, namespace=tenant)
     messages = [*([{"role": "system", "content": data.system_prompt}] if data.system_prompt else []),
@@ -240,26 +238,25 @@ async def rag_answer(data: JSONBody[RagRequestBody], request: Request, runtime: 
 
 
 @post("/v1/documents", operation_id="addDocuments", summary="Precompute and store the KV of documents",
-      responses=ERRORS)
-async def add_documents(data: JSONBody[AddDocumentsRequest], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> AddDocumentsResponse:
-    tenant = tenant_of(request, settings)
-    if not data.documents:
-        raise InvalidRequestError("documents must not be empty")
+      guards=TENANT, responses=responses(400, 401, 413))
+async def add_documents(data: JSONBody[AddDocumentsRequest], runtime: RuntimeDep,
+                        tenant: TenantDep) -> AddDocumentsResponse:
     stored = await runtime.add_documents(tenant, [(d.id, d.text) for d in data.documents], data.system_prompt)
     return AddDocumentsResponse([DocumentRecord(r.id, r.num_tokens, cached) for r, cached in stored])
 
 
 @delete("/v1/documents/{doc_id:str}", operation_id="deleteDocument", summary="Forget a document and drop its KV",
-        status_code=HTTP_204_NO_CONTENT, responses=ERRORS)
-async def delete_document(doc_id: FromPath[str], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> None:
-    await runtime.delete_document(tenant_of(request, settings), doc_id)
+        status_code=HTTP_204_NO_CONTENT, guards=TENANT, responses=responses(401, 404))
+async def delete_document(doc_id: FromPath[str], runtime: RuntimeDep, tenant: TenantDep) -> None:
+    await runtime.delete_document(tenant, doc_id)
 
 
 @post("/v1/programs/{program_id:str}/events", operation_id="programEvent", status_code=HTTP_204_NO_CONTENT,
-      summary="An agent's tool started or ended, or its program is over", responses=ERRORS)
-async def program_event(program_id: FromPath[str], data: JSONBody[ProgramEvent], request: Request,
-                        runtime: RuntimeDep, settings: SettingsDep) -> None:
-    runtime.program_event(tenant_of(request, settings), program_id, data.type, data.tool)
+      summary="An agent's tool started or ended, or its program is over", guards=TENANT,
+      responses=responses(400, 401, 413))
+async def program_event(program_id: FromPath[str], data: JSONBody[ProgramEvent], runtime: RuntimeDep,
+                        tenant: TenantDep) -> None:
+    runtime.program_event(tenant, program_id, type(data).__struct_config__.tag, data.tool)
 
 
 ROUTES = [list_models, chat_completions, rag_answer, add_documents, delete_document, program_event]

@@ -8,17 +8,19 @@ client that finds it wrong reports the entry id to /v1/feedback.
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from litestar import Request, delete, get, post, put
-from litestar.params import FromPath, FromQuery, JSONBody
+import msgspec
+from litestar import delete, get, post, put
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.service.runtime import CachedAnswer
 from ragcache.schemas import BlendEpsilonIn, CacheReport, CategoryPolicyIn, Feedback, Timings
-from ragcache.service.auth import require_admin, tenant_of
-from ragcache.service.deps import RuntimeDep, SettingsDep
-from ragcache.service.errors import ERRORS
+from ragcache.service.auth import ADMIN, TENANT
+from ragcache.service.deps import RuntimeDep, TenantDep
+from ragcache.service.errors import responses
 
 
 def hit_report(hit: CachedAnswer) -> CacheReport:
@@ -37,27 +39,22 @@ def _require_semantic(runtime):
 
 
 @post("/v1/feedback", operation_id="reportFalseHit", summary="Report a wrong semantic-cache answer; it is removed",
-      status_code=HTTP_204_NO_CONTENT, responses=ERRORS)
-async def feedback(data: JSONBody[Feedback], request: Request, runtime: RuntimeDep, settings: SettingsDep) -> None:
-    tenant = tenant_of(request, settings)
+      status_code=HTTP_204_NO_CONTENT, guards=TENANT, responses=responses(400, 401, 413))
+async def feedback(data: JSONBody[Feedback], runtime: RuntimeDep, tenant: TenantDep) -> None:
     if not await asyncio.to_thread(_require_semantic(runtime).report_false_hit, tenant, data.entry_id):
         raise InvalidRequestError(f"no semantic-cache entry {data.entry_id!r} for this tenant")
 
 
 @get("/admin/semantic", operation_id="adminSemantic", summary="Semantic cache: entries, hit rates, thresholds",
-     responses=ERRORS)
-async def semantic_stats(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> dict:
-    require_admin(request, settings)
-    import msgspec
-
+     guards=ADMIN, responses=responses(400, 401, 403))
+async def semantic_stats(runtime: RuntimeDep) -> dict:
     return msgspec.to_builtins(_require_semantic(runtime).stats())
 
 
 @put("/admin/semantic/categories/{name:str}", operation_id="setCategoryPolicy",
-     summary="Change a category's threshold, TTL, quota or switch at run time", responses=ERRORS)
-async def set_category(name: FromPath[str], data: JSONBody[CategoryPolicyIn], request: Request,
-                       runtime: RuntimeDep, settings: SettingsDep) -> dict:
-    require_admin(request, settings)
+     summary="Change a category's threshold, TTL, quota or switch at run time", guards=ADMIN,
+     responses=responses(400, 401, 403, 413))
+async def set_category(name: FromPath[str], data: JSONBody[CategoryPolicyIn], runtime: RuntimeDep) -> dict:
     from ragcache.semantic import CategoryPolicy
 
     try:
@@ -69,19 +66,17 @@ async def set_category(name: FromPath[str], data: JSONBody[CategoryPolicyIn], re
 
 
 @delete("/admin/semantic", operation_id="invalidateSemantic", summary="Drop entries by tenant, category or entry",
-        status_code=200, responses=ERRORS)
-async def invalidate(request: Request, runtime: RuntimeDep, settings: SettingsDep, tenant: FromQuery[str],
+        status_code=200, guards=ADMIN, responses=responses(400, 401, 403))
+async def invalidate(runtime: RuntimeDep, of_tenant: Annotated[str, QueryParameter(name="tenant")],
                      category: FromQuery[str | None] = None, entry_id: FromQuery[str | None] = None) -> dict:
-    require_admin(request, settings)
-    dropped = await asyncio.to_thread(_require_semantic(runtime).invalidate, tenant, category, entry_id)
+    dropped = await asyncio.to_thread(_require_semantic(runtime).invalidate, of_tenant, category, entry_id)
     return {"dropped": dropped}
 
 
 @put("/admin/blend/categories/{name:str}", operation_id="setBlendEpsilon",
-     summary="Change a category's blend error budget (first-token disagreement) at run time", responses=ERRORS)
-async def set_blend_epsilon(name: FromPath[str], data: JSONBody[BlendEpsilonIn], request: Request,
-                            runtime: RuntimeDep, settings: SettingsDep) -> dict:
-    require_admin(request, settings)
+     summary="Change a category's blend error budget (first-token disagreement) at run time", guards=ADMIN,
+     responses=responses(400, 401, 403, 413))
+async def set_blend_epsilon(name: FromPath[str], data: JSONBody[BlendEpsilonIn], runtime: RuntimeDep) -> dict:
     if runtime.budget is None:
         raise InvalidRequestError("this service runs without a blend error budget")
     try:

@@ -1,0 +1,119 @@
+"""The limits a request meets: body size and nesting, checked before parsing; and the served spec stating them all.
+
+Litestar enforces `request_max_body_size` while it reads the body: a Content-Length over it is
+a 413 before a byte is read, a chunked body a 413 as soon as the bytes read pass it. The body
+is read only once the guards (auth) passed, so an unauthenticated client never costs a read.
+msgspec parses nesting recursively (10,000 nested arrays are a RecursionError), so the depth
+is measured on the raw bytes first, without parsing them.
+
+Every other limit is stated in the OpenAPI spec the server serves (state_limits), with the
+values this server was configured with, so that a client (or schemathesis) can tell a
+request the server will take from one it will refuse.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import numpy as np
+from litestar import Request
+from litestar.exceptions import ClientException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.openapi.spec import (OpenAPI, OpenAPIResponse, OpenAPIType, Operation, Reference, Schema,
+                                   SecurityScheme)
+
+from ragcache import schemas
+from ragcache.config import Settings
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string: brackets in it are text
+_BRACKETS = b"[]{}"
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in _BRACKETS)
+_STEPS = bytes.maketrans(_BRACKETS, bytes([1, 255, 1, 255]))  # opens +1, closes -1 (as int8)
+
+
+def json_depth_over(body: bytes, max_depth: int) -> bool:
+    """Whether arrays/objects in body nest deeper than max_depth (strings do not count; bad JSON is the parser's)."""
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return False
+    brackets = _STRING.sub(b"", body).translate(_STEPS, _NOT_BRACKETS)
+    depth = np.cumsum(np.frombuffer(brackets, dtype=np.int8), dtype=np.int64)
+    return depth.size > 0 and int(depth.max()) > max_depth
+
+
+class LimitedRequest(Request):
+    """A request whose body keeps to the app's settings: 413 past max_body_bytes, 400 past max_json_depth."""
+
+    async def body(self) -> bytes:
+        try:
+            return await super().body()
+        except RequestEntityTooLarge:
+            limit = self.app.state.settings.max_body_bytes
+            raise RequestEntityTooLarge(f"the request body is over max_body_bytes ({limit} bytes)") from None
+
+    async def json(self):
+        max_depth = self.app.state.settings.max_json_depth
+        if json_depth_over(await self.body(), max_depth):
+            raise ClientException(f"the request body nests arrays/objects deeper than max_json_depth ({max_depth})")
+        return await super().json()
+
+
+def state_limits(spec: OpenAPI, settings: Settings, tier_names: list[str]) -> None:
+    """Make the app's OpenAPI spec (changed in place, before it is first served) say what this server enforces.
+
+    Litestar's generator drops bounds of 0 and forbid_unknown_fields, so the wire schemas are
+    msgspec's own JSON Schema (what msgspec validates, additionalProperties: false included);
+    then the bounds that come from settings or from the engine are filled in, and with API keys
+    configured, the bearer scheme on every endpoint that answers 401."""
+    named = [getattr(schemas, name) for name in spec.components.schemas if _is_struct(getattr(schemas, name, None))]
+    _, wire = msgspec.json.schema_components(named, ref_template="#/components/schemas/{name}")
+    for name, field, keyword, value in _configured_bounds(settings):
+        _bound(wire[name]["properties"][field], keyword, value)
+    spec.components.schemas.update(wire)  # plain JSON Schema dicts are served as they are
+    for parameter in spec.paths["/admin/flush"].post.parameters:
+        if parameter.name == "tier":
+            parameter.schema = Schema(type=OpenAPIType.STRING, enum=list(tier_names))
+    for operation in _operations(spec):
+        _errors_are_ours(operation)
+    if settings.api_keys:
+        spec.components.security_schemes = {"bearer": SecurityScheme(type="http", scheme="bearer")}
+        for operation in _operations(spec):
+            if "401" in (operation.responses or {}):
+                operation.security = [{"bearer": []}]
+
+
+def _configured_bounds(settings: Settings) -> list[tuple[str, str, str, int]]:
+    """(schema, field, JSON Schema keyword, value): limits the engine checks against settings."""
+    tokens = [(name, field, "maximum", settings.max_new_tokens)
+              for name, field in (("ChatCompletionRequest", "max_tokens"),
+                                  ("ChatCompletionRequest", "max_completion_tokens"),
+                                  ("RagRequestBody", "max_tokens"))]
+    documents = [(name, field, "maxItems", settings.max_documents)
+                 for name in ("ChatCompletionRequest", "RagRequestBody", "AddDocumentsRequest")
+                 for field in ("documents", "document_ids") if field in getattr(schemas, name).__struct_fields__]
+    return tokens + documents
+
+
+def _bound(prop: dict, keyword: str, value: int) -> None:
+    """Set keyword on the arm of prop it applies to (the integer or array arm of `X | None`)."""
+    kind = "integer" if keyword == "maximum" else "array"
+    for arm in prop.get("anyOf", [prop]):
+        if arm.get("type") == kind:
+            arm[keyword] = value
+
+
+def _errors_are_ours(operation: Operation) -> None:
+    """Litestar adds its own 400 to handlers with parameters; the errors handlers answer with an ErrorResponse."""
+    for status, response in (operation.responses or {}).items():
+        media = (response.content or {}).get("application/json") if isinstance(response, OpenAPIResponse) else None
+        if status.startswith("4") and media is not None and not isinstance(media.schema, Reference):
+            media.schema = Reference("#/components/schemas/ErrorResponse")
+
+
+def _operations(spec: OpenAPI):
+    for item in spec.paths.values():
+        yield from (op for op in (item.get, item.put, item.post, item.delete, item.patch) if op is not None)
+
+
+def _is_struct(value) -> bool:
+    return isinstance(value, type) and issubclass(value, msgspec.Struct)
