@@ -125,8 +125,9 @@ class KVStore(Protocol):
         the valid ones; keys=[] drops nothing."""
 
     def write_back(self) -> int:
-        """Copy local entries the remote tiers lack into them; returns how many were written.
-        0 with no remote tier."""
+        """Retry the remote writes that failed before (a TieredStore's write backlog), then copy
+        local entries the remote tiers lack into them; returns how many were written. 0 with no
+        remote tier."""
 
     def close(self) -> None:
         """Shut down: stop background work, then, with a remote tier, write_back() so hot local

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ragcache.storage.cpu import CpuTier
 from ragcache.storage.eviction import make_policy
 from ragcache.storage.gpu import GpuTier
-from ragcache.storage.tiered import TieredStore
+from ragcache.storage.tiered import DEFAULT_WRITE_BACKLOG_BYTES, TieredStore
 
 GiB = 1 << 30
 
@@ -15,7 +15,9 @@ GiB = 1 << 30
 @dataclass(frozen=True)
 class StoreConfig:
     """device_max_bytes: the model device's tier ("gpu" on CUDA, "device" on a CPU-only machine).
-    redis_url None means no Redis tier. eviction: lru, lfu or cost_aware (see eviction.py)."""
+    redis_url None means no Redis tier (one node or any node of a Redis Cluster). eviction: lru,
+    lfu or cost_aware (see eviction.py). write_backlog_bytes bounds the chunks kept to retry
+    writes that Redis refused (tiered.py); 0 keeps none."""
 
     device_max_bytes: int = 1 * GiB
     cpu_max_bytes: int = 8 * GiB
@@ -24,10 +26,13 @@ class StoreConfig:
     redis_ttl_s: float | None = None
     eviction: str = "cost_aware"
     write_through: bool = True
+    write_backlog_bytes: int = DEFAULT_WRITE_BACKLOG_BYTES
 
     def __post_init__(self) -> None:
         if self.device_max_bytes <= 0 or self.cpu_max_bytes <= 0:
             raise ValueError("device and cpu tier budgets must be positive")
+        if self.write_backlog_bytes < 0:
+            raise ValueError(f"write_backlog_bytes must be >= 0, got {self.write_backlog_bytes}")
         make_policy(self.eviction)  # raises on an unknown name
 
 
@@ -49,4 +54,4 @@ def make_store(config: StoreConfig, device: str, model_fingerprint: str) -> Tier
                 ttl_s=config.redis_ttl_s,
             )
         )
-    return TieredStore(tiers, write_through=config.write_through)
+    return TieredStore(tiers, write_through=config.write_through, write_backlog_bytes=config.write_backlog_bytes)

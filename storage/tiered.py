@@ -14,6 +14,14 @@
                 tiers without it, then takes it again to promote. Entries the local tiers evict
                 into a remote tier wait in a spill list and are written once the lock is released.
                 So a local hit (the prefix, say) never waits behind a slow remote prefetch.
+    backlog     a remote write that fails (Redis down) is kept in a write backlog, oldest first, and
+                retried by retry_backlog(): from the sweeper thread every interval and by write_back()
+                at close, never on the request path, so a dead Redis costs requests nothing more. An
+                entry whose chunk is still in a local tier holds no bytes (the retry reads it there);
+                one that left every local tier holds its chunk, and those bytes are bounded: past
+                write_backlog_bytes the oldest are dropped (counted). Deleting or flushing a key
+                forgets it. The remote tier's own back-off paces the retries: while it skips Redis
+                a retry is one refused write of the oldest entry.
 
 A failing remote tier reports misses: reads fall back to recomputation, never to errors.
 Since remote writes happen outside the lock, a delete racing another thread's write of the
@@ -26,6 +34,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,13 +48,62 @@ from ragcache.storage.memory import MemoryTier
 __all__ = ["PinHandle", "StoreCounters", "TieredStore"]
 
 
+_RETRY_BATCH_BYTES = 32 << 20  # chunk bytes per put_many a retry sends
+DEFAULT_WRITE_BACKLOG_BYTES = 256 << 20
+
+
 @dataclass
 class StoreCounters:
     promotions: int = 0
     demotions: int = 0
     pins: int = 0
     pins_expired: int = 0
-    write_through_failures: int = 0
+    write_through_failures: int = 0  # new chunks the remote tier did not take at once
+    backlog_entries: int = 0  # remote writes waiting for a retry, now
+    backlog_bytes: int = 0  # chunk bytes the backlog holds now (entries still local hold none)
+    written_after_retry: int = 0
+    backlog_dropped: int = 0  # oldest entries dropped to keep the backlog within its bytes
+
+
+class WriteBacklog:
+    """Remote writes that failed, oldest first, per (remote tier, key); the store's lock guards it.
+
+    The value is the chunk, or None while a local tier still holds it (the retry reads it there,
+    so the backlog does not keep device memory alive). held_bytes counts the chunks held; past
+    max_bytes the oldest held ones are dropped, and max_bytes 0 keeps none.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"write backlog bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
+        self.dropped = 0
+        self._entries: OrderedDict[tuple[str, ChunkKey], KVChunk | None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, tier: str, key: ChunkKey, chunk: KVChunk | None) -> None:
+        """Keep (or update) a failed write; a key already waiting keeps its place in line."""
+        old = self._entries.get((tier, key))
+        self.held_bytes += (chunk.nbytes if chunk is not None else 0) - (old.nbytes if old is not None else 0)
+        self._entries[(tier, key)] = chunk
+        while self.held_bytes > self.max_bytes:
+            oldest_held = next(entry for entry, held in self._entries.items() if held is not None)
+            self.held_bytes -= self._entries.pop(oldest_held).nbytes
+            self.dropped += 1
+
+    def forget(self, tier: str | None = None, key: ChunkKey | None = None) -> None:
+        """Drop waiting writes: of one tier, of one key, or both given; every one when neither is."""
+        one = tier is not None and key is not None
+        for entry in [(tier, key)] if one else [e for e in self._entries if tier in (None, e[0]) and key in (None, e[1])]:
+            chunk = self._entries.pop(entry, None)
+            self.held_bytes -= chunk.nbytes if chunk is not None else 0
+
+    def oldest(self, tier: str) -> list[tuple[ChunkKey, KVChunk | None]]:
+        """The tier's waiting writes, oldest first."""
+        return [(key, chunk) for (name, key), chunk in self._entries.items() if name == tier]
 
 
 class TieredStore:
@@ -57,6 +115,7 @@ class TieredStore:
         *,
         write_through: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        write_backlog_bytes: int = DEFAULT_WRITE_BACKLOG_BYTES,
     ) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
@@ -75,6 +134,7 @@ class TieredStore:
         self._pin_ids = itertools.count(1)
         self._lock = threading.Lock()  # not reentrant: public methods take it once, helpers assume it
         self._spill: list[tuple[ChunkKey, KVChunk]] = []  # evicted from the last local tier, for remote[0]
+        self._backlog = WriteBacklog(write_backlog_bytes)
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragcache-prefetch")
         self._sweeper: threading.Thread | None = None
         self._closed = threading.Event()
@@ -125,24 +185,29 @@ class TieredStore:
         with self._locked():
             self._release_expired()
             stored = [any(tier.put(key, chunk) for tier in self.local) for key, chunk in items]
-        failures = 0
+        local = list(stored)
         for tier in self.remote:
-            pending = [(k, c) for (k, c), done in zip(items, stored) if self.write_through or not done]
+            pending = [(k, c, here) for (k, c), here in zip(items, local) if self.write_through or not here]
             if not pending:
                 continue
-            written = tier.put_many(pending)
-            failures += written.count(False)
-            written_keys = {k for (k, _), ok in zip(pending, written) if ok}
+            written = tier.put_many([(k, c) for k, c, _ in pending])
+            if self._backlog or not all(written):
+                with self._lock:
+                    for (key, chunk, here), ok in zip(pending, written):
+                        if ok:
+                            self._backlog.forget(tier.name, key)
+                        else:
+                            self._backlog.add(tier.name, key, None if here else chunk)
+                            self.counters.write_through_failures += 1
+            written_keys = {k for (k, _, _), ok in zip(pending, written) if ok}
             stored = [done or key in written_keys for (key, _), done in zip(items, stored)]
-        if failures:
-            with self._lock:
-                self.counters.write_through_failures += failures
         return stored
 
     def delete(self, key: ChunkKey) -> bool:
         """Remove key from every tier, pins included."""
         with self._lock:
             self._drop_pins(lambda handle: handle.key == key)
+            self._backlog.forget(key=key)
             deleted = [tier.delete(key) for tier in self.local]
         deleted += [tier.delete(key) for tier in self.remote]
         return any(deleted)
@@ -155,6 +220,9 @@ class TieredStore:
         wanted = None if keys is None else list(dict.fromkeys(keys))
         dropped = 0
         with self._lock:
+            for remote in (t for t in chosen if t in self.remote):
+                for key in [None] if wanted is None else wanted:
+                    self._backlog.forget(remote.name, key)
             for local in (t for t in chosen if t in self.local):
                 doomed = set(local.keys() if wanted is None else [k for k in wanted if local.contains(k)])
                 self._drop_pins(lambda handle: handle.tier == local.name and handle.key in doomed)
@@ -164,10 +232,12 @@ class TieredStore:
         return dropped
 
     def write_back(self) -> int:
-        """Copy local entries the remote tiers lack into them (at shutdown: hot entries outlive the process).
-        The local entries are read under the lock, the remote tiers written without it."""
+        """Retry the backlog, then copy local entries the remote tiers lack into them (at shutdown: hot
+        entries outlive the process). The local entries are read under the lock, the remote tiers
+        written without it."""
         if not self.remote:
             return 0
+        retried = self.retry_backlog()
         with self._lock:
             snapshot: dict[ChunkKey, KVChunk] = {}
             for tier in reversed(self.local):  # the fastest tier's copy wins
@@ -176,6 +246,27 @@ class TieredStore:
         for remote in self.remote:
             pending = [(key, chunk) for key, chunk in snapshot.items() if not remote.contains(key)]
             written += sum(remote.put_many(pending)) if pending else 0
+        return retried + written
+
+    def retry_backlog(self) -> int:
+        """Write the backlog into its remote tiers, oldest first: the oldest entry alone, then batches
+        of about 32 MiB, until a tier refuses one (its back-off then decides when a retry reaches
+        Redis again). Entries whose chunk has left every local tier since are forgotten. Returns
+        the entries written. The lock is held to pick and to settle a batch, never across the write."""
+        written = 0
+        for tier in self.remote:
+            limit_bytes = 0  # the first batch is the oldest entry alone: a cheap probe
+            while batch := self._backlog_batch(tier.name, limit_bytes):
+                results = tier.put_many(batch)
+                with self._lock:
+                    for (key, _), ok in zip(batch, results):
+                        if ok:
+                            self._backlog.forget(tier.name, key)
+                    self.counters.written_after_retry += sum(results)
+                written += sum(results)
+                if not all(results):
+                    break
+                limit_bytes = _RETRY_BATCH_BYTES
         return written
 
     # pins
@@ -207,11 +298,13 @@ class TieredStore:
             return self._release_expired()
 
     def start_sweeper(self, interval_s: float = 1.0) -> None:
-        """Release expired pins every interval_s even when no request touches the store."""
+        """Release expired pins and retry the write backlog every interval_s, even when no request
+        touches the store."""
 
         def sweep() -> None:
             while not self._closed.wait(interval_s):
                 self.release_expired()
+                self.retry_backlog()
 
         if self._sweeper is None:
             self._sweeper = threading.Thread(target=sweep, name="ragcache-pin-sweeper", daemon=True)
@@ -242,7 +335,9 @@ class TieredStore:
         """A snapshot for admin endpoints: each tier's own stats plus the store's counters."""
         with self._lock:
             local = [tier.stats() for tier in self.local]
-            counters = StoreCounters(**vars(self.counters))
+            counters = StoreCounters(**{**vars(self.counters), "backlog_entries": len(self._backlog),
+                                        "backlog_bytes": self._backlog.held_bytes,
+                                        "backlog_dropped": self._backlog.dropped})
             active_pins = len(self._pins)
         return {"tiers": local + [tier.stats() for tier in self.remote], "store": counters, "active_pins": active_pins}
 
@@ -258,12 +353,39 @@ class TieredStore:
             self._write_spill(spill)
 
     def _write_spill(self, spill: list[tuple[ChunkKey, KVChunk]]) -> None:
-        """Without the lock: demote entries evicted from the last local tier into the first remote one."""
+        """Without the lock: demote entries evicted from the last local tier into the first remote one;
+        the backlog keeps what it refuses (with the chunk: no local tier has it any more)."""
         lower, unique = self.remote[0], dict(spill)
         pending = [(key, chunk) for key, chunk in unique.items() if not lower.contains(key)]
-        demoted = len(unique) - len(pending) + (sum(lower.put_many(pending)) if pending else 0)
+        written = lower.put_many(pending) if pending else []
         with self._lock:
-            self.counters.demotions += demoted
+            self.counters.demotions += len(unique) - len(pending) + sum(written)
+            for (key, chunk), ok in zip(pending, written):
+                if ok:
+                    self._backlog.forget(lower.name, key)
+                else:
+                    self._backlog.add(lower.name, key, chunk)
+
+    def _backlog_batch(self, tier: str, limit_bytes: int) -> list[tuple[ChunkKey, KVChunk]]:
+        """The tier's oldest waiting writes, about limit_bytes of chunks (at least one), each read from
+        a local tier when the backlog does not hold it; those no tier holds any more are forgotten."""
+        batch: list[tuple[ChunkKey, KVChunk]] = []
+        with self._lock:
+            for key, held in self._backlog.oldest(tier):
+                chunk = held if held is not None else self._peek_local(key)
+                if chunk is None:
+                    self._backlog.forget(tier, key)
+                    continue
+                batch.append((key, chunk))
+                limit_bytes -= chunk.nbytes
+                if limit_bytes <= 0:
+                    break
+        return batch
+
+    def _peek_local(self, key: ChunkKey) -> KVChunk | None:
+        """The fastest local copy of key (a get: it counts as a use, as write_back's reads do)."""
+        tier = next((tier for tier in self.local if tier.contains(key)), None)
+        return tier.get(key) if tier is not None else None
 
     def _release_expired(self) -> int:
         now = self.clock()
