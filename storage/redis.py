@@ -50,12 +50,13 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Coroutine, NamedTuple, Sequence, TypeVar
 
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.base import TierUsage
 from ragcache.storage.codec import CODECS, CorruptEntryError, decode_chunk, encode_chunk
-from ragcache.storage.connect import async_client, hash_tag, is_cluster
+from ragcache.storage.connect import async_client, hash_tag
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +237,10 @@ class RedisTier:
         self._lock = threading.Lock()
         self._backoff = _Backoff()
         self._loop = _LoopThread(f"ragcache-{name}")
-        self._cluster = is_cluster(url, timeout_s)
         self._client = async_client(url, timeout_s=timeout_s, max_connections=max_connections)
+        self._cluster = isinstance(self._client, RedisCluster)
+        if self._cluster:  # learn the slots' masters now, not within the first request's timeout
+            self._loop.submit(self._guarded(self._client.initialize, None)).result()
         self._in_flight = asyncio.Semaphore(max_connections)
 
     @property
