@@ -34,6 +34,7 @@ def build_runtime(settings: Settings) -> Runtime:
             redis_url=settings.redis_url,
             redis_codec=settings.codec,
             eviction=settings.eviction,
+            write_backlog_bytes=int(settings.write_backlog_mb * (1 << 20)),
         ),
         settings.device,
         loaded.fingerprint,
