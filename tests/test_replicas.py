@@ -4,6 +4,7 @@ durable and shared, KV computed on one replica is reused by the other, semantic 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -88,3 +89,31 @@ def test_the_embedded_registry_keeps_documents_across_a_restart(tiny_model_dir, 
         assert gone.status_code == 404, gone.text
     finally:
         server.stop()
+
+
+def test_redis_killed_mid_load_fails_no_request_and_the_write_backlog_drains(tiny_model_dir, throwaway_redis):
+    server = Replica("acme", "--model", str(tiny_model_dir), "--redis-url", throwaway_redis.url,
+                     RAGCACHE_SEMANTIC_CACHE="false", RAGCACHE_CPU_CACHE_GB="0.5")
+    server.start()
+    questions = [{"question": f"Question {i}?", "documents": [{"text": f"Passage {i}: {d}"} for d in DOCUMENTS[:2]],
+                  "max_tokens": 2} for i in range(24)]
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = [pool.submit(server.post, "/v1/rag", body) for body in questions]
+            wait_until(lambda: sum(a.done() for a in answers) >= 4, timeout_s=120)
+            throwaway_redis.kill()  # mid-load: new chunks can no longer be written through
+            wait_until(lambda: sum(a.done() for a in answers) >= 12, timeout_s=120)
+            throwaway_redis.start()
+            statuses = [answer.result().status_code for answer in answers]
+        assert statuses == [200] * len(questions)
+        store = wait_until(lambda: _drained(server), timeout_s=30)
+        assert store["written_after_retry"] > 0 and store["backlog_dropped"] == 0
+        redis_tier = next(t for t in server.admin("GET", "/admin/stats").json()["tiers"] if t["name"] == "redis")
+        assert redis_tier["available"] and redis_tier["last_error"] is None
+    finally:
+        server.stop()
+
+
+def _drained(server: Replica) -> dict | None:
+    store = server.admin("GET", "/admin/stats").json()["store"]
+    return store if store["backlog_entries"] == 0 and store["written_after_retry"] > 0 else None
