@@ -43,9 +43,17 @@ def prometheus_text(stats: dict) -> str:
         name = f"ragcache_tier_{field}" + ("_total" if kind == "counter" else "")
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         lines += [_line(name, tier[field], tier=tier["name"]) for tier in stats["tiers"] if field in tier]
-    for field in ("promotions", "demotions", "pins", "pins_expired", "write_through_failures"):
+    for field in ("promotions", "demotions", "pins", "pins_expired", "write_through_failures", "written_after_retry",
+                  "backlog_dropped"):
         name = f"ragcache_store_{field}_total"
         lines += [f"# TYPE {name} counter", _line(name, stats["store"][field])]
+    for field in ("backlog_entries", "backlog_bytes"):  # remote writes waiting for Redis to come back
+        name = f"ragcache_store_{field}"
+        lines += [f"# TYPE {name} gauge", _line(name, stats["store"][field])]
+    registry = stats["registry"]
+    lines += ["# TYPE ragcache_registry_errors_total counter", "# TYPE ragcache_registry_available gauge",
+              _line("ragcache_registry_errors_total", registry["errors"], kind=registry["kind"]),
+              _line("ragcache_registry_available", int(registry["available"]), kind=registry["kind"])]
     lines += ["# TYPE ragcache_requests_total counter", "# TYPE ragcache_errors_total counter",
               "# TYPE ragcache_ttft_seconds summary"]
     for tenant, t in stats["tenants"].items():

@@ -359,6 +359,8 @@ class Runtime:
             "engine": engine,
             "tiers": msgspec.to_builtins(store["tiers"]),
             "store": msgspec.to_builtins(store["store"]) | {"active_pins": store["active_pins"]},
+            "registry": self.documents.registry.stats()._asdict()
+            | {"documents_served_in_outage": self.documents.served_from_last_seen},
             "tenants": {tenant: self._tenant_stats(tenant, m) for tenant, m in self.metrics.items()},
             "semantic": _semantic_categories(self.semantic),
             "blend_budget": self.budget.state() if self.budget is not None else [],
