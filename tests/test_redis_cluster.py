@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from conftest import kv_chunk
+from ragcache.engine.programs import ProgramIndex, ProgramRecord
 from ragcache.kv import ChunkKey, KVChunk
+from ragcache.registry.documents import DocumentRegistry, StoredDocument
+from ragcache.registry.redis import RedisRegistry
+from ragcache.semantic.answers import make_answer_store
 from ragcache.semantic.answers.base import AnswerRecord
 from ragcache.semantic.answers.redis import RedisAnswerStore
 from ragcache.storage import CpuTier, TieredStore
@@ -132,6 +136,37 @@ def test_the_answer_store_works_on_a_cluster(answers, redis_cluster, namespace):
     assert answers.delete("acme", [f"e{i}" for i in range(1, NUM_KEYS, 2)]) == NUM_KEYS // 2
     assert sorted(r.entry_id for r in answers.records(now_s=2.0)) == sorted(f"e{i}" for i in range(0, NUM_KEYS, 2))
     assert answers.stats().errors == 0 and answers.stats().available
+
+
+def test_registries_work_on_a_cluster(redis_cluster, namespace):
+    registry = RedisRegistry(redis_cluster.url, prefix=f"ragcache:{namespace}:registry", timeout_s=2.0)
+    documents = DocumentRegistry(registry)
+    tenants = [f"tenant-{i}" for i in range(12)]
+    for tenant in tenants:
+        assert documents.put(tenant, StoredDocument("guide", f"{tenant}'s guide", ChunkKey("k"), 3)) is None
+    held = names_per_master(redis_cluster, f"ragcache:{namespace}:registry:*")
+    assert sum(bool(names) for names in held.values()) > 1  # tenants spread over the masters
+    replica = DocumentRegistry(RedisRegistry(redis_cluster.url, prefix=f"ragcache:{namespace}:registry"))
+    assert [d.text for d in replica.get_many("tenant-3", ["guide", "nope"]) if d] == ["tenant-3's guide"]
+    assert replica.delete("tenant-3", "guide").text == "tenant-3's guide" and documents.count("tenant-3") == 0
+    assert sorted(t for t, _, _ in registry.rows("documents")) == sorted(set(tenants) - {"tenant-3"})
+    programs = ProgramIndex(registry)
+    programs.remember("tenant-1", "p1", ProgramRecord(ChunkKey("pk"), (1, 2, 3)))
+    assert ProgramIndex(replica.registry).latest("tenant-1", "p1") == ProgramRecord(ChunkKey("pk"), (1, 2, 3))
+    registry.close()
+
+
+def test_semantic_entries_propagate_between_replicas_on_a_cluster(redis_cluster, namespace, embedder):
+    one = make_cache(embedder, answers=make_answer_store(redis_cluster.url, namespace=namespace))
+    two = make_cache(embedder, answers=make_answer_store(redis_cluster.url, namespace=namespace))
+    try:
+        assert two.answers.events.follow(two.index_record, two.drop_entries, two.rebuild)
+        assert one.store(query("How do I reset my password?"), "Use the reset link.")
+        hit = wait_until(lambda: two.lookup(query("How do I reset my password?")), timeout_s=1.0)
+        assert hit.answer == "Use the reset link."
+    finally:
+        one.answers.close()
+        two.answers.close()
 
 
 def test_a_killed_master_costs_misses_and_the_others_keep_serving(make_tier, answers, redis_cluster, namespace, embedder):
