@@ -44,6 +44,9 @@ class Settings:
     cpu_cache_gb: float = 8.0
     redis_url: str | None = None  # one node or any node of a Redis Cluster (found out at start-up)
     codec: str = "raw"
+    # chunk entries in Redis expire after this long (None: never). With a TTL, Redis can run with
+    # maxmemory-policy volatile-lru and evict only chunks and answers, never registrations.
+    redis_ttl_s: float | None = None
     eviction: str = "cost_aware"
     write_backlog_mb: float = 256.0  # chunks whose write to Redis failed, kept to retry once it is back
     # registrations (documents, programs) and semantic answers: durable, shared by replicas
@@ -91,6 +94,7 @@ class Settings:
             (self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024"),
             (self.max_json_depth >= 8, "max_json_depth must be at least 8"),
             (self.write_backlog_mb >= 0, "write_backlog_mb must be >= 0"),
+            (self.redis_ttl_s is None or self.redis_ttl_s >= 1, "redis_ttl_s must be at least 1 (or unset)"),
             (self.registry in ("auto", "redis", "sqlite", "memory"), "registry must be auto, redis, sqlite or memory"),
             (self.registry != "redis" or bool(self.redis_url), "registry redis needs redis_url"),
             (self.pin_policy in ("tool_ttl", "fixed_ttl", "none"), "pin_policy must be tool_ttl, fixed_ttl or none"),
@@ -197,6 +201,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "float | None":
+            return None if value in ("", None) else float(value)
         if kind == "bool":
             if isinstance(value, bool):
                 return value

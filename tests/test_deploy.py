@@ -342,3 +342,17 @@ def test_pip_install_dot_ships_every_package():
     on_disk = {".".join((name, *init.parent.relative_to(ROOT / folder).parts))
                for name, folder in setuptools["package-dir"].items() for init in (ROOT / folder).rglob("__init__.py")}
     assert sorted(on_disk - set(setuptools["packages"])) == []
+
+
+def redis_policy(args: list[str]) -> str:
+    return args[args.index("--maxmemory-policy") + 1]
+
+
+def test_redis_evicts_only_keys_with_an_expiry_and_chunks_have_one():
+    """Registrations have no expiry: a volatile-* policy never evicts them, and chunks (with
+    redis_ttl_s set) and semantic answers stay evictable, so the shared tier keeps its budget."""
+    statefulset = resource("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
+    assert redis_policy(statefulset["args"]) == "volatile-lru"
+    assert redis_policy(compose()["services"]["redis"]["command"]) == "volatile-lru"
+    assert float(resource("ConfigMap")["data"]["RAGCACHE_REDIS_TTL_S"]) > 0
+    assert float(compose_env("ragcache", RAGCACHE_API_KEYS="k:t")["RAGCACHE_REDIS_TTL_S"]) > 0

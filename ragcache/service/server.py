@@ -33,6 +33,7 @@ def build_runtime(settings: Settings) -> Runtime:
             cpu_max_bytes=int(settings.cpu_cache_gb * GiB),
             redis_url=settings.redis_url,
             redis_codec=settings.codec,
+            redis_ttl_s=settings.redis_ttl_s,
             eviction=settings.eviction,
             write_backlog_bytes=int(settings.write_backlog_mb * (1 << 20)),
         ),
