@@ -80,14 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also answer N held-out pairs with the model and score the shadow check's answer agreement")
     _add_model_args(sem)
     sem.add_argument("--json", type=Path, default=None, help="write the summary here")
-    eviction_help = "eviction policies replayed on a RAG retrieval trace"
-    for name, help_text in (("eviction", eviction_help),
-                            ("store", f"{eviction_help} (for now; per-tier throughput is to come: use 'eviction')")):
-        replay = suites.add_parser(name, help=help_text)
-        replay.add_argument("--documents", type=int, default=2000)
-        replay.add_argument("--requests", type=int, default=5000)
-        replay.add_argument("--budget-share", type=float, default=0.1, help="tier budget as a share of the corpus KV")
-        replay.add_argument("--json", type=Path, default=None, help="write the summary here")
+    replay = suites.add_parser("eviction", help="eviction policies replayed on a RAG retrieval trace")
+    replay.add_argument("--documents", type=int, default=2000)
+    replay.add_argument("--requests", type=int, default=5000)
+    replay.add_argument("--budget-share", type=float, default=0.1, help="tier budget as a share of the corpus KV")
+    replay.add_argument("--json", type=Path, default=None, help="write the summary here")
+    store = suites.add_parser("store", help="codecs (size, speed), tiers (throughput, latency) and TTFT per tier")
+    store.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="'' skips the Redis rows")
+    store.add_argument("--codec", default=None, help="the Redis tier's codec in the TTFT run (default: best compressing)")
+    store.add_argument("--repeats", type=int, default=30, help="puts and gets per tier and chunk size")
+    store.add_argument("--codec-repeats", type=int, default=3, help="passes over the chunks per codec")
+    store.add_argument("--ttft-repeats", type=int, default=5, help="requests per tier (the median is reported)")
+    store.add_argument("--chunks", type=int, default=6, help="distinct real chunks; the RAG request's documents")
+    store.add_argument("--chunk-tokens", type=int, default=512)
+    store.add_argument("--dataset", type=Path, default=None,
+                       help="passages to cut chunks from, JSON list of {ctxs: [{text}]} (default: the demo's)")
+    store.add_argument("--no-llama3-8b", action="store_true", help="skip the Llama-3-8B-sized chunk")
+    store.add_argument("--model", default=None, help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    store.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    store.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    store.add_argument("--json", type=Path, default=None, help="write the summary here")
+    store.add_argument("--plot", type=Path, default=None, help="write codec ratios and TTFT per tier (PNG)")
     serve_bench = suites.add_parser("serve", help="the HTTP service under load per mode, beside llama.cpp's server")
     serve_bench.add_argument("dataset", type=Path, help="JSON list of {question, answers, ctxs: [{text}]}")
     serve_bench.add_argument("--limit", type=int, default=None, help="first N questions")
@@ -195,13 +208,35 @@ def _gate_options(args):
 
 
 def _bench_eviction(args) -> None:
-    from ragcache.bench.store import TraceOptions, format_store_table, run_store_bench
+    from ragcache.bench.eviction import TraceOptions, format_eviction_table, run_eviction_bench
 
     if args.documents < 6 or args.requests <= 0 or not 0 < args.budget_share <= 1:
         raise ValueError("--documents must be >= 6, --requests positive, --budget-share in (0, 1]")
-    summary = run_store_bench(TraceOptions(args.documents, args.requests, budget_share=args.budget_share))
+    summary = run_eviction_bench(TraceOptions(args.documents, args.requests, budget_share=args.budget_share))
+    print(format_eviction_table(summary))
+    _write_json(args.json, summary)
+
+
+def _bench_store(args) -> None:
+    from ragcache.bench.store import StoreBenchOptions, format_store_table, plot_store, run_store_bench
+    from ragcache.engine.loader import ModelSpec, load_model
+
+    options = StoreBenchOptions(
+        chunk_tokens=args.chunk_tokens, chunks=args.chunks, repeats=args.repeats, codec_repeats=args.codec_repeats,
+        ttft_repeats=args.ttft_repeats, redis_url=args.redis_url or None, codec=args.codec,
+        llama3_8b=not args.no_llama3_8b, dataset=None if args.dataset is None else str(args.dataset),
+    )
+    if args.plot is not None:
+        from ragcache.bench.serve_plot import pyplot
+
+        pyplot()  # missing matplotlib stops the bench before it runs, not after
+    loaded = load_model(ModelSpec(args.model, args.device, args.dtype))
+    summary = run_store_bench(loaded, options, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_store_table(summary))
     _write_json(args.json, summary)
+    if args.plot is not None:
+        plot_store(summary, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def _bench_semantic(args) -> None:
@@ -300,7 +335,7 @@ def _serve(args) -> None:
 
 
 COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "eviction"): _bench_eviction,
-            ("bench", "store"): _bench_eviction,
+            ("bench", "store"): _bench_store,
             ("bench", "semantic"): _bench_semantic, ("bench", "serve"): _bench_serve,
             ("bench", "agents"): _bench_agents}
 

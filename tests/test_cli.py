@@ -80,12 +80,3 @@ def test_missing_model_path_exits_2(tmp_path, capsys):
     dataset = write_dataset(tmp_path / "data.json", [{"question": "q", "answers": ["a"], "ctxs": [{"text": "t"}]}])
     assert main(["bench", "rag", str(dataset), "--model", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("suite", ["eviction", "store"])
-def test_bench_eviction_replays_each_policy_and_store_still_does(tmp_path, suite, capsys):
-    out = tmp_path / "eviction.json"
-    assert main(["bench", suite, "--documents", "60", "--requests", "200", "--json", str(out)]) == 0
-    summary = json.loads(out.read_text())
-    assert set(summary["policies"]) == {"lru", "lfu", "cost_aware"}
-    assert "cost_aware" in capsys.readouterr().out
