@@ -19,14 +19,19 @@ Ratio = Annotated[float, Meta(ge=0.0, le=1.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=10.0)]  # SamplingParams' range
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # torch.Generator.manual_seed takes int64 (seed + choice index too)
-PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveInt = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # msgspec's int is 64-bit
+StopText = Annotated[str, Meta(min_length=1)]
+Stops = Annotated[list[StopText], Meta(max_length=16)]  # SamplingParams: at most 16 non-empty strings
 Mode = Literal["full", "prefix", "reuse", "blend"]  # engine.blend.MODES
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+NON_BLANK = r"\S"  # a character that is not whitespace: the engine refuses blank questions and documents
+NonBlank = Annotated[str, Meta(pattern=NON_BLANK)]
+DOCUMENT_ID = r"^[^/]*[^/\s][^/]*$"  # not blank, no '/': a document's id is a path segment
 
 
 class DocumentIn(msgspec.Struct, forbid_unknown_fields=True):
-    text: str
-    id: str | None = None
+    text: NonBlank
+    id: Annotated[str, Meta(pattern=DOCUMENT_ID, max_length=200)] | None = None
 
 
 class ContentPart(msgspec.Struct):
@@ -102,7 +107,7 @@ class ChatCompletionRequest(msgspec.Struct):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[StopText, Stops, None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=8)] | None = None  # convert.MAX_CHOICES
@@ -306,7 +311,7 @@ class AddDocumentsResponse(msgspec.Struct):
 
 
 class RagRequestBody(msgspec.Struct, forbid_unknown_fields=True):
-    question: str
+    question: NonBlank
     documents: list[DocumentIn] | None = None
     document_ids: list[str] | None = None
     system_prompt: str | None = None
@@ -314,7 +319,7 @@ class RagRequestBody(msgspec.Struct, forbid_unknown_fields=True):
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
     seed: Seed | None = None
-    stop: list[str] | None = None
+    stop: Stops | None = None
     blend_ratio: Ratio | None = None
     mode: Mode | None = None
     category: str | None = None

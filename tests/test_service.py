@@ -111,7 +111,7 @@ def test_documents_ahead_then_rag_by_id_then_delete(open_server):
         ({"messages": [{"role": "user", "content": "hi"}], "blend_ratio": 2}, "blend_ratio"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
         ({"messages": [{"role": "user", "content": "hi"}], "documents": [{"text": "a", "url": "x"}]}, "url"),
-        ({"messages": [{"role": "user", "content": "hi"}], "documents": [{"text": "  "}]}, "documents[0] is empty"),
+        ({"messages": [{"role": "user", "content": "hi"}], "documents": [{"text": "  "}]}, "documents[0].text: must not be blank"),
         ({"messages": [{"role": "user", "content": "hi"}], "documents": [{"text": "w " * 5000}]}, "documents[0] has"),
         ({"messages": [{"role": "user", "content": "hi"}], "documents": DOCS * 20}, "at most 64"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),

@@ -25,7 +25,7 @@ def server(tokenizer):
 
     engine = BlendEngine(loaded(tiny_model(), tokenizer), TieredStore([CpuTier(64 << 20)]))
     with running_server(engine, api_keys={"k-alpha": "alpha"}, admin_key="admin-key",
-                        max_body_bytes=MAX_BODY_BYTES, max_json_depth=16) as (url, runtime):
+                        max_body_bytes=MAX_BODY_BYTES, max_json_depth=16, max_new_tokens=7) as (url, runtime):
         yield url
 
 
@@ -135,3 +135,39 @@ def test_tenant_keys_are_each_compared_whichever_matches(monkeypatch):
     assert auth.matching_key("k-one", keys) == "k-one"
     assert auth.matching_key("k-nope", keys) is None
     assert len(compared) == 6  # every key compared on each lookup, whether the first matches or none does
+
+
+def test_the_served_spec_states_the_configured_limits(server):
+    spec = httpx.get(f"{server}/schema/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    chat, rag = schemas["ChatCompletionRequest"]["properties"], schemas["RagRequestBody"]
+    assert chat["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 7}
+    assert rag["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 7
+    assert chat["messages"]["minItems"] == 1 and schemas["AddDocumentsRequest"]["properties"]["documents"] == {
+        "type": "array", "items": {"$ref": "#/components/schemas/DocumentIn"}, "minItems": 1, "maxItems": 64}
+    assert chat["messages"]["items"] == {"$ref": "#/components/schemas/ChatMessage"}
+    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["assistant", "developer", "system", "tool", "user"]
+    assert rag["additionalProperties"] is False and "additionalProperties" not in schemas["ChatCompletionRequest"]
+    assert schemas["ToolStart"]["required"] == ["type", "tool"] and schemas["ToolStart"]["properties"]["tool"] == {
+        "type": "string", "minLength": 1}
+    flush = spec["paths"]["/admin/flush"]["post"]
+    assert [p["schema"] for p in flush["parameters"] if p["name"] == "tier"] == [{"type": "string", "enum": ["cpu"]}]
+    rag_op = spec["paths"]["/v1/rag"]["post"]
+    assert sorted(rag_op["responses"]) == ["200", "400", "401", "404", "413", "429"]
+    assert rag_op["security"] == [{"bearer": []}] and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert sorted(spec["paths"]["/admin/stats"]["get"]["responses"]) == ["200", "401", "403"]
+    assert "security" not in spec["paths"]["/health"]["get"]
+    allow = httpx.options(f"{server}/admin/semantic").headers["allow"]
+    assert allow == "DELETE, GET, OPTIONS"
+
+
+def test_bodies_are_held_to_their_schema_strictly(server):
+    lax = httpx.post(f"{server}/v1/rag", json={"question": QUESTION, "cache": 0}, headers=TENANT)
+    assert lax.status_code == 400 and lax.json()["error"]["message"] == "cache: Expected `bool`, got `int`"
+    over = httpx.post(f"{server}/v1/rag", json={"question": QUESTION, "max_tokens": 8}, headers=TENANT)
+    assert over.status_code == 400 and "max_tokens must be in [1, 7]" in over.json()["error"]["message"]
+    whole = httpx.post(f"{server}/v1/rag", json={"question": QUESTION, "max_tokens": 2.0}, headers=TENANT)
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] <= 2  # JSON Schema's integer
+    tiny = httpx.post(f"{server}/v1/rag", json={"question": QUESTION, "temperature": 1e-40}, headers=TENANT)
+    assert tiny.status_code == 200  # greedy, where sampling at T = 1e-40 would overflow
+    assert tiny.json()["usage"]["completion_tokens"] <= 7  # no max_tokens: 128, capped at max_new_tokens

@@ -78,7 +78,7 @@ def test_feedback_removes_a_wrong_answer(server):
     assert httpx.post(f"{url}/v1/feedback", json={"entry_id": hit["semantic_entry_id"]}).status_code == 204
     assert not chat(url, question).json()["ragcache"]["semantic_hit"]
     unknown = httpx.post(f"{url}/v1/feedback", json={"entry_id": "nope"})
-    assert unknown.status_code == 400 and "nope" in unknown.json()["error"]["message"]
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]["message"]
 
 
 def test_admin_sees_and_changes_the_semantic_cache(server):

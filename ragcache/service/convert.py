@@ -34,6 +34,11 @@ from ragcache.schemas import (
 )
 
 MAX_CHOICES = 8  # n: each choice is a sequence of its own in the batch
+# A temperature or top_p this small samples as greedy: softmax(logits / T) is already argmax to float32
+# precision for any logit gap over 1e-4, and a nucleus under 1e-6 holds only the top token (which has at
+# least 1 / vocab_size); the sampler itself fails on them (logits / T overflows below T ~ 1e-37, a top_p
+# under float32's smallest value masks every token).
+GREEDY_BELOW = 1e-6
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -57,11 +62,14 @@ def sampling_from(max_tokens, temperature, top_p, seed, stop, limit: int, logpro
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if top_logprobs is not None and not logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true")
+    temperature, top_p = 1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p
+    if 0.0 < temperature < GREEDY_BELOW or 0.0 < top_p < GREEDY_BELOW:
+        temperature, top_p = 0.0, 1.0
     try:
         return SamplingParams(
             max_tokens=max_tokens or min(default_max_tokens, limit),
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
+            temperature=temperature,
+            top_p=top_p,
             seed=seed,
             stop=stops,
             logprobs=logprobs,

@@ -9,7 +9,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.schemas import ErrorBody, ErrorResponse
+from ragcache.schemas import DOCUMENT_ID, NON_BLANK, ErrorBody, ErrorResponse
 from ragcache.service.runtime import QueueFullError, UnknownDocumentError
 
 log = logging.getLogger("ragcache.service")
@@ -23,10 +23,17 @@ def error_response(status: int, message: str, param: str | None = None, headers:
     return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
 
 
+_PLAIN = {  # msgspec's words for our patterns
+    f"Expected `str` matching regex {NON_BLANK!r}": "must not be blank",
+    f"Expected `str` matching regex {DOCUMENT_ID!r}": "must not be blank or contain '/'",
+}
+
+
 def on_validation(_: Request, exc: ValidationException) -> Response:
     details = exc.extra if isinstance(exc.extra, list) else []
     fields = [str(d.get("key")) for d in details if isinstance(d, dict) and d.get("key")]
-    reasons = "; ".join(f"{d.get('key') or 'body'}: {d.get('message')}" for d in details if isinstance(d, dict))
+    reasons = "; ".join(f"{d.get('key') or 'body'}: {_PLAIN.get(d.get('message'), d.get('message'))}"
+                        for d in details if isinstance(d, dict))
     return error_response(400, reasons or exc.detail, fields[0] if fields else None)
 
 
@@ -55,7 +62,7 @@ _DESCRIPTIONS = {
     400: "Bad input; the message names the field",
     401: "Missing or invalid API key",
     403: "The key may not do this (e.g. a tenant key on an admin endpoint)",
-    404: "Unknown document id (or another tenant's)",
+    404: "Unknown document id or semantic-cache entry (or another tenant's), or a cache this server runs without",
     413: "The request body is over max_body_bytes (refused before it is read)",
     429: "The request queue is full; retry after Retry-After seconds",
 }

@@ -18,7 +18,7 @@ import re
 import msgspec
 import numpy as np
 from litestar import Request
-from litestar.exceptions import ClientException
+from litestar.exceptions import ClientException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.spec import (OpenAPI, OpenAPIResponse, OpenAPIType, Operation, Reference, Schema,
                                    SecurityScheme)
@@ -42,7 +42,11 @@ def json_depth_over(body: bytes, max_depth: int) -> bool:
 
 
 class LimitedRequest(Request):
-    """A request whose body keeps to the app's settings: 413 past max_body_bytes, 400 past max_json_depth."""
+    """A request whose body keeps to the app's settings (413 past max_body_bytes, 400 past max_json_depth)
+    and to its schema strictly: `"cache": 0` is not a bool, `"max_tokens": "5"` not an int, as the spec says.
+
+    Litestar converts bodies leniently (its kwargs also carry query strings); decoding straight into
+    the handler's struct, strictly, hands Litestar a value it passes through unchanged."""
 
     async def body(self) -> bytes:
         try:
@@ -52,10 +56,36 @@ class LimitedRequest(Request):
             raise RequestEntityTooLarge(f"the request body is over max_body_bytes ({limit} bytes)") from None
 
     async def json(self):
-        max_depth = self.app.state.settings.max_json_depth
-        if json_depth_over(await self.body(), max_depth):
+        body, max_depth = await self.body(), self.app.state.settings.max_json_depth
+        if json_depth_over(body, max_depth):
             raise ClientException(f"the request body nests arrays/objects deeper than max_json_depth ({max_depth})")
-        return await super().json()
+        field = self.route_handler.parsed_data_field
+        if field is None:
+            return await super().json()
+        try:
+            try:
+                return msgspec.json.decode(body or b"null", type=field.annotation, strict=True)
+            except msgspec.ValidationError as exc:
+                if "got `float`" not in str(exc):
+                    raise
+                whole = _integral_floats_as_ints(msgspec.json.decode(body))  # JSON Schema's integer takes 4.0
+                return msgspec.convert(whole, field.annotation, strict=True)
+        except msgspec.ValidationError as exc:
+            message, _, path = str(exc).partition(" - at `$")
+            detail = {"message": message, "source": "body", **({"key": path.strip("`.")} if path else {})}
+            raise ValidationException(f"Validation failed for {self.method} {self.url.path}", extra=[detail]) from None
+        except msgspec.DecodeError as exc:
+            raise ClientException(f"the request body is not valid JSON: {exc}") from None
+
+
+def _integral_floats_as_ints(value):
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    return value
 
 
 def state_limits(spec: OpenAPI, settings: Settings, tier_names: list[str]) -> None:

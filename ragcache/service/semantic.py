@@ -11,7 +11,8 @@ import asyncio
 from typing import Annotated
 
 import msgspec
-from litestar import delete, get, post, put
+from litestar import HttpMethod, Response, delete, get, post, put, route
+from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
@@ -33,52 +34,61 @@ def hit_report(hit: CachedAnswer) -> CacheReport:
 
 
 def _require_semantic(runtime):
+    """The semantic cache; a server without one has no such resource (404, as an unknown entry)."""
     if runtime.semantic is None:
-        raise InvalidRequestError("the semantic cache is off (settings: semantic_cache = false)")
+        raise NotFoundException("the semantic cache is off (settings: semantic_cache = false)")
     return runtime.semantic
 
 
 @post("/v1/feedback", operation_id="reportFalseHit", summary="Report a wrong semantic-cache answer; it is removed",
-      status_code=HTTP_204_NO_CONTENT, guards=TENANT, responses=responses(400, 401, 413))
+      status_code=HTTP_204_NO_CONTENT, guards=TENANT, responses=responses(400, 401, 404, 413))
 async def feedback(data: JSONBody[Feedback], runtime: RuntimeDep, tenant: TenantDep) -> None:
     if not await asyncio.to_thread(_require_semantic(runtime).report_false_hit, tenant, data.entry_id):
-        raise InvalidRequestError(f"no semantic-cache entry {data.entry_id!r} for this tenant")
+        raise NotFoundException(f"no semantic-cache entry {data.entry_id!r} for this tenant")
 
 
 @get("/admin/semantic", operation_id="adminSemantic", summary="Semantic cache: entries, hit rates, thresholds",
-     guards=ADMIN, responses=responses(400, 401, 403))
+     guards=ADMIN, responses=responses(401, 403, 404))
 async def semantic_stats(runtime: RuntimeDep) -> dict:
     return msgspec.to_builtins(_require_semantic(runtime).stats())
 
 
-@put("/admin/semantic/categories/{name:str}", operation_id="setCategoryPolicy",
-     summary="Change a category's threshold, TTL, quota or switch at run time", guards=ADMIN,
-     responses=responses(400, 401, 403, 413))
-async def set_category(name: FromPath[str], data: JSONBody[CategoryPolicyIn], runtime: RuntimeDep) -> dict:
-    from ragcache.semantic import CategoryPolicy
-
-    try:
-        policy = CategoryPolicy(**{f: getattr(data, f) for f in data.__struct_fields__})
-        _require_semantic(runtime).set_policy(name, policy)
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
-    return {"category": name, "policy": {f: getattr(policy, f) for f in data.__struct_fields__}}
-
-
 @delete("/admin/semantic", operation_id="invalidateSemantic", summary="Drop entries by tenant, category or entry",
-        status_code=200, guards=ADMIN, responses=responses(400, 401, 403))
+        status_code=200, guards=ADMIN, responses=responses(400, 401, 403, 404))
 async def invalidate(runtime: RuntimeDep, of_tenant: Annotated[str, QueryParameter(name="tenant")],
                      category: FromQuery[str | None] = None, entry_id: FromQuery[str | None] = None) -> dict:
     dropped = await asyncio.to_thread(_require_semantic(runtime).invalidate, of_tenant, category, entry_id)
     return {"dropped": dropped}
 
 
+@route("/admin/semantic", http_method=HttpMethod.OPTIONS, include_in_schema=False)
+async def semantic_options() -> Response:
+    """Litestar's own OPTIONS answer lists only the methods of the first handler registered on a path; this
+    one, registered before the path's GET and DELETE, stands in for it."""
+    return Response(None, status_code=HTTP_204_NO_CONTENT, headers={"allow": "DELETE, GET, OPTIONS"})
+
+
+@put("/admin/semantic/categories/{name:str}", operation_id="setCategoryPolicy",
+     summary="Change a category's threshold, TTL, quota or switch at run time", guards=ADMIN,
+     responses=responses(400, 401, 403, 404, 413))
+async def set_category(name: FromPath[str], data: JSONBody[CategoryPolicyIn], runtime: RuntimeDep) -> dict:
+    from ragcache.semantic import CategoryPolicy
+
+    semantic = _require_semantic(runtime)
+    try:
+        policy = CategoryPolicy(**{f: getattr(data, f) for f in data.__struct_fields__})
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    semantic.set_policy(name, policy)
+    return {"category": name, "policy": {f: getattr(policy, f) for f in data.__struct_fields__}}
+
+
 @put("/admin/blend/categories/{name:str}", operation_id="setBlendEpsilon",
      summary="Change a category's blend error budget (first-token disagreement) at run time", guards=ADMIN,
-     responses=responses(400, 401, 403, 413))
+     responses=responses(400, 401, 403, 404, 413))
 async def set_blend_epsilon(name: FromPath[str], data: JSONBody[BlendEpsilonIn], runtime: RuntimeDep) -> dict:
     if runtime.budget is None:
-        raise InvalidRequestError("this service runs without a blend error budget")
+        raise NotFoundException("this service runs without a blend error budget")
     try:
         runtime.budget.set_epsilon(name, data.epsilon)
     except ValueError as exc:
@@ -86,4 +96,4 @@ async def set_blend_epsilon(name: FromPath[str], data: JSONBody[BlendEpsilonIn],
     return {"category": name, "epsilon": data.epsilon}
 
 
-ROUTES = [feedback, semantic_stats, set_category, invalidate, set_blend_epsilon]
+ROUTES = [feedback, semantic_options, semantic_stats, invalidate, set_category, set_blend_epsilon]  # OPTIONS first
