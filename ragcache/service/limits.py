@@ -63,13 +63,7 @@ class LimitedRequest(Request):
         if field is None:
             return await super().json()
         try:
-            try:
-                return msgspec.json.decode(body or b"null", type=field.annotation, strict=True)
-            except msgspec.ValidationError as exc:
-                if "got `float`" not in str(exc):
-                    raise
-                whole = _integral_floats_as_ints(msgspec.json.decode(body))  # JSON Schema's integer takes 4.0
-                return msgspec.convert(whole, field.annotation, strict=True)
+            return _decode_strictly(body, field.annotation)
         except msgspec.ValidationError as exc:
             message, _, path = str(exc).partition(" - at `$")
             detail = {"message": message, "source": "body", **({"key": path.strip("`.")} if path else {})}
@@ -78,13 +72,23 @@ class LimitedRequest(Request):
             raise ClientException(f"the request body is not valid JSON: {exc}") from None
 
 
-def _integral_floats_as_ints(value):
+def _decode_strictly(body: bytes, type_):
+    """body as type_, strictly; a whole float (4.0) is an integer, as JSON Schema has it and msgspec has not."""
+    try:
+        return msgspec.json.decode(body, type=type_, strict=True)
+    except msgspec.ValidationError as exc:
+        if "got `float`" not in str(exc):
+            raise
+    return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(body)), type_, strict=True)
+
+
+def _whole_floats_as_ints(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, list):
-        return [_integral_floats_as_ints(item) for item in value]
+        return [_whole_floats_as_ints(item) for item in value]
     if isinstance(value, dict):
-        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
     return value
 
 
@@ -99,6 +103,9 @@ def state_limits(spec: OpenAPI, settings: Settings, tier_names: list[str]) -> No
     _, wire = msgspec.json.schema_components(named, ref_template="#/components/schemas/{name}")
     for name, field, keyword, value in _configured_bounds(settings):
         _bound(wire[name]["properties"][field], keyword, value)
+    wire["DocumentIn"]["properties"]["text"]["description"] = (
+        f"At most {settings.max_document_tokens} tokens (max_document_tokens); a request's documents, inline "
+        f"and by id, are at most {settings.max_documents} together (max_documents)")
     spec.components.schemas.update(wire)  # plain JSON Schema dicts are served as they are
     for parameter in spec.paths["/admin/flush"].post.parameters:
         if parameter.name == "tier":
