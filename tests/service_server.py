@@ -12,6 +12,7 @@ import uvicorn
 from ragcache.agents.coordinator import AgentConfig, ProgramCoordinator
 from ragcache.config import Settings
 from ragcache.engine.runner import BlendEngine
+from ragcache.registry.documents import DocumentRegistry
 from ragcache.service.app import create_app
 from ragcache.service.runtime import Runtime
 from ragcache.service.server import answer_checks
@@ -42,12 +43,14 @@ def serving(app, port: int):
 
 
 @contextmanager
-def running_server(engine: BlendEngine, semantic=None, agents: AgentConfig = AgentConfig(), **settings):
+def running_server(engine: BlendEngine, semantic=None, agents: AgentConfig = AgentConfig(),
+                   documents: DocumentRegistry | None = None, **settings):
     """Yield (base_url, runtime) while a ragcache server runs over engine (no shadow checks unless asked:
     a test's answers must not depend on which of them were drawn for a check)."""
     settings = Settings(port=free_port(), **{"shadow_fraction": 0.0, "semantic_shadow_fraction": 0.0, **settings})
     coordinator = ProgramCoordinator.measured(engine.store, engine.stack, agents)
     engine.use_admission_order(coordinator.scheduler)
-    runtime = Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic))
+    runtime = Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic),
+                      documents=documents)
     with serving(create_app(settings, runtime), settings.port) as url:
         yield url, runtime

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from ragcache.engine.programs import ProgramIndex, ProgramRecord
@@ -14,6 +15,8 @@ from ragcache.registry.redis import RedisRegistry
 from ragcache.registry.sqlite import SqliteRegistry
 from ragcache.semantic.answers import make_answer_store
 from ragcache.semantic.answers.sqlite import SqliteAnswerStore
+from conftest import DOCUMENTS, QUESTION
+from service_server import running_server
 from redis_server import redis_namespace, redis_url, throwaway_redis, wait_until  # noqa: F401  (fixtures)
 from semantic_fixtures import embedder, make_cache, query  # noqa: F401
 
@@ -157,3 +160,19 @@ def test_a_replica_that_lost_the_channel_rebuilds_what_it_missed(embedder, throw
     finally:
         one.answers.close()
         two.answers.close()
+
+
+def test_a_registry_outage_is_a_503_to_register_and_served_documents_keep_answering(make_engine, throwaway_redis,
+                                                                                    redis_namespace):
+    documents = DocumentRegistry(RedisRegistry(throwaway_redis.url, prefix=f"ragcache:{redis_namespace}:registry"))
+    with running_server(make_engine(), documents=documents) as (url, _):
+        body = {"documents": [{"id": "amazon", "text": DOCUMENTS[0]}]}
+        assert httpx.post(f"{url}/v1/documents", json=body, timeout=30).status_code == 201
+        throwaway_redis.kill()
+        refused = httpx.post(f"{url}/v1/documents", json={"documents": [{"id": "k2", "text": DOCUMENTS[1]}]}, timeout=30)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "registry" in refused.json()["error"]["message"]
+        question = {"question": QUESTION, "document_ids": ["amazon"], "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/rag", json=question, timeout=30).status_code == 200  # seen before the outage
+        unseen = httpx.post(f"{url}/v1/rag", json={**question, "document_ids": ["k2"]}, timeout=30)
+        assert unseen.status_code == 503

@@ -126,7 +126,8 @@ def test_answers_and_chunk_kv_built_on_a_document_go_when_it_changes_or_is_delet
         assert ask(stop=[stop])["choices"][0]["finish_reason"] == "stop" and ask()["ragcache"]["semantic_hit"]
 
     register(river)
-    old_key = runtime._documents["default"]["river"].key
+    (old,) = runtime.documents.get_many("default", ["river"])
+    old_key = old.key
     store_an_answer()
     register(river + " Slowly.")  # re-registered with other text
     assert runtime.engine.store.get(old_key) is None  # the old text's chunk KV is gone

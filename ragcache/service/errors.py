@@ -9,6 +9,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 
 from ragcache.engine.errors import InvalidRequestError
+from ragcache.registry import RegistryUnavailableError
 from ragcache.schemas import DOCUMENT_ID, NON_BLANK, ErrorBody, ErrorResponse
 from ragcache.service.runtime import QueueFullError, UnknownDocumentError
 
@@ -53,6 +54,10 @@ def on_queue_full(_: Request, exc: QueueFullError) -> Response:
     return error_response(429, str(exc), headers={"retry-after": "1"})
 
 
+def on_registry_unavailable(_: Request, exc: RegistryUnavailableError) -> Response:
+    return error_response(503, str(exc), headers={"retry-after": "1"})
+
+
 def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; the server log has the details")
@@ -65,6 +70,7 @@ _DESCRIPTIONS = {
     404: "Unknown document id or semantic-cache entry (or another tenant's), or a cache this server runs without",
     413: "The request body is over max_body_bytes (refused before it is read)",
     429: "The request queue is full; retry after Retry-After seconds",
+    503: "The registry (Redis) cannot be reached to store or resolve this; retry after Retry-After seconds",
 }
 
 
@@ -79,5 +85,6 @@ HANDLERS = {
     InvalidRequestError: on_invalid,
     UnknownDocumentError: on_unknown_document,
     QueueFullError: on_queue_full,
+    RegistryUnavailableError: on_registry_unavailable,
     Exception: on_unexpected,
 }

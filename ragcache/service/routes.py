@@ -59,7 +59,7 @@ async def list_models(runtime: RuntimeDep) -> ModelList:
       description="With `stream: true` the answer comes as server-sent `chat.completion.chunk` events ending in `[DONE]`. "
                   "Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`), `response_format`, `n`, `logprobs` "
                   "and `top_logprobs` follow OpenAI; see the README's OpenAI compatibility section.",
-      status_code=200, guards=TENANT, responses=responses(400, 401, 404, 413, 429))
+      status_code=200, guards=TENANT, responses=responses(400, 401, 404, 413, 429, 503))
 async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request, runtime: RuntimeDep,
                            settings: SettingsDep, tenant: TenantDep) -> Response[ChatCompletion]:
     documents = await documents_for(runtime, tenant, data.documents, data.document_ids)
@@ -217,7 +217,7 @@ def _stream_error(exc: Exception) -> dict:
 
 
 @post("/v1/rag", operation_id="rag", summary="Question + documents (inline or by id) -> answer", status_code=200,
-      guards=TENANT, responses=responses(400, 401, 404, 413, 429))
+      guards=TENANT, responses=responses(400, 401, 404, 413, 429, 503))
 async def rag_answer(data: JSONBody[RagRequestBody], runtime: RuntimeDep, settings: SettingsDep,
                      tenant: TenantDep) -> Response[RagResponse]:
     documents = await documents_for(runtime, tenant, data.documents, data.document_ids)
@@ -238,7 +238,7 @@ async def rag_answer(data: JSONBody[RagRequestBody], runtime: RuntimeDep, settin
 
 
 @post("/v1/documents", operation_id="addDocuments", summary="Precompute and store the KV of documents",
-      guards=TENANT, responses=responses(400, 401, 413))
+      guards=TENANT, responses=responses(400, 401, 413, 503))
 async def add_documents(data: JSONBody[AddDocumentsRequest], runtime: RuntimeDep,
                         tenant: TenantDep) -> AddDocumentsResponse:
     stored = await runtime.add_documents(tenant, [(d.id, d.text) for d in data.documents], data.system_prompt)
@@ -246,7 +246,7 @@ async def add_documents(data: JSONBody[AddDocumentsRequest], runtime: RuntimeDep
 
 
 @delete("/v1/documents/{doc_id:str}", operation_id="deleteDocument", summary="Forget a document and drop its KV",
-        status_code=HTTP_204_NO_CONTENT, guards=TENANT, responses=responses(401, 404))
+        status_code=HTTP_204_NO_CONTENT, guards=TENANT, responses=responses(401, 404, 503))
 async def delete_document(doc_id: FromPath[str], runtime: RuntimeDep, tenant: TenantDep) -> None:
     await runtime.delete_document(tenant, doc_id)
 
