@@ -23,21 +23,46 @@ CREATE TABLE IF NOT EXISTS registry (
 """
 
 
-class SqliteRegistry(Registry):
-    def __init__(self, path: Path | str, busy_timeout_s: float = 5.0) -> None:
+class SqliteFile:
+    """One SQLite connection shared by threads (statements take turns), WAL, and failures counted:
+    run(work) calls work(connection) and turns an sqlite3.Error into `unavailable`."""
+
+    def __init__(self, path: Path | str, schema: str, unavailable: type[Exception], busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
+        self._unavailable = unavailable
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False,
                                        isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+            self._db.execute(schema)
         except (OSError, sqlite3.Error) as error:
-            raise RegistryUnavailableError(f"cannot open the registry at {self.path}: {error}") from error
-        self._lock = threading.Lock()  # one connection: statements from threads take turns
-        self._errors = 0
-        self._last_error: str | None = None
+            raise unavailable(f"cannot open {self.path}: {error}") from error
+        self._lock = threading.Lock()
+        self.errors = 0
+        self.last_error: str | None = None
+
+    def run(self, work):
+        with self._lock:
+            try:
+                result = work(self._db)
+            except sqlite3.Error as error:
+                self.errors += 1
+                self.last_error = f"{type(error).__name__}: {error}"
+                raise self._unavailable(f"{self.path} failed: {error}") from error
+            self.last_error = None
+            return result
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class SqliteRegistry(Registry):
+    def __init__(self, path: Path | str, busy_timeout_s: float = 5.0) -> None:
+        self._file = SqliteFile(path, _SCHEMA, RegistryUnavailableError, busy_timeout_s)
+        self._run = self._file.run
 
     def put(self, table: str, tenant: str, key: str, value: bytes) -> bytes | None:
         def work(db: sqlite3.Connection) -> bytes | None:
@@ -92,19 +117,7 @@ class SqliteRegistry(Registry):
                                                    (table,)).fetchall())
 
     def stats(self) -> RegistryStats:
-        return RegistryStats("sqlite", self._errors, self._last_error is None, self._last_error)
+        return RegistryStats("sqlite", self._file.errors, self._file.last_error is None, self._file.last_error)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _run(self, work):
-        with self._lock:
-            try:
-                result = work(self._db)
-            except sqlite3.Error as error:
-                self._errors += 1
-                self._last_error = f"{type(error).__name__}: {error}"
-                raise RegistryUnavailableError(f"the registry at {self.path} failed: {error}") from error
-            self._last_error = None
-            return result
+        self._file.close()

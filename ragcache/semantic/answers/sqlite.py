@@ -7,11 +7,11 @@ transaction per change. Expired rows are skipped by reads and deleted as records
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ragcache.registry.sqlite import SqliteFile
 from ragcache.semantic.answers.base import (AnswerRecord, AnswerStore, AnswerStoreStats, AnswerStoreUnavailable,
                                             pack_record, unpack_record)
 
@@ -26,16 +26,9 @@ CREATE TABLE IF NOT EXISTS answers (
 
 class SqliteAnswerStore(AnswerStore):
     def __init__(self, path: Path | str, clock=time.time, busy_timeout_s: float = 5.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._file = SqliteFile(path, _SCHEMA, AnswerStoreUnavailable, busy_timeout_s)
+        self._run = self._file.run
         self._clock = clock
-        self._lock = threading.Lock()
-        self._errors = 0
-        self._last_error: str | None = None
 
     def put(self, record: AnswerRecord) -> bool:
         try:
@@ -78,19 +71,7 @@ class SqliteAnswerStore(AnswerStore):
             yield AnswerRecord(**{**record.__dict__, "hits": hits})
 
     def stats(self) -> AnswerStoreStats:
-        return AnswerStoreStats("sqlite", self._errors, self._last_error is None, self._last_error)
+        return AnswerStoreStats("sqlite", self._file.errors, self._file.last_error is None, self._file.last_error)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _run(self, work):
-        with self._lock:
-            try:
-                result = work(self._db)
-            except sqlite3.Error as error:
-                self._errors += 1
-                self._last_error = f"{type(error).__name__}: {error}"
-                raise AnswerStoreUnavailable(self._last_error) from error
-            self._last_error = None
-            return result
+        self._file.close()
