@@ -176,3 +176,15 @@ def test_a_registry_outage_is_a_503_to_register_and_served_documents_keep_answer
         assert httpx.post(f"{url}/v1/rag", json=question, timeout=30).status_code == 200  # seen before the outage
         unseen = httpx.post(f"{url}/v1/rag", json={**question, "document_ids": ["k2"]}, timeout=30)
         assert unseen.status_code == 503
+
+
+def test_flushing_a_tenants_kv_keeps_its_documents_registered(make_engine):
+    with running_server(make_engine()) as (url, runtime):
+        body = {"documents": [{"id": "amazon", "text": DOCUMENTS[0]}]}
+        assert httpx.post(f"{url}/v1/documents", json=body, timeout=30).status_code == 201
+        flushed = httpx.post(f"{url}/admin/flush", params={"tenant": "default"}, timeout=30).json()
+        assert flushed["dropped"] >= 1  # the document's chunk KV
+        answer = httpx.post(f"{url}/v1/rag", json={"question": QUESTION, "document_ids": ["amazon"], "max_tokens": 2},
+                            timeout=30)
+        assert answer.status_code == 200 and answer.json()["ragcache"]["chunk_misses"] == 1  # recomputed, not lost
+        assert runtime.stats()["tenants"]["default"]["documents"] == 1
