@@ -34,8 +34,8 @@ def test_bench_serve_measures_every_mode_and_load(tmp_path, make_engine, capsys)
                 "--modes", "full,prefix,blend@0.5", "--concurrency", "1,2", "--rates", "20", "--requests", "4",
                 "--json", str(out)]
         assert main(args) == 0
-        registered = runtime.resolve_documents("default", [document_id(text) for text in DOCUMENTS])
-    assert registered == list(DOCUMENTS)  # every passage registered by id before the timed requests
+        registered = runtime.documents.get_many("default", [document_id(text) for text in DOCUMENTS])
+    assert [document.text for document in registered] == list(DOCUMENTS)  # every passage registered by id before the timed requests
     summary = json.loads(out.read_text())
     assert set(summary) == {"machine", "config", "engines"}
     assert summary["machine"]["cpus"] >= 1 and summary["config"]["concurrency"] == [1, 2]
