@@ -153,7 +153,7 @@ def test_the_served_spec_states_the_configured_limits(server):
     flush = spec["paths"]["/admin/flush"]["post"]
     assert [p["schema"] for p in flush["parameters"] if p["name"] == "tier"] == [{"type": "string", "enum": ["cpu"]}]
     rag_op = spec["paths"]["/v1/rag"]["post"]
-    assert sorted(rag_op["responses"]) == ["200", "400", "401", "404", "413", "429"]
+    assert sorted(rag_op["responses"]) == ["200", "400", "401", "404", "413", "429", "503"]
     assert rag_op["security"] == [{"bearer": []}] and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert sorted(spec["paths"]["/admin/stats"]["get"]["responses"]) == ["200", "401", "403"]
     assert "security" not in spec["paths"]["/health"]["get"]
