@@ -172,6 +172,9 @@ def test_a_registry_outage_is_a_503_to_register_and_served_documents_keep_answer
         refused = httpx.post(f"{url}/v1/documents", json={"documents": [{"id": "k2", "text": DOCUMENTS[1]}]}, timeout=30)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert "registry" in refused.json()["error"]["message"]
+        ready = httpx.get(f"{url}/ready", timeout=30)
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert ready.json()["registry"] == "redis unreachable"
         question = {"question": QUESTION, "document_ids": ["amazon"], "max_tokens": 2}
         assert httpx.post(f"{url}/v1/rag", json=question, timeout=30).status_code == 200  # seen before the outage
         unseen = httpx.post(f"{url}/v1/rag", json={**question, "document_ids": ["k2"]}, timeout=30)

@@ -30,7 +30,7 @@ def test_serve_answers_then_shuts_down_cleanly(tiny_model_dir, redis_url, redis_
         answer = httpx.post(f"{url}/v1/rag", json=body, headers=headers, timeout=30)
         assert answer.status_code == 200 and answer.json()["ragcache"]["chunk_misses"] == 4
         ready = httpx.get(f"{url}/ready").json()
-        assert ready == {"status": "ready", "model": tiny_model_dir.name, "redis": "ok"}
+        assert ready == {"status": "ready", "model": tiny_model_dir.name, "redis": "ok", "registry": "redis ok"}
         stats = httpx.get(f"{url}/admin/stats", headers={"authorization": "Bearer ops"}).json()
         assert [t["name"] for t in stats["tiers"]] == ["device", "cpu", "redis"]
         assert stats["tiers"][1]["max_bytes"] == 2**29

@@ -37,12 +37,18 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@get("/ready", operation_id="ready", summary="Model loaded; Redis reachable or degraded")
+@get("/ready", operation_id="ready", summary="Model loaded; Redis and the registry reachable, or degraded")
 async def ready(runtime: RuntimeDep) -> Response[dict]:
-    redis = [t for t in runtime.stats()["tiers"] if "available" in t]
-    degraded = any(not t["available"] for t in redis)
+    """Always 200 once the model is loaded: a replica with Redis down still answers (misses,
+    recomputation), so it stays in the load balancer; `status` says degraded."""
+    stats = runtime.stats()
+    redis = [t for t in stats["tiers"] if "available" in t]
+    redis_down = any(not t["available"] for t in redis)
+    registry = stats["registry"]
+    degraded = redis_down or not registry["available"]
     body = {"status": "degraded" if degraded else "ready", "model": runtime.model_name,
-            "redis": None if not redis else ("unreachable" if degraded else "ok")}
+            "redis": None if not redis else ("unreachable" if redis_down else "ok"),
+            "registry": f"{registry['kind']} " + ("ok" if registry["available"] else "unreachable")}
     return Response(body, status_code=200)
 
 
