@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", type=Path, default=None, help="write the summary here")
     store = suites.add_parser("store", help="codecs (size, speed), tiers (throughput, latency) and TTFT per tier")
     store.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="'' skips the Redis rows")
-    store.add_argument("--codec", default=None, help="the Redis tier's codec in the TTFT run (default: best compressing)")
+    store.add_argument("--codec", default="int4-g64", help="the Redis tier's codec in the TTFT run")
     store.add_argument("--repeats", type=int, default=30, help="puts and gets per tier and chunk size")
     store.add_argument("--codec-repeats", type=int, default=3, help="passes over the chunks per codec")
     store.add_argument("--ttft-repeats", type=int, default=5, help="requests per tier (the median is reported)")

@@ -75,6 +75,7 @@ def test_raw_round_trips_exactly(codec, dtype):
 
 @pytest.mark.parametrize("codec, bits, key_group, value_group", [
     ("int8", 8, 10**9, 10**9), ("int8+zlib", 8, 10**9, 10**9), ("int4", 4, 32, 32), ("int4+zlib", 4, 32, 32),
+    ("int4-g64", 4, 64, 64), ("int4-g64+zlib", 4, 64, 64),
 ])
 def test_quantised_error_is_within_half_a_step_per_group(chunk, wide_chunk, codec, bits, key_group, value_group):
     """int8: keys per channel over all tokens, values per token over all channels; int4: groups of 32
@@ -103,13 +104,16 @@ def test_encoded_sizes_are_what_the_format_says(wide_chunk):
     int8 = fixed + planes * (head_dim * tokens + 4 * head_dim) + planes * (tokens * head_dim + 4 * tokens)
     key_groups, value_groups = math.ceil(tokens / 32), math.ceil(head_dim / 32)
     int4 = (fixed + planes * head_dim * key_groups * (16 + 4) + planes * tokens * value_groups * (16 + 4))
-    sizes = {codec: len(encode_chunk(wide_chunk, codec)) for codec in ("raw", "int8", "int4")}
-    assert sizes == {"raw": raw, "int8": int8, "int4": int4}
+    key_groups, value_groups = math.ceil(tokens / 64), math.ceil(head_dim / 64)
+    int4_g64 = (fixed + planes * head_dim * key_groups * (32 + 4) + planes * tokens * value_groups * (32 + 4))
+    sizes = {codec: len(encode_chunk(wide_chunk, codec)) for codec in ("raw", "int8", "int4", "int4-g64")}
+    assert sizes == {"raw": raw, "int8": int8, "int4": int4, "int4-g64": int4_g64}
     assert 3.8 < sizes["raw"] / sizes["int8"] < 4 and 6.3 < sizes["raw"] / sizes["int4"] < 6.4
+    assert 7.0 < sizes["raw"] / sizes["int4-g64"] < 7.2  # 3.5x-3.6x smaller than float16
 
 
 def test_codec_names_and_unknown_codec(chunk):
-    assert CODECS == ("raw", "int8", "int4", "raw+zlib", "int8+zlib", "int4+zlib")
+    assert CODECS == ("raw", "int8", "int4", "int4-g64", "raw+zlib", "int8+zlib", "int4+zlib", "int4-g64+zlib")
     with pytest.raises(ValueError, match="unknown codec"):
         encode_chunk(chunk, "fp8")
 

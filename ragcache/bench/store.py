@@ -65,7 +65,7 @@ class StoreBenchOptions:
     codec_repeats: int = 3  # passes over the chunks per codec
     ttft_repeats: int = 5
     redis_url: str | None = DEFAULT_REDIS_URL
-    codec: str | None = None  # the Redis tier's codec in the TTFT run; None: the best compressing
+    codec: str = "int4-g64"  # the Redis tier's codec in the TTFT run: the one sized for the 3.5x target
     llama3_8b: bool = True
     dataset: str | None = None  # JSON list of {ctxs: [{text}]}; None: ragcache/data/demo.json
 
@@ -73,7 +73,7 @@ class StoreBenchOptions:
         for name in ("chunk_tokens", "chunks", "repeats", "codec_repeats", "ttft_repeats"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.codec is not None and self.codec not in CODECS:
+        if self.codec not in CODECS:
             raise ValueError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
 
 
@@ -98,7 +98,7 @@ def _measure(loaded: LoadedModel, options: StoreBenchOptions, redis: RedisBench,
     for name in CODECS:
         progress(f"codec {name} ({options.codec_repeats} passes over {len(chunks)} chunks)")
         codecs[name] = measure_codec(name, chunks, options.codec_repeats)
-    ttft_codec = options.codec or max(codecs, key=lambda name: codecs[name]["ratio_vs_fp16"])
+    ttft_codec = options.codec
     progress(f"tiers ({options.repeats} puts and gets each); redis: {redis.describe()}")
     tiers = measure_tiers(loaded.device, chunks, options.repeats, redis, ttft_codec)
     redis_by_codec = {}
@@ -339,13 +339,14 @@ def check_targets(summary: dict) -> dict:
     why = None if ratio is None else {  # where a Redis hit's extra time goes
         "ttft_gap_s": ttft["redis"] - ttft["cpu"],
         "lookup_gap_s": runs["redis"]["lookup_s"] - runs["cpu"]["lookup_s"],
-        "decode_estimate_s": summary["ttft"]["kv_mb"] / codecs[codec]["decode_mb_s"],
         "tier_get_estimate_s": summary["ttft"]["kv_mb"] / summary["tiers"]["redis"]["get_mb_s"],
     }
     return {
         "codec_ratio": {"target": TARGET_RATIO, "codec": best, "value": codecs[best]["ratio_vs_fp16"],
                         "met": codecs[best]["ratio_vs_fp16"] >= TARGET_RATIO},
-        "redis_vs_cpu_ttft": {"target": TARGET_REDIS_VS_CPU, "codec": summary["redis"]["ttft_codec"], "value": ratio,
+        # both targets on one codec: the TTFT run's (a deployment runs one codec)
+        "redis_vs_cpu_ttft": {"target": TARGET_REDIS_VS_CPU, "codec": codec, "value": ratio,
+                              "codec_ratio_vs_fp16": codecs[codec]["ratio_vs_fp16"],
                               "met": None if ratio is None else ratio <= TARGET_REDIS_VS_CPU, "why": why},
     }
 
@@ -392,8 +393,7 @@ def format_store_table(summary: dict) -> str:
     why = summary["targets"]["redis_vs_cpu_ttft"]["why"]
     if why is not None:
         lines.append(f"  a Redis hit costs {why['ttft_gap_s']:.3f} s more than a CPU hit: lookups +{why['lookup_gap_s']:.3f} s "
-                     f"(the tier's get rate predicts {why['tier_get_estimate_s']:.3f} s, decoding alone "
-                     f"{why['decode_estimate_s']:.3f} s)")
+                     f"(the tier's get rate predicts {why['tier_get_estimate_s']:.3f} s)")
     return "\n".join(lines)
 
 
