@@ -19,7 +19,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-cache-gb", type=float, default=1.0, help="budget of the model device's KV tier, GiB")
     parser.add_argument("--cpu-cache-gb", type=float, default=8.0, help="budget of the CPU KV tier, GiB")
     parser.add_argument("--redis-url", default=None, help="add a Redis tier, e.g. redis://127.0.0.1:6379/0")
-    parser.add_argument("--codec", default="raw", help="codec of the Redis tier: raw, int8, int4, with optional +zlib")
+    parser.add_argument("--codec", default="raw", help="codec of the Redis tier: raw, int8, int4, int4-g64, with optional +zlib")
     parser.add_argument("--eviction", default="cost_aware", choices=["lru", "lfu", "cost_aware"])
     parser.add_argument("--check-layer", type=int, default=1, help="layer whose KV deviation picks the tokens")
     parser.add_argument("--deviation", default="value", choices=list(DEVIATIONS), help="what ranks tokens")
