@@ -482,9 +482,17 @@ class RedisTier:
         log.warning("%s: Redis failed, skipping it for a while: %s", self.name, self._last_error)
 
     async def _round_trip(self, awaitable: Awaitable[T]) -> T:
-        """One request/response with Redis, bounded by timeout_s; its latency is sampled."""
+        """One request/response with Redis, bounded by timeout_s; its latency is sampled.
+
+        redis-py 8.1's asyncio connection can leak an AttributeError or TypeError (its writer or
+        transport already torn down) instead of ConnectionError when a command is sent on a
+        connection the server just closed (redis-py issues #4287, #3546; seen here when a cluster
+        master is killed under load): inside a round trip, those are connection failures."""
         start = time.perf_counter()
-        result = await asyncio.wait_for(self._limited(awaitable), self._timeout_s)
+        try:
+            result = await asyncio.wait_for(self._limited(awaitable), self._timeout_s)
+        except (AttributeError, TypeError) as error:
+            raise ConnectionError(f"connection lost mid-command ({type(error).__name__}: {error})") from error
         with self._lock:
             self._latencies_s.append(time.perf_counter() - start)
         return result
