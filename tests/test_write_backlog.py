@@ -31,7 +31,7 @@ def make_store(throwaway_redis):
     stores = []
 
     def make(entries: int = 64, backlog_entries: int = 64) -> TieredStore:
-        redis = RedisTier(throwaway_redis.url, namespace="backlog", model_fingerprint="fp", timeout_s=0.3)
+        redis = RedisTier(throwaway_redis.url, namespace="backlog", model_fingerprint="fp", timeout_s=2.0)
         tiers = [GpuTier(entries * SIZE, device="cpu"), CpuTier(entries * SIZE), redis]
         stores.append(TieredStore(tiers, write_backlog_bytes=backlog_entries * SIZE))
         return stores[-1]
@@ -69,10 +69,11 @@ def test_chunks_put_while_redis_is_dead_reach_another_replica_after_it_restarts(
     redis_stats = writer.stats()["tiers"][2]
     assert redis_stats.available and redis_stats.last_error is None
 
-    reader = make_store()
-    got = reader.get_many([ChunkKey(n) for n in NAMES])
+    reader = make_store()  # another replica: its first connection may be slow on a loaded machine
+    got = wait_until(lambda: (found := reader.get_many([ChunkKey(n) for n in NAMES]))[:7].count(None) == 0 and found,
+                     timeout_s=15)
     assert all(same(g, chunk(i)) for i, g in enumerate(got[:7])) and got[7] is None
-    assert reader.stats()["tiers"][2].hits == 7
+    assert reader.stats()["tiers"][2].hits >= 7
 
 
 def test_the_backlog_keeps_evicted_chunks_within_its_bound_dropping_the_oldest(make_store, throwaway_redis):
@@ -88,8 +89,9 @@ def test_the_backlog_keeps_evicted_chunks_within_its_bound_dropping_the_oldest(m
     throwaway_redis.start()
     wait_until(lambda: reachable(writer.tiers[2]), timeout_s=15)
     assert writer.retry_backlog() == 7 and backlog(writer) == (0, 0)
-    reader = make_store()
-    got = reader.get_many([ChunkKey(n) for n in NAMES])
+    reader = make_store()  # another replica: its first connection may be slow on a loaded machine
+    got = wait_until(lambda: (found := reader.get_many([ChunkKey(n) for n in NAMES]))[1:].count(None) == 0 and found,
+                     timeout_s=15)
     assert got[0] is None and all(same(g, chunk(i)) for i, g in enumerate(got) if i > 0)
 
 
