@@ -15,12 +15,16 @@ back-off, and a retry inside the client would multiply the time a dead node cost
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from typing import Callable, TypeVar
 from urllib.parse import quote
 
 import redis
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def is_cluster(url: str, timeout_s: float = 0.5) -> bool:
@@ -62,3 +66,38 @@ def async_client(url: str, *, timeout_s: float = 0.5, max_connections: int = 16
 def hash_tag(text: str) -> str:
     """`{text}` with braces percent-encoded inside, so all keys built on it land in one cluster slot."""
     return "{" + quote(text, safe="") + "}"
+
+
+class RedisUnavailable(RuntimeError):
+    """SkipAfterFailure refused a call: Redis failed just now, or this call failed."""
+
+
+class SkipAfterFailure:
+    """The circuit of a blocking Redis client: after a failure, calls are refused at once for
+    skip_s (a dead Redis costs one timeout per period, not one per request); a success clears
+    the error. Counts failures and keeps the last one, for stats. Thread-safe."""
+
+    def __init__(self, name: str, skip_s: float = 1.0) -> None:
+        self.name, self.skip_s = name, skip_s
+        self.errors = 0
+        self.last_error: str | None = None
+        self._skip_until = 0.0
+        self._lock = threading.Lock()
+
+    def call(self, work: Callable[[], T]) -> T:
+        """work()'s result; RedisUnavailable while skipping or when work fails with a Redis or socket error."""
+        if time.monotonic() < self._skip_until:
+            raise RedisUnavailable(f"{self.name}: Redis failed ({self.last_error}); retry later")
+        try:
+            result = work()
+        except (RedisError, OSError) as error:
+            with self._lock:
+                self.errors += 1
+                self.last_error = f"{type(error).__name__}: {error}"
+                self._skip_until = time.monotonic() + self.skip_s
+            log.warning("%s: Redis failed, skipping it for %.0f s: %s", self.name, self.skip_s, error)
+            raise RedisUnavailable(f"{self.name}: Redis failed ({self.last_error}); retry later") from error
+        if self.last_error is not None:
+            with self._lock:
+                self.last_error = None
+        return result

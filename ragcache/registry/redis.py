@@ -8,22 +8,17 @@
 {tenant} is a hash tag (percent-encoded, so no tenant name reaches another's keys): in a
 cluster a tenant's table lives in one slot, and each call touches one key, except rows(),
 which reads the tenant set first. put and delete are scripts, so the value they return is
-the one they replaced. After a failure, calls are refused for a second (RegistryUnavailableError
-at once) rather than each waiting out a timeout.
+the one they replaced. After a failure, calls are refused for a second (storage/connect.py
+SkipAfterFailure: RegistryUnavailableError at once) rather than each waiting out a timeout.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Iterator, Sequence
 
-from redis.exceptions import RedisError
-
 from ragcache.registry.base import Registry, RegistryStats, RegistryUnavailableError
-from ragcache.storage.connect import hash_tag, sync_client
+from ragcache.storage.connect import RedisUnavailable, SkipAfterFailure, hash_tag, sync_client
 
-_SKIP_AFTER_FAILURE_S = 1.0
 _PUT = "local old = redis.call('HGET', KEYS[1], ARGV[1]) redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return old"
 _DELETE = "local old = redis.call('HGET', KEYS[1], ARGV[1]) redis.call('HDEL', KEYS[1], ARGV[1]) return old"
 
@@ -34,10 +29,7 @@ class RedisRegistry(Registry):
         self._put = self._client.register_script(_PUT)
         self._delete = self._client.register_script(_DELETE)
         self._prefix = prefix
-        self._lock = threading.Lock()
-        self._errors = 0
-        self._last_error: str | None = None
-        self._skip_until = 0.0
+        self._circuit = SkipAfterFailure("registry")
 
     def put(self, table: str, tenant: str, key: str, value: bytes) -> bytes | None:
         def work():
@@ -69,8 +61,8 @@ class RedisRegistry(Registry):
                 yield tenant, key, value
 
     def stats(self) -> RegistryStats:
-        with self._lock:
-            return RegistryStats("redis", self._errors, self._last_error is None, self._last_error)
+        circuit = self._circuit
+        return RegistryStats("redis", circuit.errors, circuit.last_error is None, circuit.last_error)
 
     def close(self) -> None:
         self._client.close()
@@ -82,16 +74,7 @@ class RedisRegistry(Registry):
         return f"{self._prefix}:tenants:{table}"
 
     def _call(self, work):
-        if time.monotonic() < self._skip_until:
-            raise RegistryUnavailableError(f"the Redis registry is unreachable ({self._last_error}); retry later")
         try:
-            result = work()
-        except (RedisError, OSError) as error:
-            with self._lock:
-                self._errors += 1
-                self._last_error = f"{type(error).__name__}: {error}"
-                self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_S
-            raise RegistryUnavailableError(f"the Redis registry failed: {self._last_error}; retry later") from error
-        with self._lock:
-            self._last_error = None
-        return result
+            return self._circuit.call(work)
+        except RedisUnavailable as error:
+            raise RegistryUnavailableError(str(error)) from error

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from typing import Iterator, Sequence
 from urllib.parse import quote, unquote
 
@@ -39,6 +37,7 @@ import numpy as np
 
 from ragcache.semantic.answers.base import AnswerRecord, AnswerStore, AnswerStoreStats, AnswerStoreUnavailable
 from ragcache.semantic.conversation import Message
+from ragcache.storage.connect import RedisUnavailable, SkipAfterFailure, sync_client
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +53,12 @@ return redis.call('HGET', KEYS[1], 'answer')
 
 class RedisAnswerStore(AnswerStore):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "semantic", timeout_s: float = 0.5) -> None:
-        import redis
-
-        from ragcache.storage.connect import sync_client
-
         if not namespace or ":" in namespace:
             raise ValueError(f"namespace must be non-empty and free of ':', got {namespace!r}")
-        self._errors_caught = (redis.RedisError, OSError)
         self._client = sync_client(url, timeout_s=timeout_s)
         self._answer_script = self._client.register_script(_ANSWER_AND_COUNT)
         self._prefix = f"ragcache:{namespace}:semantic"
-        self._lock = threading.Lock()
-        self._errors = 0
-        self._last_error: str | None = None
-        self._skip_until = 0.0
+        self._circuit = SkipAfterFailure("semantic answers", _SKIP_AFTER_FAILURE_S)
 
     def put(self, record: AnswerRecord) -> bool:
         key = self._key(record.tenant, record.entry_id)
@@ -81,7 +72,7 @@ class RedisAnswerStore(AnswerStore):
         missing = object()
         raw = self._call(lambda: self._answer_script(keys=[self._key(tenant, entry_id)]), missing)
         if raw is missing:
-            raise AnswerStoreUnavailable(self._last_error or "redis skipped after a failure")
+            raise AnswerStoreUnavailable(self._circuit.last_error or "redis skipped after a failure")
         return None if raw is None else raw.decode()
 
     def delete(self, tenant: str, entry_ids: Sequence[str]) -> int:
@@ -102,8 +93,8 @@ class RedisAnswerStore(AnswerStore):
                     yield record
 
     def stats(self) -> AnswerStoreStats:
-        with self._lock:
-            return AnswerStoreStats("redis", self._errors, self._last_error is None, self._last_error)
+        circuit = self._circuit
+        return AnswerStoreStats("redis", circuit.errors, circuit.last_error is None, circuit.last_error)
 
     def close(self) -> None:
         self._client.close()
@@ -112,22 +103,10 @@ class RedisAnswerStore(AnswerStore):
         return f"{self._prefix}:{quote(tenant, safe='')}:{entry_id}"
 
     def _call(self, work, fallback):
-        if time.monotonic() < self._skip_until:
-            return fallback
         try:
-            result = work()
-        except self._errors_caught as error:
-            with self._lock:
-                self._errors += 1
-                self._last_error = f"{type(error).__name__}: {error}"
-                self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_S
-            log.warning("semantic answers: Redis failed, skipping it for %.0f s: %s", _SKIP_AFTER_FAILURE_S, error)
+            return self._circuit.call(work)
+        except RedisUnavailable:
             return fallback
-        if self._last_error is not None:
-            with self._lock:
-                self._last_error = None
-        return result
-
 
 def _encode(record: AnswerRecord) -> dict[str, bytes | str | float | int]:
     fields: dict[str, bytes | str | float | int] = {
