@@ -9,20 +9,17 @@ from ragcache.semantic.answers.base import AnswerRecord, AnswerStore, AnswerStor
 from ragcache.semantic.answers.memory import MemoryAnswerStore
 
 
-def make_answer_store(redis_url: str | None, namespace: str = "semantic", sqlite_path: Path | None = None,
-                      shared: bool = True) -> AnswerStore:
-    """RedisAnswerStore when a URL is given (wrapped in a SharedAnswerStore unless shared is False),
-    else SqliteAnswerStore at sqlite_path when one is given, else MemoryAnswerStore. redis-py is
-    imported only for Redis."""
+def make_answer_store(redis_url: str | None, namespace: str = "semantic",
+                      sqlite_path: Path | None = None) -> AnswerStore:
+    """A RedisAnswerStore wrapped in a SharedAnswerStore (its changes published to the other
+    replicas) when a URL is given, else SqliteAnswerStore at sqlite_path when one is given, else
+    MemoryAnswerStore. redis-py is imported only for Redis."""
     if redis_url:
+        from ragcache.semantic.answers.events import AnswerEvents, SharedAnswerStore
         from ragcache.semantic.answers.redis import RedisAnswerStore
 
-        store = RedisAnswerStore(redis_url, namespace=namespace)
-        if not shared:
-            return store
-        from ragcache.semantic.answers.events import AnswerEvents, SharedAnswerStore
-
-        return SharedAnswerStore(store, AnswerEvents(redis_url, namespace=namespace))
+        return SharedAnswerStore(RedisAnswerStore(redis_url, namespace=namespace),
+                                 AnswerEvents(redis_url, namespace=namespace))
     if sqlite_path is not None:
         from ragcache.semantic.answers.sqlite import SqliteAnswerStore
 
