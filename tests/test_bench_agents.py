@@ -218,7 +218,6 @@ def test_a_missed_target_is_reported_as_missed():
 
 
 def test_the_plot_draws_jct_per_policy(tmp_path):
-    pytest.importorskip("matplotlib")
     summary = summarise(synthetic_runs(), [], AgentsBenchOptions(), Sizes(2000, 2000, 9000))
     plot_agents(summary, tmp_path / "jct.png")
     assert (tmp_path / "jct.png").stat().st_size > 1000
