@@ -41,14 +41,13 @@ async def health() -> dict:
 async def ready(runtime: RuntimeDep) -> Response[dict]:
     """Always 200 once the model is loaded: a replica with Redis down still answers (misses,
     recomputation), so it stays in the load balancer; `status` says degraded."""
-    stats = runtime.stats()
-    redis = [t for t in stats["tiers"] if "available" in t]
-    redis_down = any(not t["available"] for t in redis)
-    registry = stats["registry"]
-    degraded = redis_down or not registry["available"]
+    redis = [t for t in runtime.engine.store_stats()["tiers"] if hasattr(t, "available")]
+    redis_down = any(not t.available for t in redis)
+    registry = runtime.documents.registry.stats()  # not runtime.stats(): no per-tenant registry reads per probe
+    degraded = redis_down or not registry.available
     body = {"status": "degraded" if degraded else "ready", "model": runtime.model_name,
             "redis": None if not redis else ("unreachable" if redis_down else "ok"),
-            "registry": f"{registry['kind']} " + ("ok" if registry["available"] else "unreachable")}
+            "registry": f"{registry.kind} " + ("ok" if registry.available else "unreachable")}
     return Response(body, status_code=200)
 
 
