@@ -4,6 +4,7 @@ small builders. Import the fixtures with `from semantic_fixtures import embedder
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 
 import pytest
 
@@ -43,3 +44,21 @@ def make_cache(embedder, clock=None, answers=None, **config) -> SemanticCache:
     config.setdefault("policies", {name: dataclasses.replace(policy, enabled=True)
                                    for name, policy in DEFAULT_POLICIES.items()})
     return SemanticCache(embedder, answers=answers, config=SemanticCacheConfig(**config), **kwargs)
+
+
+@contextmanager
+def replica_caches(embedder, url: str, namespace: str, follow=(True, True)):
+    """Two caches over one Redis, as two replicas' are (answers shared, changes published);
+    each follows the other's changes where `follow` says. Closed afterwards."""
+    from ragcache.semantic.answers import make_answer_store
+    from ragcache.semantic.answers.events import follow_replicas
+
+    caches = [make_cache(embedder, answers=make_answer_store(url, namespace=namespace)) for _ in range(2)]
+    try:
+        for cache, follows in zip(caches, follow):
+            if follows:
+                assert follow_replicas(cache)
+        yield caches
+    finally:
+        for cache in caches:
+            cache.answers.close()

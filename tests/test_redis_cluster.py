@@ -17,7 +17,6 @@ from ragcache.engine.programs import ProgramIndex, ProgramRecord
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.registry.documents import DocumentRegistry, StoredDocument
 from ragcache.registry.redis import RedisRegistry
-from ragcache.semantic.answers import make_answer_store
 from ragcache.semantic.answers.base import AnswerRecord
 from ragcache.semantic.answers.redis import RedisAnswerStore
 from ragcache.storage import CpuTier, TieredStore
@@ -26,7 +25,7 @@ from ragcache.storage.codec import encode_chunk
 from ragcache.storage.connect import hash_tag
 from ragcache.storage.redis import RedisTier
 from redis_server import wait_until
-from semantic_fixtures import embedder, make_cache, query  # noqa: F401  (fixtures)
+from semantic_fixtures import embedder, make_cache, query, replica_caches  # noqa: F401  (fixtures)
 
 NUM_KEYS = 24
 
@@ -157,16 +156,10 @@ def test_registries_work_on_a_cluster(redis_cluster, namespace):
 
 
 def test_semantic_entries_propagate_between_replicas_on_a_cluster(redis_cluster, namespace, embedder):
-    one = make_cache(embedder, answers=make_answer_store(redis_cluster.url, namespace=namespace))
-    two = make_cache(embedder, answers=make_answer_store(redis_cluster.url, namespace=namespace))
-    try:
-        assert two.answers.events.follow(two.index_record, two.drop_entries, two.rebuild)
+    with replica_caches(embedder, redis_cluster.url, namespace, follow=(False, True)) as (one, two):
         assert one.store(query("How do I reset my password?"), "Use the reset link.")
         hit = wait_until(lambda: two.lookup(query("How do I reset my password?")), timeout_s=1.0)
         assert hit.answer == "Use the reset link."
-    finally:
-        one.answers.close()
-        two.answers.close()
 
 
 def test_a_killed_master_costs_misses_and_the_others_keep_serving(make_tier, answers, redis_cluster, namespace, embedder):

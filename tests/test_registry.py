@@ -13,12 +13,11 @@ from ragcache.registry import MemoryRegistry, RegistryUnavailableError, make_reg
 from ragcache.registry.documents import DocumentRegistry, StoredDocument
 from ragcache.registry.redis import RedisRegistry
 from ragcache.registry.sqlite import SqliteRegistry
-from ragcache.semantic.answers import make_answer_store
 from ragcache.semantic.answers.sqlite import SqliteAnswerStore
 from conftest import DOCUMENTS, QUESTION
 from service_server import running_server
 from redis_server import redis_namespace, redis_url, throwaway_redis, wait_until  # noqa: F401  (fixtures)
-from semantic_fixtures import embedder, make_cache, query  # noqa: F401
+from semantic_fixtures import embedder, make_cache, query, replica_caches  # noqa: F401
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -130,11 +129,7 @@ def test_sqlite_answers_survive_a_restart(embedder, tmp_path):
 
 
 def test_an_entry_stored_on_one_replica_is_a_hit_on_another_within_a_second(embedder, redis_url, redis_namespace):
-    one = make_cache(embedder, answers=make_answer_store(redis_url, namespace=redis_namespace))
-    two = make_cache(embedder, answers=make_answer_store(redis_url, namespace=redis_namespace))
-    for cache in (one, two):
-        assert cache.answers.events.follow(cache.index_record, cache.drop_entries, cache.rebuild)
-    try:
+    with replica_caches(embedder, redis_url, redis_namespace) as (one, two):
         assert one.store(query("How do I reset my password?"), "Use the reset link.")
         stored_s = time.monotonic()
         hit = wait_until(lambda: two.lookup(query("How do I reset my password?")), timeout_s=1.0)
@@ -142,24 +137,15 @@ def test_an_entry_stored_on_one_replica_is_a_hit_on_another_within_a_second(embe
         assert one.invalidate("acme") == 1
         wait_until(lambda: two.lookup(query("How do I reset my password?")) is None, timeout_s=1.0)
         assert one.answers.events.received == 0  # its own messages are not applied twice
-    finally:
-        one.answers.close()
-        two.answers.close()
 
 
 def test_a_replica_that_lost_the_channel_rebuilds_what_it_missed(embedder, throwaway_redis, redis_namespace):
-    one = make_cache(embedder, answers=make_answer_store(throwaway_redis.url, namespace=redis_namespace))
-    two = make_cache(embedder, answers=make_answer_store(throwaway_redis.url, namespace=redis_namespace))
-    assert two.answers.events.follow(two.index_record, two.drop_entries, two.rebuild)
-    try:
+    with replica_caches(embedder, throwaway_redis.url, redis_namespace, follow=(False, True)) as (one, two):
         throwaway_redis.kill()
         throwaway_redis.start()  # an empty Redis (no persistence): two's subscription is gone
         assert one.store(query("How do I reset my password?"), "Use the reset link.")
         hit = wait_until(lambda: two.lookup(query("How do I reset my password?")), timeout_s=10)
         assert hit.answer == "Use the reset link."
-    finally:
-        one.answers.close()
-        two.answers.close()
 
 
 def test_a_registry_outage_is_a_503_to_register_and_served_documents_keep_answering(make_engine, throwaway_redis,

@@ -85,14 +85,14 @@ def _semantic_cache(settings: Settings):
         return None
     from ragcache.semantic import SemanticCache
     from ragcache.semantic.answers import make_answer_store
+    from ragcache.semantic.answers.events import follow_replicas
     from ragcache.semantic.embedder import SentenceTransformerEmbedder
 
     kind = settings.registry_kind
     answers = make_answer_store(settings.redis_url if kind == "redis" else None,
                                 sqlite_path=settings.data_path / "semantic.sqlite3" if kind == "sqlite" else None)
     cache = SemanticCache(SentenceTransformerEmbedder(), answers)
-    events = getattr(answers, "events", None)
-    if events is not None and not events.follow(cache.index_record, cache.drop_entries, cache.rebuild):
+    if follow_replicas(cache) is False:
         log.warning("semantic cache: not yet subscribed to other replicas' entries (Redis unreachable?)")
     log.info("semantic cache ready: %d entries rebuilt (%s answers)", cache.rebuilt, answers.stats().kind)
     return cache

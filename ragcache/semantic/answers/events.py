@@ -139,3 +139,12 @@ class SharedAnswerStore(AnswerStore):
     def close(self) -> None:
         self.events.close()
         self.inner.close()
+
+
+def follow_replicas(cache) -> bool | None:
+    """Have a SemanticCache index (and drop) the entries other replicas store (and remove), and
+    rebuild after a lost channel. None when its answer store is not shared (no Redis); else
+    whether the listener subscribed within its ready timeout."""
+    if not isinstance(cache.answers, SharedAnswerStore):
+        return None
+    return cache.answers.events.follow(cache.index_record, cache.drop_entries, cache.rebuild)
