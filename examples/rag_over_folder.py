@@ -13,7 +13,8 @@ from pathlib import Path
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.loader import load_model
 from ragcache.engine.runner import BlendEngine, RagRequest
-from ragcache.storage import CpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.tiered import TieredStore
 
 
 def main() -> None:

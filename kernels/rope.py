@@ -55,7 +55,9 @@ def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
     num_tokens, head_dim = x.shape[-2], x.shape[-1]
     if head_dim % 2 or cos.shape != (num_tokens, head_dim) or sin.shape != cos.shape:
-        raise ValueError(f"rope shapes do not match: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+        raise ValueError(
+            f"rope shapes do not match: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        )
     x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty_like(x)

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ragcache.engine.blend import DEVIATIONS
 from ragcache.config import SettingsError
+from ragcache.engine.blend import DEVIATIONS
 from ragcache.engine.errors import InvalidRequestError, ModelLoadError
 
 
@@ -19,7 +19,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-cache-gb", type=float, default=1.0, help="budget of the model device's KV tier, GiB")
     parser.add_argument("--cpu-cache-gb", type=float, default=8.0, help="budget of the CPU KV tier, GiB")
     parser.add_argument("--redis-url", default=None, help="add a Redis tier, e.g. redis://127.0.0.1:6379/0")
-    parser.add_argument("--codec", default="raw", help="codec of the Redis tier: raw, int8, int4, int4-g64, with optional +zlib")
+    parser.add_argument(
+        "--codec", default="raw", help="codec of the Redis tier: raw, int8, int4, int4-g64, with optional +zlib"
+    )
     parser.add_argument("--eviction", default="cost_aware", choices=["lru", "lfu", "cost_aware"])
     parser.add_argument("--check-layer", type=int, default=1, help="layer whose KV deviation picks the tokens")
     parser.add_argument("--deviation", default="value", choices=list(DEVIATIONS), help="what ranks tokens")
@@ -48,15 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("--max-tokens", type=int, default=32)
     rag.add_argument("--json", type=Path, default=None, help="write the summary here")
     rag.add_argument("--roundtrip-codec", default=None, help="serve cached KV as it comes back through this codec")
-    rag.add_argument("--selections", default="default",
-                     help="blend selections per ratio: default, value, key, attention, epic<k>, <deviation>+epic<k>")
-    rag.add_argument("--gate", action="store_true",
-                     help="blend under an error budget: learn on --learn-from with shadow checks, then run DATASET")
+    rag.add_argument(
+        "--selections",
+        default="default",
+        help="blend selections per ratio: default, value, key, attention, epic<k>, <deviation>+epic<k>",
+    )
+    rag.add_argument(
+        "--gate",
+        action="store_true",
+        help="blend under an error budget: learn on --learn-from with shadow checks, then run DATASET",
+    )
     rag.add_argument("--learn-from", type=Path, default=None, help="with --gate: the questions the budget learns on")
     rag.add_argument("--epsilon", type=float, default=0.1, help="with --gate: largest first-token disagreement rate")
-    rag.add_argument("--ladder", default=None,
-                     help="with --gate: settings fastest to safest, e.g. blend@0.15,blend@0.3,blend@0.3/attention,prefix")
-    rag.add_argument("--shadow-fraction", type=float, default=1.0, help="with --gate: share of learning answers checked")
+    rag.add_argument(
+        "--ladder",
+        default=None,
+        help="with --gate: settings fastest to safest, e.g. blend@0.15,blend@0.3,blend@0.3/attention,prefix",
+    )
+    rag.add_argument(
+        "--shadow-fraction", type=float, default=1.0, help="with --gate: share of learning answers checked"
+    )
     _add_model_args(rag)
     serve = commands.add_parser("serve", help="run the HTTP service (settings: --config, RAGCACHE_*, flags)")
     serve.add_argument("--config", type=Path, default=None, help="TOML file of settings")
@@ -73,11 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     sem.add_argument("--sizes", default="1000,10000,100000", help="index sizes for the latency runs ('' skips them)")
     sem.add_argument("--indexes", default="hnsw,faiss")
     sem.add_argument("--no-unguarded", action="store_true", help="skip the run with the guards off")
-    sem.add_argument("--delta", default="0.01,0.05,0.1",
-                     help="learned thresholds at these error bounds, learned on the tuning half ('' skips them)")
+    sem.add_argument(
+        "--delta",
+        default="0.01,0.05,0.1",
+        help="learned thresholds at these error bounds, learned on the tuning half ('' skips them)",
+    )
     sem.add_argument("--plot", type=Path, default=None, help="write served vs wrong per configuration here (PNG)")
-    sem.add_argument("--agreement", type=int, default=0,
-                     help="also answer N held-out pairs with the model and score the shadow check's answer agreement")
+    sem.add_argument(
+        "--agreement",
+        type=int,
+        default=0,
+        help="also answer N held-out pairs with the model and score the shadow check's answer agreement",
+    )
     _add_model_args(sem)
     sem.add_argument("--json", type=Path, default=None, help="write the summary here")
     replay = suites.add_parser("eviction", help="eviction policies replayed on a RAG retrieval trace")
@@ -93,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--ttft-repeats", type=int, default=5, help="requests per tier (the median is reported)")
     store.add_argument("--chunks", type=int, default=6, help="distinct real chunks; the RAG request's documents")
     store.add_argument("--chunk-tokens", type=int, default=512)
-    store.add_argument("--dataset", type=Path, default=None,
-                       help="passages to cut chunks from, JSON list of {ctxs: [{text}]} (default: the demo's)")
+    store.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="passages to cut chunks from, JSON list of {ctxs: [{text}]} (default: the demo's)",
+    )
     store.add_argument("--no-llama3-8b", action="store_true", help="skip the Llama-3-8B-sized chunk")
     store.add_argument("--model", default=None, help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     store.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -114,13 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--seed", type=int, default=0, help="question order and arrival gaps")
     serve_bench.add_argument("--url", default=None, help="a running ragcache (default: start `ragcache serve`)")
     serve_bench.add_argument("--api-key", default=None)
-    serve_bench.add_argument("--model", default=None,
-                             help="model directory or .gguf of the started server (a .gguf is the peer's too)")
+    serve_bench.add_argument(
+        "--model", default=None, help="model directory or .gguf of the started server (a .gguf is the peer's too)"
+    )
     serve_bench.add_argument("--device", default=None)
     serve_bench.add_argument("--dtype", default=None)
     serve_bench.add_argument("--redis-url", default=None)
-    serve_bench.add_argument("--peer", default="auto", choices=["auto", "llamacpp", "none"],
-                             help="llama.cpp's server on the same GGUF (auto: when llama-cpp-python is installed)")
+    serve_bench.add_argument(
+        "--peer",
+        default="auto",
+        choices=["auto", "llamacpp", "none"],
+        help="llama.cpp's server on the same GGUF (auto: when llama-cpp-python is installed)",
+    )
     serve_bench.add_argument("--peer-url", default=None, help="a running llama.cpp server (default: start one)")
     serve_bench.add_argument("--peer-model", default=None, help="the peer's GGUF (default: --model's, or the default)")
     serve_bench.add_argument("--peer-threads", type=int, default=None, help="llama.cpp threads (default: torch's)")
@@ -131,10 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     agents.add_argument("--programs", type=int, default=12, help="BFCL multi-turn entries, one program each")
     agents.add_argument("--turns", type=int, default=2, help="each program's first N user turns")
     agents.add_argument("--arrival-rate", type=float, default=1.0, help="Poisson program arrivals per second")
-    agents.add_argument("--time-scale", type=float, default=1.0,
-                        help="multiplies tool durations, think time and the pins' time constants")
-    agents.add_argument("--kv-budget-mb", type=float, default=None,
-                        help="local KV (device + host tier, half each; default: half of all programs' final KV)")
+    agents.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiplies tool durations, think time and the pins' time constants",
+    )
+    agents.add_argument(
+        "--kv-budget-mb",
+        type=float,
+        default=None,
+        help="local KV (device + host tier, half each; default: half of all programs' final KV)",
+    )
     agents.add_argument("--max-tokens", type=int, default=64, help="per tool-call request")
     agents.add_argument("--seed", type=int, default=0, help="which programs, tool durations and arrivals")
     agents.add_argument("--no-prefix-runs", action="store_true", help="skip the runs without program_id")
@@ -144,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine(args):
-    from ragcache.engine.loader import ModelSpec, load_model
     from ragcache.engine.blend import BlendConfig
+    from ragcache.engine.loader import ModelSpec, load_model
     from ragcache.engine.runner import BlendEngine, EngineConfig
     from ragcache.storage.factory import GiB, StoreConfig, make_store
 
@@ -222,9 +259,15 @@ def _bench_store(args) -> None:
     from ragcache.engine.loader import ModelSpec, load_model
 
     options = StoreBenchOptions(
-        chunk_tokens=args.chunk_tokens, chunks=args.chunks, repeats=args.repeats, codec_repeats=args.codec_repeats,
-        ttft_repeats=args.ttft_repeats, redis_url=args.redis_url or None, codec=args.codec,
-        llama3_8b=not args.no_llama3_8b, dataset=None if args.dataset is None else str(args.dataset),
+        chunk_tokens=args.chunk_tokens,
+        chunks=args.chunks,
+        repeats=args.repeats,
+        codec_repeats=args.codec_repeats,
+        ttft_repeats=args.ttft_repeats,
+        redis_url=args.redis_url or None,
+        codec=args.codec,
+        llama3_8b=not args.no_llama3_8b,
+        dataset=None if args.dataset is None else str(args.dataset),
     )
     if args.plot is not None:
         from ragcache.bench.serve_plot import pyplot
@@ -246,8 +289,10 @@ def _bench_semantic(args) -> None:
         return tuple(part.strip() for part in text.split(",") if part.strip())
 
     options = SemanticBenchOptions(
-        datasets=names(args.datasets), compare_unguarded=not args.no_unguarded,
-        sizes=tuple(int(n) for n in names(args.sizes)), indexes=names(args.indexes),
+        datasets=names(args.datasets),
+        compare_unguarded=not args.no_unguarded,
+        sizes=tuple(int(n) for n in names(args.sizes)),
+        indexes=names(args.indexes),
         deltas=tuple(float(d) for d in names(args.delta)),
     )
     if args.plot is not None:
@@ -260,8 +305,10 @@ def _bench_semantic(args) -> None:
         from ragcache.semantic.embedder import SentenceTransformerEmbedder
 
         summary["agreement"] = measure_agreement(_engine(args), SentenceTransformerEmbedder(), args.agreement)
-        print(f"answer agreement on {summary['agreement']['pairs']} held-out pairs: should-hit "
-              f"{summary['agreement']['same_meaning_agree']:.1%} agree, traps {summary['agreement']['trap_agree']:.1%}")
+        print(
+            f"answer agreement on {summary['agreement']['pairs']} held-out pairs: should-hit "
+            f"{summary['agreement']['same_meaning_agree']:.1%} agree, traps {summary['agreement']['trap_agree']:.1%}"
+        )
     print(format_semantic_table(summary))
     _write_json(args.json, summary)
     if args.plot is not None:
@@ -277,12 +324,29 @@ def _bench_serve(args) -> None:
     from ragcache.bench.serve_targets import ServerOptions
 
     options = ServeBenchOptions(
-        limit=args.limit, docs=args.docs, max_tokens=args.max_tokens, modes=parse_list(args.modes, str, "--modes"),
-        concurrency=parse_list(args.concurrency, int, "--concurrency"), rates=parse_list(args.rates, float, "--rates"),
-        requests=args.requests, duration_s=args.duration_s, seed=args.seed,
+        limit=args.limit,
+        docs=args.docs,
+        max_tokens=args.max_tokens,
+        modes=parse_list(args.modes, str, "--modes"),
+        concurrency=parse_list(args.concurrency, int, "--concurrency"),
+        rates=parse_list(args.rates, float, "--rates"),
+        requests=args.requests,
+        duration_s=args.duration_s,
+        seed=args.seed,
     )
-    server_flags = ("url", "api_key", "model", "device", "dtype", "redis_url", "peer", "peer_url", "peer_model",
-                    "peer_threads", "start_timeout_s")
+    server_flags = (
+        "url",
+        "api_key",
+        "model",
+        "device",
+        "dtype",
+        "redis_url",
+        "peer",
+        "peer_url",
+        "peer_model",
+        "peer_threads",
+        "start_timeout_s",
+    )
     servers = ServerOptions(**{name: getattr(args, name) for name in server_flags})
     if args.plot is not None:
         from ragcache.bench.serve_plot import plot_serve_summary, pyplot
@@ -300,9 +364,16 @@ def _bench_serve(args) -> None:
 def _bench_agents(args) -> None:
     from ragcache.bench.agents import AgentsBenchOptions, format_agents_table, plot_agents, run_agents_bench
 
-    options = AgentsBenchOptions(programs=args.programs, turns=args.turns, arrival_rate=args.arrival_rate,
-                                 time_scale=args.time_scale, kv_budget_mb=args.kv_budget_mb,
-                                 max_tokens=args.max_tokens, seed=args.seed, prefix_runs=not args.no_prefix_runs)
+    options = AgentsBenchOptions(
+        programs=args.programs,
+        turns=args.turns,
+        arrival_rate=args.arrival_rate,
+        time_scale=args.time_scale,
+        kv_budget_mb=args.kv_budget_mb,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        prefix_runs=not args.no_prefix_runs,
+    )
     if args.plot is not None:
         from ragcache.bench.serve_plot import pyplot
 
@@ -329,15 +400,23 @@ def _serve(args) -> None:
     from ragcache.service.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    flags = {name: getattr(args, name) for name in ("host", "port", "model", "device", "dtype", "redis_url",
-                                                 "data_dir", "registry")}
+    flags = {
+        name: getattr(args, name)
+        for name in ("host", "port", "model", "device", "dtype", "redis_url", "data_dir", "registry")
+    }
     serve(load_settings(args.config, os.environ, flags))
 
 
-COMMANDS = {("serve", None): _serve, ("demo", None): _demo, ("bench", "rag"): _bench_rag, ("bench", "eviction"): _bench_eviction,
-            ("bench", "store"): _bench_store,
-            ("bench", "semantic"): _bench_semantic, ("bench", "serve"): _bench_serve,
-            ("bench", "agents"): _bench_agents}
+COMMANDS = {
+    ("serve", None): _serve,
+    ("demo", None): _demo,
+    ("bench", "rag"): _bench_rag,
+    ("bench", "eviction"): _bench_eviction,
+    ("bench", "store"): _bench_store,
+    ("bench", "semantic"): _bench_semantic,
+    ("bench", "serve"): _bench_serve,
+    ("bench", "agents"): _bench_agents,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 ENV_PREFIX = "RAGCACHE_"
 
@@ -51,7 +53,9 @@ class Settings:
     write_backlog_mb: float = 256.0  # chunks whose write to Redis failed, kept to retry once it is back
     # registrations (documents, programs) and semantic answers: durable, shared by replicas
     registry: str = "auto"  # auto (redis with redis_url, else sqlite), redis, sqlite or memory (lost on exit)
-    data_dir: str | None = None  # the sqlite registry's folder; None: $XDG_DATA_HOME/ragcache or ~/.local/share/ragcache
+    data_dir: str | None = (
+        None  # the sqlite registry's folder; None: $XDG_DATA_HOME/ragcache or ~/.local/share/ragcache
+    )
     # agent programs: how a tool call pins the program's KV (tool_ttl, fixed_ttl or none; see agents/pins.py)
     pin_policy: str = "tool_ttl"
     pin_fixed_ttl_s: float = 2.0  # the pin of every tool call under pin_policy fixed_ttl
@@ -81,8 +85,10 @@ class Settings:
             (0.0 <= self.blend_ratio <= 1.0, "blend_ratio must be in [0, 1]"),
             (0.0 < self.blend_epsilon < 1.0, "blend_epsilon must be in (0, 1)"),
             (self.sink_tokens >= 0, "sink_tokens must be >= 0"),
-            (0.0 <= self.shadow_fraction <= 1.0 and 0.0 <= self.semantic_shadow_fraction <= 1.0,
-             "shadow_fraction and semantic_shadow_fraction must be in [0, 1]"),
+            (
+                0.0 <= self.shadow_fraction <= 1.0 and 0.0 <= self.semantic_shadow_fraction <= 1.0,
+                "shadow_fraction and semantic_shadow_fraction must be in [0, 1]",
+            ),
             (self.shadow_max_pending > 0, "shadow_max_pending must be positive"),
             (self.device_cache_gb > 0 and self.cpu_cache_gb > 0, "device_cache_gb and cpu_cache_gb must be positive"),
             (self.max_queue > 0, "max_queue must be positive"),
@@ -117,7 +123,6 @@ class Settings:
             raise SettingsError(f"blend_ladder: {exc}") from None
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise SettingsError("admin_key must differ from every tenant API key")
-
 
     @property
     def data_path(self) -> Path:
@@ -167,8 +172,8 @@ def load_settings(
             raise SettingsError(f"cannot read config file {file}: {exc}") from exc
     names = {f.name for f in dataclasses.fields(Settings)}
     for key, raw in (env or {}).items():
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in names:
-            name = key[len(ENV_PREFIX):].lower()
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in names:
+            name = key[len(ENV_PREFIX) :].lower()
             values[name] = _coerce(name, _parse_env(name, raw), f"environment {key}")
     values.update(_coerce_all({k: v for k, v in (flags or {}).items() if v is not None}, "flag"))
     try:

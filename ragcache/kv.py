@@ -9,8 +9,9 @@ any prompt, at any place, in any order.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NewType, Sequence
+from typing import NewType
 
 import torch
 

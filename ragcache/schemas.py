@@ -7,7 +7,7 @@ ragcache's own fields ride along as extensions (`documents`, `blend_ratio`, `cat
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -18,7 +18,9 @@ NonEmptyList = Meta(min_length=1)
 Ratio = Annotated[float, Meta(ge=0.0, le=1.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=10.0)]  # SamplingParams' range
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
-Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # torch.Generator.manual_seed takes int64 (seed + choice index too)
+Seed = Annotated[
+    int, Meta(ge=-(2**63), le=2**63 - 1)
+]  # torch.Generator.manual_seed takes int64 (seed + choice index too)
 PositiveInt = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # msgspec's int is 64-bit
 StopText = Annotated[str, Meta(min_length=1)]
 Stops = Annotated[list[StopText], Meta(max_length=16)]  # SamplingParams: at most 16 non-empty strings
@@ -52,7 +54,7 @@ class ToolCallOut(msgspec.Struct):
 
 class ChatMessage(msgspec.Struct):
     role: Role
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallOut] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool message: the call it answers
@@ -107,14 +109,14 @@ class ChatCompletionRequest(msgspec.Struct):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    stop: Union[StopText, Stops, None] = None
+    stop: StopText | Stops | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=8)] | None = None  # convert.MAX_CHOICES
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # generate.MAX_TOP_LOGPROBS
     tools: list[ToolDefinition] | None = None
-    tool_choice: Union[str, NamedToolChoice, None] = None
+    tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     # accepted, no effect on the answer
@@ -122,14 +124,14 @@ class ChatCompletionRequest(msgspec.Struct):
     metadata: dict | None = None
     store: bool | None = None
     service_tier: str | None = None
+    modalities: list[Literal["text"]] | None = None  # text is all ragcache answers; [] and ["text"] say so
     # refused when set (they change the answer and ragcache does not implement them)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict | None = None
     functions: list | None = None
-    function_call: Union[str, dict, None] = None
+    function_call: str | dict | None = None
     audio: dict | None = None
-    modalities: list[str] | None = None
     prediction: dict | None = None
     web_search_options: dict | None = None
     reasoning_effort: str | None = None
@@ -163,7 +165,7 @@ class ProgramEnd(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", t
 
 
 # A client telling ragcache where its agent is: a tool started, ended, or the program is over.
-ProgramEvent = Union[ToolStart, ToolEnd, ProgramEnd]
+ProgramEvent = ToolStart | ToolEnd | ProgramEnd
 
 
 class PromptTokensDetails(msgspec.Struct):
@@ -187,8 +189,18 @@ class Timings(msgspec.Struct):
     queue_ms: float = 0.0  # waiting for admission (working-KV budget, program-level order)
 
 
-UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "functions", "function_call", "audio",
-               "modalities", "prediction", "web_search_options", "reasoning_effort", "verbosity")
+UNSUPPORTED = (
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "functions",
+    "function_call",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "verbosity",
+)
 
 
 class CacheReport(msgspec.Struct):

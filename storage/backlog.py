@@ -40,7 +40,9 @@ class WriteBacklog:
     def forget(self, tier: str | None = None, key: ChunkKey | None = None) -> None:
         """Drop waiting writes: of one tier, of one key, or both given; every one when neither is."""
         one = tier is not None and key is not None
-        for entry in [(tier, key)] if one else [e for e in self._entries if tier in (None, e[0]) and key in (None, e[1])]:
+        for entry in (
+            [(tier, key)] if one else [e for e in self._entries if tier in (None, e[0]) and key in (None, e[1])]
+        ):
             chunk = self._entries.pop(entry, None)
             self.held_bytes -= chunk.nbytes if chunk is not None else 0
 

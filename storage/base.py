@@ -3,9 +3,10 @@ what the engine and the service call (TieredStore composes tiers into one)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 from ragcache.kv import ChunkKey, KVChunk
 

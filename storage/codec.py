@@ -49,7 +49,8 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -105,8 +106,15 @@ def encode_chunk(chunk: KVChunk, codec: str = "raw") -> bytes:
         payload = zlib.compress(payload, 1)
     fingerprint = chunk.model_fingerprint.encode()
     header = HEADER.pack(
-        MAGIC, FORMAT_VERSION, base.codec_id | (_ZLIB_FLAG if compressed else 0), _DTYPE_IDS[chunk.dtype],
-        *chunk.keys.shape, chunk.start_pos, len(fingerprint), len(payload), 0,
+        MAGIC,
+        FORMAT_VERSION,
+        base.codec_id | (_ZLIB_FLAG if compressed else 0),
+        _DTYPE_IDS[chunk.dtype],
+        *chunk.keys.shape,
+        chunk.start_pos,
+        len(fingerprint),
+        len(payload),
+        0,
     )
     crc = zlib.crc32(payload, zlib.crc32(fingerprint, zlib.crc32(header[:_CRC_OFFSET])))
     return b"".join((header[:_CRC_OFFSET], struct.pack("<I", crc), fingerprint, payload))
@@ -232,8 +240,9 @@ def _quantise(x: torch.Tensor, bits: int, group_len: int | None) -> bytes:
     return _tensor_bytes(codes) + _tensor_bytes(scale) + _tensor_bytes(zero)
 
 
-def _dequantise(view: memoryview, lead: tuple[int, ...], n: int, bits: int,
-                group_len: int | None) -> tuple[torch.Tensor, memoryview]:
+def _dequantise(
+    view: memoryview, lead: tuple[int, ...], n: int, bits: int, group_len: int | None
+) -> tuple[torch.Tensor, memoryview]:
     """Inverse of _quantise for a tensor of shape (*lead, n), as float32; and the bytes after it."""
     group = _group_len(n, bits, group_len)
     num_groups = -(-n // group)
@@ -260,7 +269,9 @@ def _quantised_codec(codec_id: int, bits: int, group_len: int | None = None) -> 
 
     def decode(view: memoryview, shape: Shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         layers, heads, tokens, head_dim = shape
-        keys_t, view = _dequantise(view, (layers, heads, head_dim), tokens, bits, group_len)  # (layers, kv_heads, head_dim, tokens)
+        keys_t, view = _dequantise(
+            view, (layers, heads, head_dim), tokens, bits, group_len
+        )  # (layers, kv_heads, head_dim, tokens)
         values, view = _dequantise(view, (layers, heads, tokens), head_dim, bits, group_len)
         if len(view):
             raise CorruptEntryError("bad payload", f"{len(view)} trailing bytes")

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import quote
 
 import redis
@@ -33,12 +34,13 @@ def is_cluster(url: str, timeout_s: float = 0.5) -> bool:
         with redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) as probe:
             return bool(probe.info("cluster").get("cluster_enabled"))
     except (RedisError, OSError) as error:
-        log.warning("cannot reach Redis at %s to ask whether it is a cluster (%s): using a single-node client",
-                    url, error)
+        log.warning(
+            "cannot reach Redis at %s to ask whether it is a cluster (%s): using a single-node client", url, error
+        )
         return False
 
 
-def sync_client(url: str, *, timeout_s: float = 0.5) -> "redis.Redis | redis.RedisCluster":
+def sync_client(url: str, *, timeout_s: float = 0.5) -> redis.Redis | redis.RedisCluster:
     """A blocking client with timeouts on every command and connection attempt."""
     options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     if is_cluster(url, timeout_s):
@@ -46,8 +48,9 @@ def sync_client(url: str, *, timeout_s: float = 0.5) -> "redis.Redis | redis.Red
     return redis.Redis.from_url(url, **options)
 
 
-def async_client(url: str, *, timeout_s: float = 0.5, max_connections: int = 16
-                 ) -> "redis.asyncio.Redis | redis.asyncio.RedisCluster":
+def async_client(
+    url: str, *, timeout_s: float = 0.5, max_connections: int = 16
+) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
     """An asyncio client for the event loop it is first used on, with timeouts on every command and
     connection attempt. A single node gets a blocking pool of max_connections (a caller waits up to
     timeout_s for a free one); a cluster gets up to max_connections per node, and the caller must

@@ -1,11 +1,11 @@
 """Eviction policies: each is one method returning a sort key; the lowest key is evicted first.
 
-    lru         last use time: the baseline.
-    lfu         use count, then last use: keeps documents many prompts share.
-    cost_aware  decayed use frequency x prefill cost saved per byte kept (Cache-Craft's
-                reasoning, LMCache's COST_AWARE idea): a chunk earns its bytes by how often
-                it is reused and how much prefill each reuse saves. Frequency decays with a
-                half-life, so documents that stopped being retrieved do not squat forever.
+lru         last use time: the baseline.
+lfu         use count, then last use: keeps documents many prompts share.
+cost_aware  decayed use frequency x prefill cost saved per byte kept (Cache-Craft's
+            reasoning, LMCache's COST_AWARE idea): a chunk earns its bytes by how often
+            it is reused and how much prefill each reuse saves. Frequency decays with a
+            half-life, so documents that stopped being retrieved do not squat forever.
 """
 
 from __future__ import annotations

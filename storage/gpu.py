@@ -15,6 +15,8 @@ from ragcache.storage.memory import MemoryTier
 
 
 class GpuTier(MemoryTier):
-    def __init__(self, max_bytes: int, device: str | torch.device = "cuda", policy: EvictionPolicy | None = None) -> None:
+    def __init__(
+        self, max_bytes: int, device: str | torch.device = "cuda", policy: EvictionPolicy | None = None
+    ) -> None:
         device = torch.device(device)
         super().__init__("gpu" if device.type == "cuda" else "device", max_bytes, device, policy)

@@ -8,8 +8,8 @@ put is refused and nothing is evicted, so a refused put never costs the tier an 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -151,8 +151,16 @@ class MemoryTier:
         c = self.counters
         pinned_bytes = sum(self._chunks[key].nbytes for key in self._pins)
         return MemoryTierStats(
-            self.name, len(self._chunks), self.used_bytes, self.max_bytes, len(self._pins), pinned_bytes,
-            c.hits, c.misses, c.evictions, c.rejected,
+            self.name,
+            len(self._chunks),
+            self.used_bytes,
+            self.max_bytes,
+            len(self._pins),
+            pinned_bytes,
+            c.hits,
+            c.misses,
+            c.evictions,
+            c.rejected,
         )
 
     def _victims(self, needed: int, exclude: ChunkKey) -> list[ChunkKey] | None:

@@ -47,8 +47,9 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Awaitable, Callable, Coroutine, NamedTuple, Sequence, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
@@ -221,7 +222,9 @@ class RedisTier:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
         if part_bytes <= 0 or timeout_s <= 0 or (ttl_s is not None and ttl_s < 0.001):
-            raise ValueError(f"need part_bytes > 0, timeout_s > 0, ttl_s >= 0.001 s: {part_bytes}, {timeout_s}, {ttl_s}")
+            raise ValueError(
+                f"need part_bytes > 0, timeout_s > 0, ttl_s >= 0.001 s: {part_bytes}, {timeout_s}, {ttl_s}"
+            )
         self.name = name
         self.codec = codec
         self._prefix = "ragcache:" + namespace.replace("{", "%7B").replace("}", "%7D")
@@ -272,8 +275,9 @@ class RedisTier:
         if not items or not self._backoff.allows():
             return [False] * len(items)
         encoded = [(key, self._encode(chunk)) for key, chunk in items]
-        return self._call(lambda: self._each([self._write(key, blob) for key, blob in encoded], False),
-                          [False] * len(items))
+        return self._call(
+            lambda: self._each([self._write(key, blob) for key, blob in encoded], False), [False] * len(items)
+        )
 
     def contains(self, key: ChunkKey) -> bool:
         return bool(self._call(lambda: self._round_trip(self._client.exists(self._meta_key(key))), 0))

@@ -34,11 +34,11 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Sequence
 
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.backlog import WriteBacklog
@@ -184,7 +184,8 @@ class TieredStore:
                     self._backlog.forget(remote.name, key)
             for local in (t for t in chosen if t in self.local):
                 doomed = set(local.keys() if wanted is None else [k for k in wanted if local.contains(k)])
-                self._drop_pins(lambda handle: handle.tier == local.name and handle.key in doomed)
+                # called at once, within this iteration: the loop variables are the ones meant
+                self._drop_pins(lambda handle: handle.tier == local.name and handle.key in doomed)  # noqa: B023
                 dropped += sum(local.delete(k) for k in doomed)
         for remote in (t for t in chosen if t in self.remote):
             dropped += sum(remote.delete(k) for k in (remote.keys() if wanted is None else wanted))
@@ -287,16 +288,25 @@ class TieredStore:
         with self._lock:
             usages = [tier.usage() for tier in self.local]
         usages += [tier.usage() for tier in self.remote]
-        return TierUsage("tiered", sum(u.entries for u in usages), sum(u.used_bytes for u in usages),
-                         sum(u.max_bytes for u in usages))
+        return TierUsage(
+            "tiered",
+            sum(u.entries for u in usages),
+            sum(u.used_bytes for u in usages),
+            sum(u.max_bytes for u in usages),
+        )
 
     def stats(self) -> dict:
         """A snapshot for admin endpoints: each tier's own stats plus the store's counters."""
         with self._lock:
             local = [tier.stats() for tier in self.local]
-            counters = StoreCounters(**{**vars(self.counters), "backlog_entries": len(self._backlog),
-                                        "backlog_bytes": self._backlog.held_bytes,
-                                        "backlog_dropped": self._backlog.dropped})
+            counters = StoreCounters(
+                **{
+                    **vars(self.counters),
+                    "backlog_entries": len(self._backlog),
+                    "backlog_bytes": self._backlog.held_bytes,
+                    "backlog_dropped": self._backlog.dropped,
+                }
+            )
             active_pins = len(self._pins)
         return {"tiers": local + [tier.stats() for tier in self.remote], "store": counters, "active_pins": active_pins}
 
@@ -383,8 +393,9 @@ class TieredStore:
         return next(tier for tier in self.local if tier.name == name)
 
 
-def _read(tiers: Sequence[KVTier], keys: Sequence[ChunkKey], results: list[KVChunk | None],
-          missing: list[int]) -> list[int]:
+def _read(
+    tiers: Sequence[KVTier], keys: Sequence[ChunkKey], results: list[KVChunk | None], missing: list[int]
+) -> list[int]:
     """Fill results[i] for each index in missing from tiers in order (one batched call per tier);
     returns the indexes still missing."""
     for tier in tiers:

@@ -9,7 +9,7 @@ from ragcache.engine.loader import LoadedModel, ModelSpec, default_model_file, l
 from ragcache.engine.runner import BlendEngine, EngineConfig
 from ragcache.engine.stack import DecoderStack
 from ragcache.kv import KVChunk
-from ragcache.storage import CpuTier
+from ragcache.storage.cpu import CpuTier
 from ragcache.storage.tiered import TieredStore
 from redis_server import *  # noqa: F401,F403  real Redis fixtures: redis_url, redis_namespace, throwaway_redis, redis_cluster
 

@@ -6,7 +6,9 @@ from ragcache.agents.pins import Arrival, PinConfig, ProgramPins
 from ragcache.agents.predictor import PredictorConfig, ToolDurationPredictor
 from ragcache.agents.profile import PrefillProfile
 from ragcache.kv import ChunkKey
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 
 from conftest import ManualClock as Clock
 from conftest import kv_chunk as chunk

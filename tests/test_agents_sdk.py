@@ -188,7 +188,9 @@ def test_langchain_tool_runs_are_reported_as_tool_events(server):
 def test_an_agent_runs_end_to_end_against_a_live_ragcache_server(tokenizer):
     from conftest import loaded, tiny_model
     from ragcache.engine.runner import BlendEngine
-    from ragcache.storage import CpuTier, GpuTier, TieredStore
+    from ragcache.storage.cpu import CpuTier
+    from ragcache.storage.gpu import GpuTier
+    from ragcache.storage.tiered import TieredStore
     from service_server import running_server
 
     engine = BlendEngine(loaded(tiny_model(), tokenizer), TieredStore([GpuTier(64 << 20, device="cpu"),

@@ -19,7 +19,9 @@ import pytest
 from ragcache.agents.coordinator import AgentConfig
 from ragcache.agents.pins import PinConfig
 from ragcache.engine.runner import BlendEngine
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 
 from service_server import running_server
 

@@ -229,7 +229,7 @@ def full_prefill_logprobs(engine, tokenizer, question, tools=()):
 @pytest.mark.real_model
 def test_the_real_model_calls_get_weather_for_paris_when_a_call_is_required(real_model):
     from ragcache.engine.runner import BlendEngine
-    from ragcache.storage import CpuTier
+    from ragcache.storage.cpu import CpuTier
     from ragcache.storage.tiered import TieredStore
 
     weather = ToolSpec("get_weather", "Get the current weather in a given city.", {

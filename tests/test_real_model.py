@@ -6,7 +6,7 @@ from ragcache.demo import demo_example
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.loader import ModelSpec, load_model
 from ragcache.engine.runner import BlendEngine, RagRequest
-from ragcache.storage import CpuTier
+from ragcache.storage.cpu import CpuTier
 from ragcache.storage.tiered import TieredStore
 
 pytestmark = pytest.mark.real_model

@@ -19,7 +19,8 @@ from ragcache.registry.documents import DocumentRegistry, StoredDocument
 from ragcache.registry.redis import RedisRegistry
 from ragcache.semantic.answers.base import AnswerRecord
 from ragcache.semantic.answers.redis import RedisAnswerStore
-from ragcache.storage import CpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.tiered import TieredStore
 from ragcache.storage.base import TierUsage
 from ragcache.storage.codec import encode_chunk
 from ragcache.storage.connect import hash_tag

@@ -20,7 +20,9 @@ from ragcache.sdk import (
     RateLimitError,
 )
 from ragcache.sdk.retry import RetryPolicy
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 
 from conftest import DOCUMENTS, QUESTION
 from service_server import free_port, running_server

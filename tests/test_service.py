@@ -10,7 +10,9 @@ import pytest
 from ragcache.engine.runner import RagRequest
 from ragcache.engine.generate import SamplingParams
 from ragcache.service.runtime import QueueFullError, Runtime
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 
 from conftest import DOCUMENTS, QUESTION
 from service_server import running_server

@@ -9,7 +9,8 @@ import pytest
 
 from ragcache.service import auth
 from ragcache.service.limits import json_depth_over
-from ragcache.storage import CpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.tiered import TieredStore
 
 from conftest import QUESTION
 from service_server import running_server

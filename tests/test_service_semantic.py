@@ -8,7 +8,9 @@ import pytest
 from ragcache.engine.runner import BlendEngine
 from ragcache.semantic import SemanticCache, SemanticQuery, documents_hash
 from ragcache.semantic.answers import make_answer_store
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 
 from conftest import DOCUMENTS, QUESTION, loaded, tiny_model
 from semantic_fixtures import embedder  # noqa: F401  the real MiniLM, once per session

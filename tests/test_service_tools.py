@@ -7,7 +7,9 @@ import httpx
 import openai
 import pytest
 
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 
 from service_server import running_server
 

@@ -3,7 +3,7 @@
 import torch
 
 from ragcache.kv import ChunkKey, KVChunk
-from ragcache.storage import CpuTier
+from ragcache.storage.cpu import CpuTier
 
 
 def chunk(tokens: int) -> KVChunk:

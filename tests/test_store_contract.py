@@ -16,7 +16,11 @@ import pytest
 
 from conftest import kv_chunk
 from ragcache.kv import ChunkKey
-from ragcache.storage import CpuTier, GpuTier, KVStore, KVTier, MemoryTier, TieredStore
+from ragcache.storage.base import KVStore, KVTier
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.memory import MemoryTier
+from ragcache.storage.tiered import TieredStore
 from ragcache.storage.redis import RedisTier
 
 SIZE = kv_chunk().nbytes

@@ -4,7 +4,9 @@ import torch
 
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.runner import RagRequest
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 from ragcache.storage.redis import RedisTier
 
 from conftest import DOCUMENTS, QUESTION, tiny_model

@@ -5,7 +5,9 @@ import random
 import pytest
 
 from ragcache.kv import ChunkKey
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 from ragcache.storage.eviction import CostAware, LFU, LRU, EntryInfo
 
 

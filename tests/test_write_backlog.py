@@ -8,7 +8,9 @@ import torch
 
 from conftest import kv_chunk
 from ragcache.kv import ChunkKey, KVChunk
-from ragcache.storage import CpuTier, GpuTier, TieredStore
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 from ragcache.storage.redis import RedisTier
 from redis_server import wait_until
 

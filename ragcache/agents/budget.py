@@ -106,19 +106,28 @@ class PinBudget:
 
     def describe(self, now: float) -> list[dict]:
         """The active pins for stats: program, tool, tier, TTL, age, bytes, value now."""
-        return [{
-            "tenant": pin.tenant,
-            "program_id": pin.program_id,
-            "tool": pin.tool,
-            "tier": pin.handle.tier,
-            "ttl_s": pin.ttl_s,
-            "age_s": now - pin.pinned_s,
-            "expires_in_s": pin.handle.expires_s - now,
-            "nbytes": pin.nbytes,
-            "value_s": self.value(pin, now),
-        } for pin in self.held.values()]
+        return [
+            {
+                "tenant": pin.tenant,
+                "program_id": pin.program_id,
+                "tool": pin.tool,
+                "tier": pin.handle.tier,
+                "ttl_s": pin.ttl_s,
+                "age_s": now - pin.pinned_s,
+                "expires_in_s": pin.handle.expires_s - now,
+                "nbytes": pin.nbytes,
+                "value_s": self.value(pin, now),
+            }
+            for pin in self.held.values()
+        ]
 
     def usage(self) -> dict:
-        return {name: {"budget_bytes": self.budget_bytes(name), "pinned_bytes": self.pinned_bytes(name),
-                       "pinned_bytes_max": self.pinned_bytes_max[name], "max_bytes": tier.max_bytes}
-                for name, tier in self.tiers.items()}
+        return {
+            name: {
+                "budget_bytes": self.budget_bytes(name),
+                "pinned_bytes": self.pinned_bytes(name),
+                "pinned_bytes_max": self.pinned_bytes_max[name],
+                "max_bytes": tier.max_bytes,
+            }
+            for name, tier in self.tiers.items()
+        }

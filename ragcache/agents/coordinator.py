@@ -19,8 +19,9 @@ quick, and safe from any thread.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ragcache.agents.pins import PinConfig, PinDecision, ProgramPins
 from ragcache.agents.predictor import PredictorConfig, ToolDurationPredictor
@@ -42,8 +43,13 @@ class AgentConfig:
 
 
 class ProgramCoordinator:
-    def __init__(self, store: TieredStore, profile: PrefillProfile, config: AgentConfig = AgentConfig(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: TieredStore,
+        profile: PrefillProfile,
+        config: AgentConfig = AgentConfig(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """clock: the scheduler's (waits); pins run on the store's clock, as its pin expiries do."""
         self.config = config
         self.predictor = ToolDurationPredictor(config.predictor)
@@ -51,7 +57,7 @@ class ProgramCoordinator:
         self.scheduler = ProgramScheduler(config.scheduler, clock)
 
     @classmethod
-    def measured(cls, store: TieredStore, stack, config: AgentConfig = AgentConfig()) -> "ProgramCoordinator":
+    def measured(cls, store: TieredStore, stack, config: AgentConfig = AgentConfig()) -> ProgramCoordinator:
         """A coordinator whose reload-cost profile is measured now on the model's decoder stack (about 1 s)."""
         from ragcache.agents.profile import measure_prefill_profile, stack_prefill_fn
 
@@ -69,8 +75,15 @@ class ProgramCoordinator:
         """The turn never reached the engine (its request was refused): it no longer waits."""
         self.scheduler.abandon(ticket)
 
-    def finish(self, ticket: Ticket, key: ChunkKey | None, nbytes: int, num_tokens: int,
-               tool: str | None = None, is_last_step: bool = False) -> PinDecision | None:
+    def finish(
+        self,
+        ticket: Ticket,
+        key: ChunkKey | None,
+        nbytes: int,
+        num_tokens: int,
+        tool: str | None = None,
+        is_last_step: bool = False,
+    ) -> PinDecision | None:
         """A turn is done. For a program's turn, its KV is stored under key (Generation.program_key),
         nbytes for num_tokens; tool: the tool its answer called (finish_reason "tool_calls"), which
         pins the KV for that tool's TTL; is_last_step: the program is over, release and forget.
@@ -80,8 +93,9 @@ class ProgramCoordinator:
             self.pins.observe_queue_delay(ticket.waited_s)
         if ticket.program_id is None or key is None:
             return None
-        decision = self.pins.turn_finished(ticket.tenant, ticket.program_id, key, nbytes, num_tokens, tool,
-                                           is_last_step)
+        decision = self.pins.turn_finished(
+            ticket.tenant, ticket.program_id, key, nbytes, num_tokens, tool, is_last_step
+        )
         if is_last_step:
             self.scheduler.forget(ticket.tenant, ticket.program_id)
         return decision

@@ -71,11 +71,14 @@ class PinConfig:
         if not self.fixed_ttl_s > 0:
             raise ValueError(f"fixed_ttl_s must be positive, got {self.fixed_ttl_s}")
         if not 0.0 < self.budget_share < 1.0:
-            raise ValueError(f"budget_share must be in (0, 1) (a whole tier pinned could stall the queue), "
-                             f"got {self.budget_share}")
+            raise ValueError(
+                f"budget_share must be in (0, 1) (a whole tier pinned could stall the queue), got {self.budget_share}"
+            )
         if min(self.eta, self.memory_weight, self.resume_grace_s) < 0:
-            raise ValueError(f"eta, memory_weight and resume_grace_s must be >= 0, got "
-                             f"{self.eta}, {self.memory_weight}, {self.resume_grace_s}")
+            raise ValueError(
+                f"eta, memory_weight and resume_grace_s must be >= 0, got "
+                f"{self.eta}, {self.memory_weight}, {self.resume_grace_s}"
+            )
         if min(self.delay_window, self.size_window, self.max_programs) < 1:
             raise ValueError("delay_window, size_window and max_programs must be >= 1")
 
@@ -138,8 +141,13 @@ class _Program:
 class ProgramPins:
     """Pins, budgets and the per-program bookkeeping around them. Thread-safe."""
 
-    def __init__(self, store: TieredStore, predictor: ToolDurationPredictor, profile: PrefillProfile,
-                 config: PinConfig = PinConfig()) -> None:
+    def __init__(
+        self,
+        store: TieredStore,
+        predictor: ToolDurationPredictor,
+        profile: PrefillProfile,
+        config: PinConfig = PinConfig(),
+    ) -> None:
         if not store.local:
             raise ValueError("program pins need a store with at least one local (memory) tier")
         self.store = store
@@ -175,8 +183,16 @@ class ProgramPins:
             program.tool, program.pinned, program.predicted_ttl_s = None, False, None
             return Arrival(tool is not None, held, tool, duration)
 
-    def turn_finished(self, tenant: str, program_id: str, key: ChunkKey, nbytes: int, num_tokens: int,
-                      tool: str | None = None, is_last_step: bool = False) -> PinDecision | None:
+    def turn_finished(
+        self,
+        tenant: str,
+        program_id: str,
+        key: ChunkKey,
+        nbytes: int,
+        num_tokens: int,
+        tool: str | None = None,
+        is_last_step: bool = False,
+    ) -> PinDecision | None:
         """The turn's KV is stored under key; tool: the tool it called (finish_reason "tool_calls"), if any."""
         with self._lock:
             if is_last_step:
@@ -237,8 +253,9 @@ class ProgramPins:
 
     # pins
 
-    def pin_for_tool(self, tenant: str, program_id: str, key: ChunkKey, tool: str, nbytes: int,
-                     num_tokens: int) -> PinDecision:
+    def pin_for_tool(
+        self, tenant: str, program_id: str, key: ChunkKey, tool: str, nbytes: int, num_tokens: int
+    ) -> PinDecision:
         """A call of tool starts now: pin key (the program's KV, nbytes for num_tokens) for τ*, within the budget.
 
         Any pin the program still holds is released first: the new call supersedes it."""
@@ -273,8 +290,9 @@ class ProgramPins:
                 return replace(decision, reason="over_budget", tier=handle.tier)
             for victim in victims:
                 self._release(victim.ref, "displaced")
-            self.budget.add(HeldPin(tenant, program_id, tool, handle, nbytes, choice.ttl_s, now,
-                                    choice.saving_s, mem_ratio))
+            self.budget.add(
+                HeldPin(tenant, program_id, tool, handle, nbytes, choice.ttl_s, now, choice.saving_s, mem_ratio)
+            )
             program.pinned = True
             self.counters.created += 1
             return PinDecision(True, "pinned", choice.ttl_s, choice.value_s, choice.source, handle.tier, len(victims))

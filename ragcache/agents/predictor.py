@@ -70,7 +70,8 @@ class ToolDurationPredictor:
         self._tools: dict[tuple[str, str], DurationHistory] = {}
         self._global = DurationHistory(config.global_max_samples)
         self._outcomes: dict[tuple[str, str], deque[tuple[float, float]]] = defaultdict(
-            lambda: deque(maxlen=config.max_outcomes))
+            lambda: deque(maxlen=config.max_outcomes)
+        )
 
     def record(self, tenant: str, tool: str, duration_s: float, predicted_ttl_s: float | None = None) -> None:
         """One finished call of tool took duration_s; predicted_ttl_s is the TTL its pin was given, if any."""
@@ -91,8 +92,9 @@ class ToolDurationPredictor:
                 return history.cdf(), source
         return None, "default"
 
-    def choose(self, tenant: str, tool: str, reload_s: float, mem_ratio: float, queue_delay_s: float,
-               eta: float = 1.0) -> TTLChoice:
+    def choose(
+        self, tenant: str, tool: str, reload_s: float, mem_ratio: float, queue_delay_s: float, eta: float = 1.0
+    ) -> TTLChoice:
         """τ* for a pin of this tool's program (see the module docstring)."""
         saving_s = queue_delay_s * eta + reload_s
         cdf, source = self.distribution(tenant, tool)
@@ -109,16 +111,25 @@ class ToolDurationPredictor:
                 best = TTLChoice(tau, source, probability, saving_s, value)
         return best
 
-    def value_of(self, tenant: str, tool: str, ttl_s: float, reload_s: float, mem_ratio: float,
-                 queue_delay_s: float, eta: float = 1.0) -> TTLChoice:
+    def value_of(
+        self,
+        tenant: str,
+        tool: str,
+        ttl_s: float,
+        reload_s: float,
+        mem_ratio: float,
+        queue_delay_s: float,
+        eta: float = 1.0,
+    ) -> TTLChoice:
         """A hold of ttl_s (> 0) scored as choose() scores its candidates, whether it pays or not."""
         saving_s = queue_delay_s * eta + reload_s
         cdf, source = self.distribution(tenant, tool)
         probability = self.config.default_probability if cdf is None else cdf.at(ttl_s)
         return TTLChoice(ttl_s, source, probability, saving_s, probability * saving_s - ttl_s * mem_ratio)
 
-    def ttl_s(self, tenant: str, tool: str, reload_s: float, mem_ratio: float, queue_delay_s: float,
-              eta: float = 1.0) -> float:
+    def ttl_s(
+        self, tenant: str, tool: str, reload_s: float, mem_ratio: float, queue_delay_s: float, eta: float = 1.0
+    ) -> float:
         return self.choose(tenant, tool, reload_s, mem_ratio, queue_delay_s, eta).ttl_s
 
     def hold_probability(self, tenant: str, tool: str, ttl_s: float, age_s: float) -> float:

@@ -12,8 +12,9 @@ from a lower tier (a fixed latency plus bytes over the measured bandwidth).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from itertools import pairwise
 
 DEFAULT_LENGTHS = (64, 256, 1024)
 
@@ -44,16 +45,16 @@ class PrefillProfile:
         if not self.points:
             raise ValueError("a prefill profile needs at least one (tokens, seconds) point")
         tokens = [n for n, _ in self.points]
-        if tokens[0] <= 0 or any(b <= a for a, b in zip(tokens, tokens[1:])):
+        if tokens[0] <= 0 or any(b <= a for a, b in pairwise(tokens)):
             raise ValueError(f"profile lengths must be positive and strictly increasing, got {tokens}")
         if any(s < 0 for _, s in self.points):
             raise ValueError("profile seconds must be >= 0")
 
     @classmethod
-    def from_points(cls, points: Sequence[tuple[int, float]], load: LoadProfile | None = None) -> "PrefillProfile":
+    def from_points(cls, points: Sequence[tuple[int, float]], load: LoadProfile | None = None) -> PrefillProfile:
         return cls(tuple(sorted((int(n), float(s)) for n, s in points)), load)
 
-    def with_load(self, load: LoadProfile | None) -> "PrefillProfile":
+    def with_load(self, load: LoadProfile | None) -> PrefillProfile:
         return replace(self, load=load)
 
     def prefill_s(self, num_tokens: int) -> float:
@@ -62,7 +63,7 @@ class PrefillProfile:
         if num_tokens <= 0:
             return 0.0
         points = [(0, 0.0), *self.points]
-        for (n0, s0), (n1, s1) in zip(points, points[1:]):
+        for (n0, s0), (n1, s1) in pairwise(points):
             if num_tokens <= n1:
                 return s0 + (s1 - s0) * (num_tokens - n0) / (n1 - n0)
         (n0, s0), (n1, s1) = points[-2], points[-1]

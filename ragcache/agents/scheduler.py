@@ -23,8 +23,9 @@ import itertools
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from ragcache.agents.cdf import quantile
 
@@ -39,8 +40,10 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.max_bypass < 0 or self.max_wait_s <= 0 or self.program_idle_s <= 0:
-            raise ValueError(f"need max_bypass >= 0, max_wait_s > 0 and program_idle_s > 0, got "
-                             f"{self.max_bypass}, {self.max_wait_s}, {self.program_idle_s}")
+            raise ValueError(
+                f"need max_bypass >= 0, max_wait_s > 0 and program_idle_s > 0, got "
+                f"{self.max_bypass}, {self.max_wait_s}, {self.program_idle_s}"
+            )
         if self.max_programs < 1 or self.wait_window < 1:
             raise ValueError("max_programs and wait_window must be >= 1")
 
@@ -83,8 +86,9 @@ class SchedulerCounters:
 class ProgramScheduler:
     """The AdmissionOrder of ragcache.engine.scheduler: pick / admitted / dropped on the engine thread."""
 
-    def __init__(self, config: SchedulerConfig = SchedulerConfig(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: SchedulerConfig = SchedulerConfig(), clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self.clock = clock
         self.counters = SchedulerCounters()
@@ -116,8 +120,12 @@ class ProgramScheduler:
         """The next to admit among waiting (each with a ticket from arrive())."""
         now = self.clock()
         tickets = [self._ticket(item) for item in waiting]
-        starved = [t for t in tickets if not t.continuing
-                   and (t.bypassed >= self.config.max_bypass or now - t.arrived_s >= self.config.max_wait_s)]
+        starved = [
+            t
+            for t in tickets
+            if not t.continuing
+            and (t.bypassed >= self.config.max_bypass or now - t.arrived_s >= self.config.max_wait_s)
+        ]
         if starved:
             chosen = min(starved, key=lambda t: t.seq)
             chosen.forced = any(t.continuing for t in tickets)
@@ -187,5 +195,10 @@ def _summary(values: list[float]) -> dict:
     if not values:
         return {"count": 0}
     ordered = sorted(values)
-    return {"count": len(values), "mean": sum(values) / len(values), "p50": quantile(ordered, 0.5),
-            "p90": quantile(ordered, 0.9), "max": ordered[-1]}
+    return {
+        "count": len(values),
+        "mean": sum(values) / len(values),
+        "p50": quantile(ordered, 0.5),
+        "p90": quantile(ordered, 0.9),
+        "max": ordered[-1],
+    }

@@ -58,8 +58,9 @@ import platform
 import random
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from ragcache.bench.bfcl import Trace, duration_stats, load_traces
 from ragcache.bench.metrics import percentile_or_none as _percentile
@@ -94,8 +95,12 @@ class AgentsBenchOptions:
             (self.turns >= 1, "--turns", self.turns, "must be positive"),
             (self.arrival_rate > 0, "--arrival-rate", self.arrival_rate, "must be positive programs/s"),
             (self.time_scale > 0, "--time-scale", self.time_scale, "must be positive"),
-            (self.kv_budget_mb is None or self.kv_budget_mb > 0, "--kv-budget-mb", self.kv_budget_mb,
-             "must be positive"),
+            (
+                self.kv_budget_mb is None or self.kv_budget_mb > 0,
+                "--kv-budget-mb",
+                self.kv_budget_mb,
+                "must be positive",
+            ),
             (self.max_tokens >= 8, "--max-tokens", self.max_tokens, "must be >= 8 (a call needs room)"),
             (self.answer_tokens >= 1, "answer_tokens", self.answer_tokens, "must be positive"),
             (self.think_s >= 0, "think_s", self.think_s, "must be >= 0"),
@@ -129,8 +134,9 @@ class Sizes(NamedTuple):
     expected_kv_bytes: int  # all programs' final contexts together
 
 
-def run_agents_bench(options: AgentsBenchOptions, progress: Callable[[str], None] = lambda line: None,
-                     loaded=None) -> dict:
+def run_agents_bench(
+    options: AgentsBenchOptions, progress: Callable[[str], None] = lambda line: None, loaded=None
+) -> dict:
     """Every policy (with and without program_id) on the same traces; the JSON-ready summary.
 
     loaded: the model (default: SmolLM2-135M on the CPU, loaded here). Runs the engine's step loop
@@ -152,8 +158,9 @@ def run_agents_bench(options: AgentsBenchOptions, progress: Callable[[str], None
         for name, policy in POLICIES.items():
             label = f"{name}{'' if identify == 'program_id' else ' by prefix'}"
             started = time.perf_counter()
-            programs, stats = _serve_and_drive(loaded, profile, sizes, traces, options, policy,
-                                               identify == "program_id", label, progress)
+            programs, stats = _serve_and_drive(
+                loaded, profile, sizes, traces, options, policy, identify == "program_id", label, progress
+            )
             runs[identify][name] = policy_figures(programs, stats) | {"wall_s": time.perf_counter() - started}
             progress(f"{label}: done in {runs[identify][name]['wall_s']:.0f} s")
     summary = summarise(runs, traces, options, sizes)
@@ -167,11 +174,14 @@ def run_agents_bench(options: AgentsBenchOptions, progress: Callable[[str], None
 def _engine(loaded, sizes: Sizes):
     from ragcache.engine.prompt import PromptLimits
     from ragcache.engine.runner import BlendEngine, EngineConfig
-    from ragcache.storage import CpuTier, GpuTier, TieredStore
+    from ragcache.storage.cpu import CpuTier
     from ragcache.storage.eviction import make_policy
+    from ragcache.storage.gpu import GpuTier
+    from ragcache.storage.tiered import TieredStore
 
-    store = TieredStore([GpuTier(sizes.device_bytes, "cpu", make_policy("lru")),
-                         CpuTier(sizes.cpu_bytes, make_policy("lru"))])
+    store = TieredStore(
+        [GpuTier(sizes.device_bytes, "cpu", make_policy("lru")), CpuTier(sizes.cpu_bytes, make_policy("lru"))]
+    )
     limits = PromptLimits(max_prompt_tokens=loaded.model.config.max_position_embeddings)
     return BlendEngine(loaded, store, EngineConfig(limits=limits))
 
@@ -179,13 +189,23 @@ def _engine(loaded, sizes: Sizes):
 def _agent_config(policy: str, time_scale: float):
     from ragcache.agents import AgentConfig, PinConfig, PredictorConfig
 
-    predictor = PredictorConfig(default_ttl_s=FIXED_TTL_S * time_scale,
-                                max_ttl_s=PredictorConfig.max_ttl_s * time_scale)
+    predictor = PredictorConfig(
+        default_ttl_s=FIXED_TTL_S * time_scale, max_ttl_s=PredictorConfig.max_ttl_s * time_scale
+    )
     return AgentConfig(predictor=predictor, pins=PinConfig(policy=policy, fixed_ttl_s=FIXED_TTL_S * time_scale))
 
 
-def _serve_and_drive(loaded, profile, sizes: Sizes, traces: list[Trace], options: AgentsBenchOptions, policy: str,
-                     identify: bool, label: str, progress) -> tuple[list[ProgramRecord], dict]:
+def _serve_and_drive(
+    loaded,
+    profile,
+    sizes: Sizes,
+    traces: list[Trace],
+    options: AgentsBenchOptions,
+    policy: str,
+    identify: bool,
+    label: str,
+    progress,
+) -> tuple[list[ProgramRecord], dict]:
     """Serve one policy over HTTP (a thread), drive the programs (another), step the engine here."""
     import uvicorn
 
@@ -200,8 +220,9 @@ def _serve_and_drive(loaded, profile, sizes: Sizes, traces: list[Trace], options
     engine.use_admission_order(coordinator.scheduler)
     runtime = Runtime(engine, max_queue=4 * len(traces), coordinator=coordinator)
     settings = Settings(port=free_port(), semantic_cache=False, shadow_fraction=0.0, semantic_shadow_fraction=0.0)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, runtime), host="127.0.0.1", port=settings.port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, runtime), host="127.0.0.1", port=settings.port, log_level="warning")
+    )
     engine.claim_loop()
     http = threading.Thread(target=server.run, name="bench-agents-http", daemon=True)
     http.start()
@@ -229,12 +250,12 @@ def _serve_and_drive(loaded, profile, sizes: Sizes, traces: list[Trace], options
     return outcome["run"]
 
 
-
 # the client side: programs as agents run them
 
 
-async def _drive(url: str, traces: list[Trace], options: AgentsBenchOptions, identify: bool, label: str,
-                 progress) -> tuple[list[ProgramRecord], dict]:
+async def _drive(
+    url: str, traces: list[Trace], options: AgentsBenchOptions, identify: bool, label: str, progress
+) -> tuple[list[ProgramRecord], dict]:
     import logging
 
     import httpx
@@ -252,8 +273,10 @@ async def _drive(url: str, traces: list[Trace], options: AgentsBenchOptions, ide
         program_id = f"bench-{index}-{trace.id}" if identify else None
         record = await _program(client, url, trace, program_id, options)
         done[0] += 1
-        progress(f"{label}: program {done[0]}/{len(traces)} ({trace.id}) done: {len(record.requests)} requests, "
-                 f"JCT {record.jct_s:.1f} s")
+        progress(
+            f"{label}: program {done[0]}/{len(traces)} ({trace.id}) done: {len(record.requests)} requests, "
+            f"JCT {record.jct_s:.1f} s"
+        )
         return record
 
     timeout = httpx.Timeout(900.0, connect=10.0)
@@ -281,26 +304,56 @@ def script(trace: Trace, options: AgentsBenchOptions) -> list[Step]:
         messages.append({"role": "user", "content": turn.message})
         for call in turn.calls:
             choice = {"type": "function", "function": {"name": call.name}}
-            steps.append(Step(_body(messages, tools, choice, options.max_tokens), call.name,
-                              messages[-1]["role"] == "tool", call.duration_s))
-            messages.append({"role": "assistant", "content": None, "tool_calls": [
-                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]})
+            steps.append(
+                Step(
+                    _body(messages, tools, choice, options.max_tokens),
+                    call.name,
+                    messages[-1]["role"] == "tool",
+                    call.duration_s,
+                )
+            )
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments},
+                        }
+                    ],
+                }
+            )
             messages.append({"role": "tool", "tool_call_id": call.id, "content": call.result})
         last = number == len(trace.turns) - 1
-        steps.append(Step(_body(messages, tools, "none", options.answer_tokens, is_last_step=last), None,
-                          messages[-1]["role"] == "tool", 0.0 if last else options.think_s))
+        steps.append(
+            Step(
+                _body(messages, tools, "none", options.answer_tokens, is_last_step=last),
+                None,
+                messages[-1]["role"] == "tool",
+                0.0 if last else options.think_s,
+            )
+        )
         messages.append({"role": "assistant", "content": "Done: " + ", ".join(c.name for c in turn.calls) + "."})
     return steps
 
 
 def _body(messages: list[dict], tools: list[dict], tool_choice, max_tokens: int, is_last_step: bool = False) -> dict:
-    body = {"messages": list(messages), "tools": tools, "tool_choice": tool_choice, "max_tokens": max_tokens,
-            "temperature": 0, "cache": False}
+    body = {
+        "messages": list(messages),
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "cache": False,
+    }
     return body | {"is_last_step": True} if is_last_step else body
 
 
-async def _program(client, url: str, trace: Trace, program_id: str | None,
-                   options: AgentsBenchOptions) -> ProgramRecord:
+async def _program(
+    client, url: str, trace: Trace, program_id: str | None, options: AgentsBenchOptions
+) -> ProgramRecord:
     records: list[RequestRecord] = []
     previous_prompt = 0
     started = time.perf_counter()
@@ -327,9 +380,17 @@ def _record(step: Step, reply: dict, previous_prompt: int, latency_s: float) -> 
     timings = reply["ragcache"]["timings"]
     calls = reply["choices"][0]["message"].get("tool_calls") or []
     called = step.tool is not None and any(c["function"]["name"] == step.tool for c in calls)
-    return RequestRecord("answer" if step.tool is None else "call", step.returning, reply["usage"]["prompt_tokens"],
-                         reused, max(0, previous_prompt - reused) if step.returning else None,
-                         timings["ttft_ms"] / 1e3, timings.get("queue_ms", 0.0) / 1e3, latency_s, called)
+    return RequestRecord(
+        "answer" if step.tool is None else "call",
+        step.returning,
+        reply["usage"]["prompt_tokens"],
+        reused,
+        max(0, previous_prompt - reused) if step.returning else None,
+        timings["ttft_ms"] / 1e3,
+        timings.get("queue_ms", 0.0) / 1e3,
+        latency_s,
+        called,
+    )
 
 
 def reused_tokens(reply: dict) -> int:
@@ -391,8 +452,10 @@ def pin_outcomes(tools: dict) -> dict:
     pins = sum(row["pins"] for row in rows)
     if not pins:
         return {"pin_ttl_mean_s": None, "pins_covering": None}
-    return {"pin_ttl_mean_s": sum(row["mean_predicted_ttl_s"] * row["pins"] for row in rows) / pins,
-            "pins_covering": sum(row["covered"] * row["pins"] for row in rows) / pins}
+    return {
+        "pin_ttl_mean_s": sum(row["mean_predicted_ttl_s"] * row["pins"] for row in rows) / pins,
+        "pins_covering": sum(row["covered"] * row["pins"] for row in rows) / pins,
+    }
 
 
 def summarise(runs: dict[str, dict], traces: Sequence[Trace], options: AgentsBenchOptions, sizes: Sizes) -> dict:
@@ -408,11 +471,21 @@ def summarise(runs: dict[str, dict], traces: Sequence[Trace], options: AgentsBen
         "policies": runs["program_id"],
         "by_prefix": {"policies": runs["prefix"]},
         "pin_budget_bytes": runs["program_id"]["lru"]["pin_budget_bytes"] if runs["program_id"] else None,
-        "config": {**asdict(options), "device_tier_bytes": sizes.device_bytes, "cpu_tier_bytes": sizes.cpu_bytes,
-                   "expected_kv_bytes": sizes.expected_kv_bytes, "fixed_ttl_s": FIXED_TTL_S * options.time_scale,
-                   "traces": [trace.id for trace in traces]},
-        "durations": {"all": duration_stats(durations), **{kind: duration_stats(
-            [c.duration_s for t in traces for c in t.calls if c.kind == kind]) for kind in ("web", "shell")}},
+        "config": {
+            **asdict(options),
+            "device_tier_bytes": sizes.device_bytes,
+            "cpu_tier_bytes": sizes.cpu_bytes,
+            "expected_kv_bytes": sizes.expected_kv_bytes,
+            "fixed_ttl_s": FIXED_TTL_S * options.time_scale,
+            "traces": [trace.id for trace in traces],
+        },
+        "durations": {
+            "all": duration_stats(durations),
+            **{
+                kind: duration_stats([c.duration_s for t in traces for c in t.calls if c.kind == kind])
+                for kind in ("web", "shell")
+            },
+        },
         "machine": machine_info(),
     }
     summary["targets"] = {identify: targets(policies) for identify, policies in runs.items() if policies}
@@ -425,20 +498,31 @@ def noise(first: dict, second: dict) -> dict:
     """How far two runs of the same work land apart, per policy: with and without program_id a policy gets the
     same requests at the same times (the server finds the program either way), so mostly timing jitter —
     which entry is least recently used when room is needed — tells them apart."""
+
     def spread(a: float | None, b: float | None) -> float | None:
         return abs(a - b) / ((a + b) / 2) if a is not None and b is not None and a + b else None
 
-    return {name: {f"{figure}_rel_diff": spread(first[name][figure], second[name][figure])
-                   for figure in ("reprefill_tokens", "jct_mean_s", "ttft_p50_s")}
-            for name in first if name in second}
+    return {
+        name: {
+            f"{figure}_rel_diff": spread(first[name][figure], second[name][figure])
+            for figure in ("reprefill_tokens", "jct_mean_s", "ttft_p50_s")
+        }
+        for name in first
+        if name in second
+    }
 
 
 def machine_info() -> dict:
     """The machine, and how busy it was: a 2-core box shared with other work measures slower and noisier."""
     import torch
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "python": platform.python_version(), "load_average_1m": os.getloadavg()[0]}
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_1m": os.getloadavg()[0],
+    }
 
 
 def targets(policies: dict) -> dict:
@@ -446,8 +530,11 @@ def targets(policies: dict) -> dict:
     mean JCT of the three, and no policy's pins ever held more than the budget."""
     cut = policies["tool_ttl"].get("reprefill_cut_vs_lru")
     lowest = min(policies, key=lambda name: policies[name]["jct_mean_s"])
-    checks = {"reprefill_cut_ge_80pct": cut is not None and cut >= 0.8, "lowest_jct_mean": lowest == "tool_ttl",
-              "within_pin_budget": all(row["within_pin_budget"] for row in policies.values())}
+    checks = {
+        "reprefill_cut_ge_80pct": cut is not None and cut >= 0.8,
+        "lowest_jct_mean": lowest == "tool_ttl",
+        "within_pin_budget": all(row["within_pin_budget"] for row in policies.values()),
+    }
     return checks | {"met": all(checks.values())}
 
 
@@ -455,7 +542,7 @@ def _sizes(tokenizer, per_token: int, traces: Sequence[Trace], options: AgentsBe
     """Each tier half the budget: --kv-budget-mb, or KV_SHARE of all programs' final KV, but never a device
     tier smaller than the largest program's KV (a turn's KV must fit where it is stored)."""
     kv = [final_tokens(tokenizer, trace, options) * per_token for trace in traces]
-    total = options.kv_budget_mb * 2 ** 20 if options.kv_budget_mb else max(KV_SHARE * sum(kv), 2 * max(kv))
+    total = options.kv_budget_mb * 2**20 if options.kv_budget_mb else max(KV_SHARE * sum(kv), 2 * max(kv))
     return Sizes(int(total / 2), int(total / 2), sum(kv))
 
 
@@ -469,8 +556,14 @@ def final_tokens(tokenizer, trace: Trace, options: AgentsBenchOptions) -> int:
 
     body = msgspec.convert(script(trace, options)[-1].body, ChatCompletionRequest)
     request = chat_request(body, [], "default", options.answer_tokens)
-    parts = build_rag_prompt(tokenizer, request.question, (), request.system_prompt or DEFAULT_SYSTEM_PROMPT,
-                             history=request.history, tools=request.tools)
+    parts = build_rag_prompt(
+        tokenizer,
+        request.question,
+        (),
+        request.system_prompt or DEFAULT_SYSTEM_PROMPT,
+        history=request.history,
+        tools=request.tools,
+    )
     return parts.num_tokens + options.answer_tokens
 
 
@@ -478,32 +571,41 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-
 # output
 
 
 def format_agents_table(summary: dict) -> str:
     config, durations = summary["config"], summary["durations"]["all"]
-    header = (f"{'found by':<10} {'policy':<10} {'re-prefill':>10} {'/turn':>6} {'cut':>5} {'TTFT p50':>8} {'p90':>6} "
-              f"{'JCT mean':>8} {'p90':>6} {'queue':>6} {'pins c/e/f/d':>13} {'pinned max':>10}")
-    lines = [f"{config['programs']} BFCL programs x {config['turns']} turns, arrivals {config['arrival_rate']:g}/s, "
-             f"time scale {config['time_scale']:g}; tools {_f(durations['mean_s'], 2)} ± {_f(durations['sd_s'], 2)} s, "
-             f"slowest 10% {_f(100 * (durations['slowest_10pct_share'] or 0), 0)}% of the delay; KV device + host "
-             f"{2 * config['device_tier_bytes'] / 2**20:.0f} MiB of {config['expected_kv_bytes'] / 2**20:.0f}, pins "
-             f"{(summary['pin_budget_bytes'] or 0) / 2**20:.0f} MiB", header, "-" * len(header)]
+    header = (
+        f"{'found by':<10} {'policy':<10} {'re-prefill':>10} {'/turn':>6} {'cut':>5} {'TTFT p50':>8} {'p90':>6} "
+        f"{'JCT mean':>8} {'p90':>6} {'queue':>6} {'pins c/e/f/d':>13} {'pinned max':>10}"
+    )
+    lines = [
+        f"{config['programs']} BFCL programs x {config['turns']} turns, arrivals {config['arrival_rate']:g}/s, "
+        f"time scale {config['time_scale']:g}; tools {_f(durations['mean_s'], 2)} ± {_f(durations['sd_s'], 2)} s, "
+        f"slowest 10% {_f(100 * (durations['slowest_10pct_share'] or 0), 0)}% of the delay; KV device + host "
+        f"{2 * config['device_tier_bytes'] / 2**20:.0f} MiB of {config['expected_kv_bytes'] / 2**20:.0f}, pins "
+        f"{(summary['pin_budget_bytes'] or 0) / 2**20:.0f} MiB",
+        header,
+        "-" * len(header),
+    ]
     for identify, policies in (("program_id", summary["policies"]), ("prefix", summary["by_prefix"]["policies"])):
         for name, row in policies.items():
             cut = row.get("reprefill_cut_vs_lru")
             pins = f"{row['pins_created']}/{row['pins_expired']}/{row['pins_force_released']}/{row['pins_displaced']}"
-            lines.append(f"{identify:<10} {name:<10} {row['reprefill_tokens']:>10} "
-                         f"{_f(row['reprefill_tokens_per_turn'], 0):>6} "
-                         f"{'-' if cut is None else f'{cut:.0%}':>5} {_f(row['ttft_p50_s'], 2):>8} "
-                         f"{_f(row['ttft_p90_s'], 2):>6} {_f(row['jct_mean_s'], 1):>8} {_f(row['jct_p90_s'], 1):>6} "
-                         f"{_f(row['queue_delay_mean_s'], 2):>6} {pins:>13} {row['pinned_bytes_max'] / 2**20:>9.0f}M")
+            lines.append(
+                f"{identify:<10} {name:<10} {row['reprefill_tokens']:>10} "
+                f"{_f(row['reprefill_tokens_per_turn'], 0):>6} "
+                f"{'-' if cut is None else f'{cut:.0%}':>5} {_f(row['ttft_p50_s'], 2):>8} "
+                f"{_f(row['ttft_p90_s'], 2):>6} {_f(row['jct_mean_s'], 1):>8} {_f(row['jct_p90_s'], 1):>6} "
+                f"{_f(row['queue_delay_mean_s'], 2):>6} {pins:>13} {row['pinned_bytes_max'] / 2**20:>9.0f}M"
+            )
     if "noise" in summary:
-        spreads = ", ".join(f"{name} {_f(100 * (row['reprefill_tokens_rel_diff'] or 0), 0)}% / "
-                            f"{_f(100 * (row['jct_mean_s_rel_diff'] or 0), 0)}%"
-                            for name, row in summary["noise"].items())
+        spreads = ", ".join(
+            f"{name} {_f(100 * (row['reprefill_tokens_rel_diff'] or 0), 0)}% / "
+            f"{_f(100 * (row['jct_mean_s_rel_diff'] or 0), 0)}%"
+            for name, row in summary["noise"].items()
+        )
         lines.append(f"noise, each policy by program_id vs by prefix (the same work), re-prefill / mean JCT: {spreads}")
     for identify, check in summary["targets"].items():
         lines.append(f"targets ({identify}): " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in check.items()))
@@ -530,8 +632,10 @@ def plot_agents(summary: dict, path) -> None:
         axis.set(title=f"programs identified by {label}", ylabel="job completion time, s")
         axis.grid(axis="y", alpha=0.3)
     config = summary["config"]
-    figure.suptitle(f"ragcache bench agents: {config['programs']} BFCL programs x {config['turns']} turns, "
-                    f"{config['arrival_rate']:g} programs/s, time scale {config['time_scale']:g}")
+    figure.suptitle(
+        f"ragcache bench agents: {config['programs']} BFCL programs x {config['turns']} turns, "
+        f"{config['arrival_rate']:g} programs/s, time scale {config['time_scale']:g}"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -29,10 +29,14 @@ def measure_agreement(engine, embedder, pairs: int, max_tokens: int = 48) -> dic
     verdicts: dict[bool, list] = {True: [], False: []}
     rules: Counter[str] = Counter()
     for row in [*same, *traps]:
-        answers = [engine.generate(RagRequest(side, mode="full", sampling=sampling)).text for side in (row["a"], row["b"])]
+        answers = [
+            engine.generate(RagRequest(side, mode="full", sampling=sampling)).text for side in (row["a"], row["b"])
+        ]
         verdict = answers_agree(answers[0], answers[1], embedder)
         verdicts[row["same_answer"]].append(verdict.agree)
-        rules[f"{'same' if row['same_answer'] else 'trap'}:{verdict.rule}:{'agree' if verdict.agree else 'disagree'}"] += 1
+        rules[
+            f"{'same' if row['same_answer'] else 'trap'}:{verdict.rule}:{'agree' if verdict.agree else 'disagree'}"
+        ] += 1
     return {
         "pairs": len(same) + len(traps),
         "model": engine.model_name,

@@ -26,9 +26,9 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 BASE_FILE = "BFCL_v4_multi_turn_base.json"
 _TYPES = {"dict": "object", "float": "number", "tuple": "array"}  # and "any": no "type" at all
@@ -55,7 +55,7 @@ class LogNormal:
 
     @property
     def mu(self) -> float:
-        return math.log(self.mean_s) - self.sigma ** 2 / 2
+        return math.log(self.mean_s) - self.sigma**2 / 2
 
     def draw(self, rng: random.Random) -> float:
         return rng.lognormvariate(self.mu, self.sigma)
@@ -67,8 +67,16 @@ class LogNormal:
 # service (posting, messages, tickets, trading, travel, the vehicle), a network round trip as a
 # web search is.
 DURATIONS = {"web": LogNormal(1.9, 2.1), "shell": LogNormal(0.9, 3.6)}
-TOOL_KINDS = {"GorillaFileSystem": "shell", "MathAPI": "shell", "TwitterAPI": "web", "MessageAPI": "web",
-              "TicketAPI": "web", "TradingBot": "web", "TravelAPI": "web", "VehicleControlAPI": "web"}
+TOOL_KINDS = {
+    "GorillaFileSystem": "shell",
+    "MathAPI": "shell",
+    "TwitterAPI": "web",
+    "MessageAPI": "web",
+    "TicketAPI": "web",
+    "TradingBot": "web",
+    "TravelAPI": "web",
+    "VehicleControlAPI": "web",
+}
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,16 @@ def load_traces(num_programs: int, num_turns: int, seed: int = 0, root: Path | N
     if num_programs > len(entries):
         raise TraceError(f"BFCL's base set has {len(entries)} entries, {num_programs} asked for")
     chosen = random.Random(seed).sample(entries, num_programs)
-    return [derive_trace(entry, answers[entry["id"]], function_docs(entry["involved_classes"], root), num_turns,
-                         random.Random(f"{seed}/{entry['id']}")) for entry in chosen]
+    return [
+        derive_trace(
+            entry,
+            answers[entry["id"]],
+            function_docs(entry["involved_classes"], root),
+            num_turns,
+            random.Random(f"{seed}/{entry['id']}"),
+        )
+        for entry in chosen
+    ]
 
 
 def function_docs(classes: Sequence[str], root: Path | None = None) -> dict[str, tuple[str, dict]]:
@@ -134,8 +150,9 @@ def function_docs(classes: Sequence[str], root: Path | None = None) -> dict[str,
     return docs
 
 
-def derive_trace(entry: dict, ground_truth: list[list[str]], docs: dict[str, tuple[str, dict]], num_turns: int,
-                 rng: random.Random) -> Trace:
+def derive_trace(
+    entry: dict, ground_truth: list[list[str]], docs: dict[str, tuple[str, dict]], num_turns: int, rng: random.Random
+) -> Trace:
     turns, called = [], {}
     for index, (messages, calls) in enumerate(zip(entry["question"][:num_turns], ground_truth[:num_turns])):
         message = "\n".join(m["content"] for m in messages if m["role"] == "user")
@@ -145,14 +162,22 @@ def derive_trace(entry: dict, ground_truth: list[list[str]], docs: dict[str, tup
             cls, doc = docs[name]
             called[name] = doc
             kind = TOOL_KINDS.get(cls, "web")
-            parsed.append(Call(f"call_{index}_{number}", name, json.dumps(arguments), tool_result(doc, arguments),
-                               kind, DURATIONS[kind].draw(rng)))
+            parsed.append(
+                Call(
+                    f"call_{index}_{number}",
+                    name,
+                    json.dumps(arguments),
+                    tool_result(doc, arguments),
+                    kind,
+                    DURATIONS[kind].draw(rng),
+                )
+            )
         turns.append(UserTurn(message, tuple(parsed)))
     return Trace(entry["id"], tuple(openai_tool(doc) for doc in called.values()), tuple(turns))
 
 
 def parse_call(text: str, docs: dict[str, tuple[str, dict]]) -> tuple[str, dict]:
-    """"mv(source='a', destination='b')" -> ("mv", {"source": "a", "destination": "b"})."""
+    """ "mv(source='a', destination='b')" -> ("mv", {"source": "a", "destination": "b"})."""
     try:
         node = ast.parse(text.strip(), mode="eval").body
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
@@ -192,8 +217,10 @@ def json_schema(schema: dict) -> dict:
 def openai_tool(doc: dict) -> dict:
     description = doc.get("description", "")
     description = description.split(_PREAMBLE_END, 1)[-1]
-    return {"type": "function", "function": {"name": doc["name"], "description": description,
-                                             "parameters": json_schema(doc["parameters"])}}
+    return {
+        "type": "function",
+        "function": {"name": doc["name"], "description": description, "parameters": json_schema(doc["parameters"])},
+    }
 
 
 def tool_result(doc: dict, arguments: dict) -> str:
@@ -227,7 +254,7 @@ def duration_stats(durations: Sequence[float]) -> dict:
         return {"calls": 0, "mean_s": None, "sd_s": None, "slowest_10pct_share": None}
     mean = sum(durations) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in durations) / (n - 1)) if n > 1 else 0.0
-    slowest = sorted(durations, reverse=True)[:max(1, round(n / 10))]
+    slowest = sorted(durations, reverse=True)[: max(1, round(n / 10))]
     total = sum(durations)
     return {"calls": n, "mean_s": mean, "sd_s": sd, "slowest_10pct_share": sum(slowest) / total if total else None}
 

@@ -72,7 +72,7 @@ def replay(policy_name: str, lengths: list[int], requests: list[list[int]], budg
     tier.clock = lambda: step  # logical time: one tick per request, so the replay is deterministic
     hits = tokens_hit = tokens_total = 0
     tiny = torch.zeros(1, 1, 1, 1)
-    for step, request in enumerate(requests):
+    for step, request in enumerate(requests):  # noqa: B007  the tier's clock reads step
         for doc in request:
             key = ChunkKey(str(doc))
             tokens_total += lengths[doc]
@@ -84,7 +84,11 @@ def replay(policy_name: str, lengths: list[int], requests: list[list[int]], budg
                 shape = (1, 1, lengths[doc], 1)
                 tier.put(key, _SizedChunk(ids, tiny.expand(shape), tiny.expand(shape), "bench"))
     lookups = sum(len(r) for r in requests)
-    return {"hit_rate": hits / lookups, "token_hit_rate": tokens_hit / tokens_total, "evictions": tier.stats().evictions}
+    return {
+        "hit_rate": hits / lookups,
+        "token_hit_rate": tokens_hit / tokens_total,
+        "evictions": tier.stats().evictions,
+    }
 
 
 def run_eviction_bench(options: TraceOptions) -> dict:

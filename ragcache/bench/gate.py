@@ -84,8 +84,9 @@ def _cache_documents(engine: BlendEngine, examples: list[RagExample], label: str
         engine.add_documents(list(example.documents))
 
 
-def _learn(engine: BlendEngine, budget: BlendBudget, shadow: ShadowChecks, learn: list[RagExample],
-           max_tokens: int) -> dict[str, int]:
+def _learn(
+    engine: BlendEngine, budget: BlendBudget, shadow: ShadowChecks, learn: list[RagExample], max_tokens: int
+) -> dict[str, int]:
     """Serve each DEV question at the setting in force, shadow-check the sampled ones; questions per setting."""
     served_at: dict[str, int] = {}
     progress = tqdm(learn, desc="learning", unit="question")
@@ -106,14 +107,20 @@ def _learn(engine: BlendEngine, budget: BlendBudget, shadow: ShadowChecks, learn
 
 def format_gate(summary: dict) -> str:
     gate = summary["gate"]
-    lines = [f"gate: epsilon {gate['epsilon']:.0%} over {gate['ladder']}; learned on {gate['learn_questions']} "
-             f"questions of {gate['learned_from']} (served at {gate['learn_served_at']}); chosen "
-             f"{gate['setting']}, TTFT {gate['ttft_speedup_vs_full']:.1f}x faster than full"]
+    lines = [
+        f"gate: epsilon {gate['epsilon']:.0%} over {gate['ladder']}; learned on {gate['learn_questions']} "
+        f"questions of {gate['learned_from']} (served at {gate['learn_served_at']}); chosen "
+        f"{gate['setting']}, TTFT {gate['ttft_speedup_vs_full']:.1f}x faster than full"
+    ]
     for row in gate["budget"]:
         for setting, estimate in row["estimates"].items():
-            lines.append(f"  {setting:<22} checks {estimate['n']:>4}  disagreement {estimate['rate']:.1%} "
-                         f"[{estimate['low']:.1%}, {estimate['high']:.1%}]  mean KL {estimate['mean_first_token_kl']:.4f}")
+            lines.append(
+                f"  {setting:<22} checks {estimate['n']:>4}  disagreement {estimate['rate']:.1%} "
+                f"[{estimate['low']:.1%}, {estimate['high']:.1%}]  mean KL {estimate['mean_first_token_kl']:.4f}"
+            )
         if row["last_change"]:
-            lines.append(f"  last change: {row['last_change']['from']} -> {row['last_change']['to']}: "
-                         f"{row['last_change']['reason']}")
+            lines.append(
+                f"  last change: {row['last_change']['from']} -> {row['last_change']['to']}: "
+                f"{row['last_change']['reason']}"
+            )
     return "\n".join(lines)

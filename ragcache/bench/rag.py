@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from ragcache.bench.metrics import best_f1, kl_divergence, percentile, token_f1
-from ragcache.engine.selection import parse_selection as engine_selection
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.runner import BlendEngine, Generation, RagRequest
+from ragcache.engine.selection import parse_selection as engine_selection
 
 
 @dataclass(frozen=True)
@@ -192,9 +192,13 @@ def _summary(engine: BlendEngine, examples: list[RagExample], runs: dict[str, Mo
         "model": engine.loaded.name,
         "device": str(engine.loaded.device),
         "dtype": str(engine.loaded.dtype).removeprefix("torch."),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
-        "blend": {"check_layer": engine.config.blend.check_layer, "deviation": engine.config.blend.deviation,
-                  "sink_tokens": engine.config.blend.sink_tokens},
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f", {torch.get_num_threads()} threads",
+        "blend": {
+            "check_layer": engine.config.blend.check_layer,
+            "deviation": engine.config.blend.deviation,
+            "sink_tokens": engine.config.blend.sink_tokens,
+        },
         "questions": len(examples),
         "documents_per_question": len(examples[0].documents),
         "prompt_tokens_p50": percentile(prompt_tokens, 50),
@@ -226,8 +230,12 @@ def format_table(summary: dict) -> str:
         f"{summary['questions']} questions x {summary['documents_per_question']} documents, "
         f"prompt tokens p50 {summary['prompt_tokens_p50']:.0f}; blend check layer "
         f"{summary['blend']['check_layer']}, {summary['blend']['deviation']} deviation"
-        + (f"; cached KV through codec {summary['codec']['name']} "
-           f"(compression {summary['codec']['compression_ratio']:.2f}x)" if summary["codec"]["compression_ratio"] else ""),
+        + (
+            f"; cached KV through codec {summary['codec']['name']} "
+            f"(compression {summary['codec']['compression_ratio']:.2f}x)"
+            if summary["codec"]["compression_ratio"]
+            else ""
+        ),
         header,
         "-" * len(header),
     ]

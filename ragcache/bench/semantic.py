@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,23 +55,29 @@ class SemanticBenchOptions:
             raise ValueError("sizes, lookups and embed_samples must be positive")
 
 
-def run_semantic_bench(options: SemanticBenchOptions = SemanticBenchOptions(), embedder: Embedder | None = None,
-                       progress: Callable[[str], None] = lambda line: None) -> dict:
+def run_semantic_bench(
+    options: SemanticBenchOptions = SemanticBenchOptions(),
+    embedder: Embedder | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> dict:
     """Everything `ragcache bench semantic` reports, as one JSON-ready dict."""
     if embedder is None:
         from ragcache.semantic.embedder import SentenceTransformerEmbedder
 
         embedder = SentenceTransformerEmbedder()
-    summary: dict = {"embedder": embedder.name, "options": {k: list(v) if isinstance(v, tuple) else v
-                                                             for k, v in vars(options).items()}}
+    summary: dict = {
+        "embedder": embedder.name,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(options).items()},
+    }
     scoring = MemoEmbedder(embedder)
     for dataset in options.datasets:
         progress(f"fow-cache {dataset}, guards on")
         summary[dataset] = score_dataset(dataset, SemanticCache(scoring))
         if options.compare_unguarded:
             progress(f"fow-cache {dataset}, guards off")
-            unguarded = SemanticCache(scoring, config=SemanticCacheConfig(guards=GuardConfig(enabled=False),
-                                                                          default_verifiers=()))
+            unguarded = SemanticCache(
+                scoring, config=SemanticCacheConfig(guards=GuardConfig(enabled=False), default_verifiers=())
+            )
             summary[dataset]["unguarded"] = _headline(score_dataset(dataset, unguarded))
         if options.deltas:
             summary[dataset].update(compare_verifiers(dataset, scoring, options.deltas, progress))
@@ -144,24 +150,39 @@ def format_semantic_table(summary: dict) -> str:
         if dataset not in summary:
             continue
         result = summary[dataset]
-        lines += ["", f"{dataset}: {result['pairs']} pairs",
-                  f"  {'':<28}{'all':>8}{'tune half':>11}{'held out':>10}{'no guards':>11}"]
+        lines += [
+            "",
+            f"{dataset}: {result['pairs']} pairs",
+            f"  {'':<28}{'all':>8}{'tune half':>11}{'held out':>10}{'no guards':>11}",
+        ]
         unguarded = result.get("unguarded", {})
         for label, key in (("should-hit served", "should_hit_served"), ("traps given a wrong answer", "traps_wrong")):
-            lines.append(f"  {label:<28}{_pct(result[key]):>8}{_pct(result['tune_half'][key]):>11}"
-                         f"{_pct(result['held_out_half'][key]):>10}{_pct(unguarded.get(key)):>11}")
+            lines.append(
+                f"  {label:<28}{_pct(result[key]):>8}{_pct(result['tune_half'][key]):>11}"
+                f"{_pct(result['held_out_half'][key]):>10}{_pct(unguarded.get(key)):>11}"
+            )
         for group, rate in result["by_group"].items():
             lines.append(f"    {group:<26}{_pct(rate):>8}{'':>21}{_pct(unguarded.get('by_group', {}).get(group)):>11}")
         lines.append(f"  category mismatches between the two sides: {result['category_mismatches']}")
         lines.append(f"  trap candidates rejected, by guard: {result['trap_rejections_by_reason']}")
     lines += format_verifiers(summary)
     if "latency_ms" in summary:
-        kinds = [k for k in next(iter(summary["latency_ms"].values())) if isinstance(next(iter(summary["latency_ms"].values()))[k], dict)]
-        lines += ["", "lookup latency, embedding excluded (ms):",
-                  f"  {'entries':>8}" + "".join(f"{k + ' p50':>12}{k + ' p99':>12}" for k in kinds) + f"{'embed p50':>11}"]
+        kinds = [
+            k
+            for k in next(iter(summary["latency_ms"].values()))
+            if isinstance(next(iter(summary["latency_ms"].values()))[k], dict)
+        ]
+        lines += [
+            "",
+            "lookup latency, embedding excluded (ms):",
+            f"  {'entries':>8}" + "".join(f"{k + ' p50':>12}{k + ' p99':>12}" for k in kinds) + f"{'embed p50':>11}",
+        ]
         for size, row in summary["latency_ms"].items():
-            lines.append(f"  {size:>8}" + "".join(f"{row[k]['lookup_p50']:>12.3f}{row[k]['lookup_p99']:>12.3f}" for k in kinds)
-                         + f"{row['embed_p50']:>11.2f}")
+            lines.append(
+                f"  {size:>8}"
+                + "".join(f"{row[k]['lookup_p50']:>12.3f}{row[k]['lookup_p99']:>12.3f}" for k in kinds)
+                + f"{row['embed_p50']:>11.2f}"
+            )
     return "\n".join(lines)
 
 

@@ -18,8 +18,8 @@ guards' vocabulary-free checks, guards.check_facts, then the pair classifier).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -30,8 +30,9 @@ from ragcache.semantic.learned import Observation
 CONFIGURATIONS = {"guards_on": ("guards",), "guards_off": (), "pair": ("pair",), "facts_pair": ("facts", "pair")}
 
 
-def compare_verifiers(dataset: str, embedder: Embedder, deltas: Sequence[float],
-                      progress: Callable[[str], None] = lambda line: None) -> dict:
+def compare_verifiers(
+    dataset: str, embedder: Embedder, deltas: Sequence[float], progress: Callable[[str], None] = lambda line: None
+) -> dict:
     """The static and learned rows of one dataset (see the module docstring)."""
     from ragcache.bench.semantic import TENANT, _is_tuning, _items, _query, score_dataset
 
@@ -67,8 +68,11 @@ def observe(cache: SemanticCache, rows: Sequence[dict], tenant: str, make_query)
         if outcome.hit is not None:
             found.append(Observation(tenant, outcome.category, None, outcome.hit.similarity, correct))
         else:
-            found += [Observation(tenant, outcome.category, None, r.similarity, correct)
-                      for r in outcome.rejections if r.reason == "threshold"][:1]
+            found += [
+                Observation(tenant, outcome.category, None, r.similarity, correct)
+                for r in outcome.rejections
+                if r.reason == "threshold"
+            ][:1]
     cache.invalidate(tenant)
     return found
 
@@ -94,16 +98,28 @@ def plot_verifiers(summary: dict, path) -> None:
     for axis, dataset in zip(axes[0], datasets):
         rows = summary[dataset]
         points = [(f"{name} static", row) for name, row in rows["static"].items()]
-        points += [(f"{name} learned δ={delta}", row) for delta, by_name in rows["learned"].items()
-                   for name, row in by_name.items()]
+        points += [
+            (f"{name} learned δ={delta}", row)
+            for delta, by_name in rows["learned"].items()
+            for name, row in by_name.items()
+        ]
         for i, (label, row) in enumerate(points):
             colour = plt.cm.tab20(i % 20)
             for half, fill in (("held_out_half", colour), ("tune_half", "none")):
                 x, y = row[half]["traps_wrong"], row[half]["should_hit_served"]
-                axis.scatter([100 * x], [100 * y], s=50, facecolors=fill, edgecolors=[colour],
-                             label=label if half == "held_out_half" else None)
-        axis.set(title=f"fow-cache {dataset} (filled: held out, hollow: tuning half)", xlabel="traps given a wrong answer (%)",
-                 ylabel="should-hit pairs served (%)")
+                axis.scatter(
+                    [100 * x],
+                    [100 * y],
+                    s=50,
+                    facecolors=fill,
+                    edgecolors=[colour],
+                    label=label if half == "held_out_half" else None,
+                )
+        axis.set(
+            title=f"fow-cache {dataset} (filled: held out, hollow: tuning half)",
+            xlabel="traps given a wrong answer (%)",
+            ylabel="should-hit pairs served (%)",
+        )
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
@@ -117,13 +133,21 @@ def format_verifiers(summary: dict) -> list[str]:
         rows = summary.get(dataset, {})
         if "learned" not in rows:
             continue
-        lines += ["", f"{dataset}: verifiers x learned thresholds (should-hit served / traps wrong)",
-                  f"  {'configuration':<30}{'tune half':>18}{'held out':>18}  thresholds"]
+        lines += [
+            "",
+            f"{dataset}: verifiers x learned thresholds (should-hit served / traps wrong)",
+            f"  {'configuration':<30}{'tune half':>18}{'held out':>18}  thresholds",
+        ]
         entries = [(f"{name}, static", row) for name, row in rows["static"].items()]
-        entries += [(f"{name}, learned δ={delta}", row) for delta, by_name in rows["learned"].items()
-                    for name, row in by_name.items()]
+        entries += [
+            (f"{name}, learned δ={delta}", row)
+            for delta, by_name in rows["learned"].items()
+            for name, row in by_name.items()
+        ]
         for label, row in entries:
-            thresholds = ", ".join(f"{c} {'-' if t is None else f'{t:.3f}'}" for c, t in row.get("thresholds", {}).items())
+            thresholds = ", ".join(
+                f"{c} {'-' if t is None else f'{t:.3f}'}" for c, t in row.get("thresholds", {}).items()
+            )
             lines.append(f"  {label:<30}{_pair(row['tune_half']):>18}{_pair(row['held_out_half']):>18}  {thresholds}")
     return lines
 
@@ -131,7 +155,9 @@ def format_verifiers(summary: dict) -> list[str]:
 def _cache(embedder: Embedder, verifiers: tuple[str, ...], delta: float | None = None) -> SemanticCache:
     base = SemanticCacheConfig()
     # every category on (conversations are off by default): the comparison is of verifiers, not switches
-    policies = {k: replace(p, enabled=True, delta=p.delta if delta is None else delta) for k, p in base.policies.items()}
+    policies = {
+        k: replace(p, enabled=True, delta=p.delta if delta is None else delta) for k, p in base.policies.items()
+    }
     guards = GuardConfig(enabled="guards" in verifiers)
     names = tuple(v for v in verifiers if v != "guards") if not guards.enabled else verifiers
     return SemanticCache(embedder, config=replace(base, policies=policies, guards=guards, default_verifiers=names))

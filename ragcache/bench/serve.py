@@ -15,16 +15,24 @@ import os
 import platform
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable, Sequence
 
 import httpx
 from tqdm import tqdm
 
 from ragcache.bench.rag import RagExample
-from ragcache.bench.serve_load import (BenchServeError, LevelRun, RequestOutcome, Send, closed_loop, level_figures,
-                                      open_loop, stream_chat)
+from ragcache.bench.serve_load import (
+    BenchServeError,
+    LevelRun,
+    RequestOutcome,
+    Send,
+    closed_loop,
+    level_figures,
+    open_loop,
+    stream_chat,
+)
 from ragcache.bench.serve_targets import CHAT_PATH, ServerOptions, Target, llamacpp_target, ragcache_target, wants_peer
 
 _MODE = re.compile(r"^(full|prefix|reuse|blend(@(0(\.\d*)?|1(\.0*)?|\.\d+))?)$")  # blend@r: r in [0, 1]
@@ -48,8 +56,12 @@ class ServeBenchOptions:
             (self.limit is None or self.limit > 0, "--limit", self.limit, "must be positive"),
             (self.docs > 0, "--docs", self.docs, "must be positive"),
             (self.max_tokens > 0, "--max-tokens", self.max_tokens, "must be positive"),
-            (bool(self.modes) and all(_MODE.match(m) for m in self.modes), "--modes", self.modes,
-             "must be full, prefix, reuse, blend or blend@r with r in [0, 1]"),
+            (
+                bool(self.modes) and all(_MODE.match(m) for m in self.modes),
+                "--modes",
+                self.modes,
+                "must be full, prefix, reuse, blend or blend@r with r in [0, 1]",
+            ),
             (len(set(self.modes)) == len(self.modes), "--modes", self.modes, "must not repeat a mode"),
             (all(c > 0 for c in self.concurrency), "--concurrency", self.concurrency, "must be positive integers"),
             (all(r > 0 for r in self.rates), "--rates", self.rates, "must be positive requests/s"),
@@ -80,8 +92,9 @@ def parse_list(text: str, kind: Callable, flag: str) -> tuple:
         raise BenchServeError(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
 
 
-def run_serve_bench(examples: Sequence[RagExample], options: ServeBenchOptions, servers: ServerOptions,
-                    dataset: str = "") -> dict:
+def run_serve_bench(
+    examples: Sequence[RagExample], options: ServeBenchOptions, servers: ServerOptions, dataset: str = ""
+) -> dict:
     """Measure ragcache (and the peer when wanted) in every mode and load; the JSON-ready summary."""
     openers = [lambda: ragcache_target(servers, options.modes)]
     if wants_peer(servers):
@@ -139,8 +152,13 @@ def _figures(run: LevelRun, planned: int, progress: tqdm) -> dict:
 
 
 def machine_info() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
-            "processor": platform.processor(), "python": platform.python_version()}
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+    }
 
 
 def _config(examples: Sequence[RagExample], options: ServeBenchOptions, servers: ServerOptions, dataset: str) -> dict:
@@ -150,10 +168,16 @@ def _config(examples: Sequence[RagExample], options: ServeBenchOptions, servers:
 
 def format_serve_table(summary: dict) -> str:
     config, machine = summary["config"], summary["machine"]
-    header = (f"{'engine':<9} {'mode':<11} {'load':<12} {'reqs':>5} {'err':>4} {'req/s':>7} {'out tok/s':>9} "
-              f"{'TTFT p50 s':>10} {'p99 s':>7} {'TPOT p50 ms':>11} {'p99 ms':>7}")
-    lines = [f"{config['questions']} questions x {config['docs']} documents, max_tokens {config['max_tokens']}; "
-             f"{machine['cpus']} CPUs, {machine['platform']}", header, "-" * len(header)]
+    header = (
+        f"{'engine':<9} {'mode':<11} {'load':<12} {'reqs':>5} {'err':>4} {'req/s':>7} {'out tok/s':>9} "
+        f"{'TTFT p50 s':>10} {'p99 s':>7} {'TPOT p50 ms':>11} {'p99 ms':>7}"
+    )
+    lines = [
+        f"{config['questions']} questions x {config['docs']} documents, max_tokens {config['max_tokens']}; "
+        f"{machine['cpus']} CPUs, {machine['platform']}",
+        header,
+        "-" * len(header),
+    ]
     for engine, data in summary["engines"].items():
         lines.append(f"{engine}: {data['model']} at {data['url']}")
         for mode, runs in data["modes"].items():
@@ -163,7 +187,8 @@ def format_serve_table(summary: dict) -> str:
                 lines.append(
                     f"{engine:<9} {mode:<11} {load:<12} {row['requests']:>5} {row['errors']:>4} "
                     f"{row['requests_per_s']:>7.2f} {row['output_tokens_per_s']:>9.1f} {_s(row['ttft_p50_s']):>10} "
-                    f"{_s(row['ttft_p99_s']):>7} {_ms(row['tpot_p50_s']):>11} {_ms(row['tpot_p99_s']):>7}")
+                    f"{_s(row['ttft_p99_s']):>7} {_ms(row['tpot_p50_s']):>11} {_ms(row['tpot_p99_s']):>7}"
+                )
     return "\n".join(lines)
 
 

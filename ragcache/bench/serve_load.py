@@ -14,7 +14,8 @@ import json
 import math
 import random
 import time
-from typing import Awaitable, Callable, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import httpx
 
@@ -53,7 +54,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, headers: 
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     done = True
                     break
@@ -131,4 +132,3 @@ def level_figures(run: LevelRun) -> dict:
         "wall_s": run.wall_s,
         "error_examples": sorted(set(errors))[:3],
     }
-

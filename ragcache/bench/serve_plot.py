@@ -30,8 +30,11 @@ def pyplot():
 
 def plot_serve_summary(summary: dict, path: Path) -> None:
     plt = pyplot()
-    lines = [(f"{engine} {mode}", runs) for engine, data in summary["engines"].items()
-             for mode, runs in data["modes"].items()]
+    lines = [
+        (f"{engine} {mode}", runs)
+        for engine, data in summary["engines"].items()
+        for mode, runs in data["modes"].items()
+    ]
     loops = [loop for loop in _LOOPS if any(runs[loop[0]] for _, runs in lines)]
     figure, axes = plt.subplots(len(loops), 2, figsize=(12, 4.5 * len(loops)), squeeze=False)
     for (loop, key, xlabel), (ttft_axis, throughput_axis) in zip(loops, axes):
@@ -39,10 +42,10 @@ def plot_serve_summary(summary: dict, path: Path) -> None:
             rows = runs[loop]
             x = [row[key] for row in rows]
             (p50,) = ttft_axis.plot(x, _y(rows, "ttft_p50_s"), marker="o", label=f"{label} p50")
-            ttft_axis.plot(x, _y(rows, "ttft_p99_s"), marker="x", linestyle="--", color=p50.get_color(),
-                           label=f"{label} p99")
-            throughput_axis.plot(x, _y(rows, "output_tokens_per_s"), marker="o", color=p50.get_color(),
-                                 label=label)
+            ttft_axis.plot(
+                x, _y(rows, "ttft_p99_s"), marker="x", linestyle="--", color=p50.get_color(), label=f"{label} p99"
+            )
+            throughput_axis.plot(x, _y(rows, "output_tokens_per_s"), marker="o", color=p50.get_color(), label=label)
         ttft_axis.set(xlabel=xlabel, ylabel="TTFT, s", title="time to first token")
         throughput_axis.set(xlabel=xlabel, ylabel="output tokens/s", title="throughput")
         loads = sorted({row[key] for _, runs in lines for row in runs[loop]})
@@ -51,8 +54,10 @@ def plot_serve_summary(summary: dict, path: Path) -> None:
             axis.grid(alpha=0.3)
             axis.legend(fontsize="small")
     config = summary["config"]
-    figure.suptitle(f"ragcache bench serve: {config['questions']} questions x {config['docs']} documents, "
-                    f"max_tokens {config['max_tokens']}, {summary['machine']['cpus']} CPUs")
+    figure.suptitle(
+        f"ragcache bench serve: {config['questions']} questions x {config['docs']} documents, "
+        f"max_tokens {config['max_tokens']}, {summary['machine']['cpus']} CPUs"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -17,10 +17,10 @@ import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import httpx
 
@@ -76,8 +76,14 @@ class Target(ABC):
         """The streamed chat-completion body for example in mode: greedy, usage included, the same every call."""
 
     def _common(self, messages: list[dict], max_tokens: int) -> dict:
-        return {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        return {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
 
     async def _read_model(self, client: httpx.AsyncClient) -> None:
         response = await _call(client, "GET", f"{self.url}/v1/models", self.name, headers=self.headers)
@@ -100,9 +106,10 @@ class RagcacheTarget(Target):
         await self._read_model(client)
         texts = list(dict.fromkeys(text for example in examples for text in example.documents))
         for start in range(0, len(texts), DOCUMENTS_PER_CALL):
-            batch = [{"id": document_id(text), "text": text} for text in texts[start:start + DOCUMENTS_PER_CALL]]
-            await _call(client, "POST", f"{self.url}/v1/documents", self.name, headers=self.headers,
-                        json={"documents": batch})
+            batch = [{"id": document_id(text), "text": text} for text in texts[start : start + DOCUMENTS_PER_CALL]]
+            await _call(
+                client, "POST", f"{self.url}/v1/documents", self.name, headers=self.headers, json={"documents": batch}
+            )
 
     def body(self, example: RagExample, mode: str, max_tokens: int) -> dict:
         kind, _, ratio = mode.partition("@")
@@ -151,8 +158,12 @@ def ragcache_target(servers: ServerOptions, modes: Sequence[str]) -> Iterator[Ra
         return
     port = free_port()
     command = [sys.executable, "-m", "ragcache.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    for flag, value in (("--model", servers.model), ("--device", servers.device), ("--dtype", servers.dtype),
-                        ("--redis-url", servers.redis_url)):
+    for flag, value in (
+        ("--model", servers.model),
+        ("--device", servers.device),
+        ("--dtype", servers.dtype),
+        ("--redis-url", servers.redis_url),
+    ):
         command += [flag, value] if value else []
     # every request bypasses the semantic cache: do not load MiniLM; a run's registrations are its own
     env = {**os.environ, "RAGCACHE_SEMANTIC_CACHE": "false", "RAGCACHE_REGISTRY": "memory"}
@@ -197,11 +208,28 @@ def llamacpp_target(servers: ServerOptions) -> Iterator[LlamaCppTarget]:
 
     gguf, port = peer_gguf(servers), free_port()
     threads = str(servers.peer_threads or torch.get_num_threads())  # default: as many as torch gives ragcache
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", "8192", "--n_threads", threads, "--n_threads_batch", threads,
-               "--interrupt_requests", "false"]  # its default cuts a stream short whenever another request comes
-    with launched("llama_cpp.server", command, dict(os.environ), f"http://127.0.0.1:{port}", "/v1/models",
-                  servers.start_timeout_s) as url:
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "8192",
+        "--n_threads",
+        threads,
+        "--n_threads_batch",
+        threads,
+        "--interrupt_requests",
+        "false",
+    ]  # its default cuts a stream short whenever another request comes
+    with launched(
+        "llama_cpp.server", command, dict(os.environ), f"http://127.0.0.1:{port}", "/v1/models", servers.start_timeout_s
+    ) as url:
         yield LlamaCppTarget(url)
 
 
@@ -212,8 +240,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def launched(name: str, command: list[str], env: dict[str, str], url: str, ready_path: str,
-             timeout_s: float) -> Iterator[str]:
+def launched(
+    name: str, command: list[str], env: dict[str, str], url: str, ready_path: str, timeout_s: float
+) -> Iterator[str]:
     """Run a server subprocess until the block ends; its output goes to a log shown if it fails to start."""
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -22,10 +22,11 @@ import platform
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -34,8 +35,10 @@ from ragcache.engine.generate import SamplingParams
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.runner import BlendEngine, RagRequest
 from ragcache.kv import ChunkKey, KVChunk
-from ragcache.storage import CpuTier, GpuTier, TieredStore
 from ragcache.storage.codec import CODECS, decode_chunk, encode_chunk
+from ragcache.storage.cpu import CpuTier
+from ragcache.storage.gpu import GpuTier
+from ragcache.storage.tiered import TieredStore
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 TIER_NAMES = ("device", "cpu", "redis")
@@ -109,12 +112,20 @@ def _measure(loaded: LoadedModel, options: StoreBenchOptions, redis: RedisBench,
     summary = {
         "codecs": codecs,
         "tiers": tiers,
-        "ttft_s": {name: None if ttft["runs"][name] is None else ttft["runs"][name]["median_s"]
-                   for name in (*TIER_NAMES, "miss")},
+        "ttft_s": {
+            name: None if ttft["runs"][name] is None else ttft["runs"][name]["median_s"]
+            for name in (*TIER_NAMES, "miss")
+        },
         "options": asdict(options),
         "chunk": _describe(chunks[0], loaded.name),
-        "redis": {"url": options.redis_url, "namespace": redis.namespace, "available": redis.error is None,
-                  "error": redis.error, "ttft_codec": ttft_codec, "timeout_s": REDIS_TIMEOUT_S},
+        "redis": {
+            "url": options.redis_url,
+            "namespace": redis.namespace,
+            "available": redis.error is None,
+            "error": redis.error,
+            "ttft_codec": ttft_codec,
+            "timeout_s": REDIS_TIMEOUT_S,
+        },
         "redis_by_codec": redis_by_codec,
         "ttft": ttft,
     }
@@ -148,7 +159,7 @@ def window_texts(tokenizer, texts: list[str], count: int, tokens: int) -> list[s
     width = tokens + 8  # re-encoding a decoded window can merge a few tokens
     step = width if count * width <= len(stream) else max(1, len(stream) // count)
     ring = stream * (width // len(stream) + 2)
-    return [tokenizer.decode(ring[i * step: i * step + width]) for i in range(count)]
+    return [tokenizer.decode(ring[i * step : i * step + width]) for i in range(count)]
 
 
 def real_chunks(loaded: LoadedModel, texts: list[str], tokens: int) -> list[KVChunk]:
@@ -159,8 +170,16 @@ def real_chunks(loaded: LoadedModel, texts: list[str], tokens: int) -> list[KVCh
         chunks = [store.get(info.key) for info in engine.add_documents(texts)]
     finally:
         engine.close()
-    return [KVChunk(c.token_ids[:tokens], c.keys[:, :, :tokens].contiguous(), c.values[:, :, :tokens].contiguous(),
-                    c.model_fingerprint, c.start_pos) for c in chunks]
+    return [
+        KVChunk(
+            c.token_ids[:tokens],
+            c.keys[:, :, :tokens].contiguous(),
+            c.values[:, :, :tokens].contiguous(),
+            c.model_fingerprint,
+            c.start_pos,
+        )
+        for c in chunks
+    ]
 
 
 def random_chunk(shape: ChunkShape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> KVChunk:
@@ -188,8 +207,12 @@ def measure_codec(name: str, chunks: list[KVChunk], passes: int) -> dict:
     kv_bytes = sum(chunk.nbytes for chunk in chunks) * passes
     fp16_bytes = kv_bytes // chunks[0].keys.element_size() * 2
     mean_mb = kv_bytes / len(encode_s) / 1e6
-    return {"ratio_vs_fp16": fp16_bytes / encoded_bytes, "encode_mb_s": mean_mb / statistics.median(encode_s),
-            "decode_mb_s": mean_mb / statistics.median(decode_s), "encoded_bytes": encoded_bytes // len(encode_s)}
+    return {
+        "ratio_vs_fp16": fp16_bytes / encoded_bytes,
+        "encode_mb_s": mean_mb / statistics.median(encode_s),
+        "decode_mb_s": mean_mb / statistics.median(decode_s),
+        "encoded_bytes": encoded_bytes // len(encode_s),
+    }
 
 
 def measure_tier(tier, chunks: list[KVChunk], repeats: int) -> dict | None:
@@ -210,14 +233,20 @@ def measure_tier(tier, chunks: list[KVChunk], repeats: int) -> dict | None:
         if not stored or found is None:
             return None
         kv_bytes += chunk.nbytes
-    return {"put_mb_s": kv_bytes / sum(put_s) / 1e6, "get_mb_s": kv_bytes / sum(get_s) / 1e6,
-            "get_p50_ms": percentile(get_s, 50) * 1e3, "get_p99_ms": percentile(get_s, 99) * 1e3}
+    return {
+        "put_mb_s": kv_bytes / sum(put_s) / 1e6,
+        "get_mb_s": kv_bytes / sum(get_s) / 1e6,
+        "get_p50_ms": percentile(get_s, 50) * 1e3,
+        "get_p99_ms": percentile(get_s, 99) * 1e3,
+    }
 
 
 def measure_tiers(device: torch.device, chunks: list[KVChunk], repeats: int, redis: RedisBench, codec: str) -> dict:
-    return {"device": measure_tier(GpuTier(MEMORY_TIER_BYTES, device), chunks, repeats),
-            "cpu": measure_tier(CpuTier(MEMORY_TIER_BYTES), chunks, repeats),
-            "redis": redis.measure(chunks, repeats, codec)}
+    return {
+        "device": measure_tier(GpuTier(MEMORY_TIER_BYTES, device), chunks, repeats),
+        "cpu": measure_tier(CpuTier(MEMORY_TIER_BYTES), chunks, repeats),
+        "redis": redis.measure(chunks, repeats, codec),
+    }
 
 
 class RedisBench:
@@ -240,8 +269,9 @@ class RedisBench:
     def tier(self, codec: str, fingerprint: str | None = None):
         from ragcache.storage.redis import RedisTier
 
-        return RedisTier(self.url, namespace=self.namespace, codec=codec, model_fingerprint=fingerprint,
-                         timeout_s=REDIS_TIMEOUT_S)
+        return RedisTier(
+            self.url, namespace=self.namespace, codec=codec, model_fingerprint=fingerprint, timeout_s=REDIS_TIMEOUT_S
+        )
 
     def measure(self, chunks: list[KVChunk], repeats: int, codec: str) -> dict | None:
         if self.error is not None:
@@ -266,8 +296,15 @@ class RedisBench:
 # time to first token
 
 
-def measure_ttft(loaded: LoadedModel, question: str, texts: list[str], redis: RedisBench, codec: str,
-                 repeats: int, progress: Progress) -> dict:
+def measure_ttft(
+    loaded: LoadedModel,
+    question: str,
+    texts: list[str],
+    redis: RedisBench,
+    codec: str,
+    repeats: int,
+    progress: Progress,
+) -> dict:
     """Median TTFT of one reuse-mode request with its prefix and chunks only in each tier, and with none cached.
 
     The Redis tier reads whatever codec wrote an entry (the codec is in its header), so the entries
@@ -304,18 +341,26 @@ def measure_ttft(loaded: LoadedModel, question: str, texts: list[str], redis: Re
                 writer.close()
     summary = {name: _ttft_summary(results) for name, results in runs.items()}
     by_codec = {name: summary.pop(f"redis {name}", summary.get("redis")) for name in CODECS} if "redis" in tiers else {}
-    return {"documents": len(texts), "prompt_tokens": runs["miss"][0].prompt_tokens, "codec": codec,
-            "kv_mb": sum(chunk.nbytes for _, chunk in entries) / 1e6,
-            "runs": {name: summary.get(name) for name in (*TIER_NAMES, "miss")}, "redis_by_codec": by_codec}
+    return {
+        "documents": len(texts),
+        "prompt_tokens": runs["miss"][0].prompt_tokens,
+        "codec": codec,
+        "kv_mb": sum(chunk.nbytes for _, chunk in entries) / 1e6,
+        "runs": {name: summary.get(name) for name in (*TIER_NAMES, "miss")},
+        "redis_by_codec": by_codec,
+    }
 
 
 def _ttft_summary(results) -> dict:
     timings = [result.timings for result in results]
-    return {"median_s": statistics.median(t.ttft_s for t in timings), "runs_s": [t.ttft_s for t in timings],
-            "lookup_s": statistics.median(t.lookup_s for t in timings),
-            "chunk_compute_s": statistics.median(t.chunk_compute_s for t in timings),
-            "blend_s": statistics.median(t.blend_s for t in timings),
-            "chunk_hits": min(result.chunk_hits for result in results)}
+    return {
+        "median_s": statistics.median(t.ttft_s for t in timings),
+        "runs_s": [t.ttft_s for t in timings],
+        "lookup_s": statistics.median(t.lookup_s for t in timings),
+        "chunk_compute_s": statistics.median(t.chunk_compute_s for t in timings),
+        "blend_s": statistics.median(t.blend_s for t in timings),
+        "chunk_hits": min(result.chunk_hits for result in results),
+    }
 
 
 def _wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
@@ -336,34 +381,53 @@ def check_targets(summary: dict) -> dict:
     ratio = None if ttft["redis"] is None else ttft["redis"] / ttft["cpu"]
     codec = summary["redis"]["ttft_codec"]
     runs = summary["ttft"]["runs"]
-    why = None if ratio is None else {  # where a Redis hit's extra time goes
-        "ttft_gap_s": ttft["redis"] - ttft["cpu"],
-        "lookup_gap_s": runs["redis"]["lookup_s"] - runs["cpu"]["lookup_s"],
-        "tier_get_estimate_s": summary["ttft"]["kv_mb"] / summary["tiers"]["redis"]["get_mb_s"],
-    }
+    why = (
+        None
+        if ratio is None
+        else {  # where a Redis hit's extra time goes
+            "ttft_gap_s": ttft["redis"] - ttft["cpu"],
+            "lookup_gap_s": runs["redis"]["lookup_s"] - runs["cpu"]["lookup_s"],
+            "tier_get_estimate_s": summary["ttft"]["kv_mb"] / summary["tiers"]["redis"]["get_mb_s"],
+        }
+    )
     return {
-        "codec_ratio": {"target": TARGET_RATIO, "codec": best, "value": codecs[best]["ratio_vs_fp16"],
-                        "met": codecs[best]["ratio_vs_fp16"] >= TARGET_RATIO},
+        "codec_ratio": {
+            "target": TARGET_RATIO,
+            "codec": best,
+            "value": codecs[best]["ratio_vs_fp16"],
+            "met": codecs[best]["ratio_vs_fp16"] >= TARGET_RATIO,
+        },
         # both targets on one codec: the TTFT run's (a deployment runs one codec)
-        "redis_vs_cpu_ttft": {"target": TARGET_REDIS_VS_CPU, "codec": codec, "value": ratio,
-                              "codec_ratio_vs_fp16": codecs[codec]["ratio_vs_fp16"],
-                              "met": None if ratio is None else ratio <= TARGET_REDIS_VS_CPU, "why": why},
+        "redis_vs_cpu_ttft": {
+            "target": TARGET_REDIS_VS_CPU,
+            "codec": codec,
+            "value": ratio,
+            "codec_ratio_vs_fp16": codecs[codec]["ratio_vs_fp16"],
+            "met": None if ratio is None else ratio <= TARGET_REDIS_VS_CPU,
+            "why": why,
+        },
     }
 
 
 def format_store_table(summary: dict) -> str:
     chunk, machine = summary["chunk"], summary["machine"]
-    lines = [f"{machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, device {machine['device']}; "
-             f"load average {machine['load_average_before']:.2f} before, {machine['load_average_after']:.2f} after",
-             f"chunk: {chunk['source']} {tuple(chunk['shape'])} {chunk['dtype']}, {chunk['nbytes'] / 1e6:.2f} MB "
-             "(MB/s are MB of KV as held)", "",
-             f"{'codec':<11} {'x vs fp16':>9} {'encode MB/s':>12} {'decode MB/s':>12}"]
+    lines = [
+        f"{machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, device {machine['device']}; "
+        f"load average {machine['load_average_before']:.2f} before, {machine['load_average_after']:.2f} after",
+        f"chunk: {chunk['source']} {tuple(chunk['shape'])} {chunk['dtype']}, {chunk['nbytes'] / 1e6:.2f} MB "
+        "(MB/s are MB of KV as held)",
+        "",
+        f"{'codec':<11} {'x vs fp16':>9} {'encode MB/s':>12} {'decode MB/s':>12}",
+    ]
     for name, row in summary["codecs"].items():
         lines.append(f"{name:<11} {row['ratio_vs_fp16']:>9.2f} {row['encode_mb_s']:>12.0f} {row['decode_mb_s']:>12.0f}")
     if "codecs_llama3_8b" in summary:
         big = summary["chunk_llama3_8b"]
-        lines += ["", f"8B-sized chunk {tuple(big['shape'])} {big['dtype']}, {big['nbytes'] / 1e6:.1f} MB, random: "
-                  "codec speeds only (random data does not compress like KV)"]
+        lines += [
+            "",
+            f"8B-sized chunk {tuple(big['shape'])} {big['dtype']}, {big['nbytes'] / 1e6:.1f} MB, random: "
+            "codec speeds only (random data does not compress like KV)",
+        ]
         for name, row in summary["codecs_llama3_8b"].items():
             lines.append(f"{name:<11} {'':>9} {row['encode_mb_s']:>12.0f} {row['decode_mb_s']:>12.0f}")
     redis = summary["redis"]
@@ -373,35 +437,54 @@ def format_store_table(summary: dict) -> str:
     lines += ["", f"{'tier':<18} {'put MB/s':>10} {'get MB/s':>10} {'get p50 ms':>11} {'get p99 ms':>11}"]
     for name, row in rows:
         label = f"{name} ({redis['ttft_codec']})" if name in ("redis", "8B redis") else name
-        lines.append(f"{label:<18} " + ("unavailable" if row is None else
-                     f"{row['put_mb_s']:>10.4g} {row['get_mb_s']:>10.4g} {row['get_p50_ms']:>11.3f} {row['get_p99_ms']:>11.3f}"))
+        lines.append(
+            f"{label:<18} "
+            + (
+                "unavailable"
+                if row is None
+                else f"{row['put_mb_s']:>10.4g} {row['get_mb_s']:>10.4g} {row['get_p50_ms']:>11.3f} {row['get_p99_ms']:>11.3f}"
+            )
+        )
     if redis["error"]:
         lines.append(f"redis: {redis['error']}")
     ttft = summary["ttft"]
-    lines += ["", f"TTFT, reuse mode, {ttft['documents']} documents, {ttft['prompt_tokens']} prompt tokens, "
-              f"{ttft['kv_mb']:.1f} MB of KV (median of {summary['options']['ttft_repeats']})",
-              f"{'chunks from':<16} {'TTFT s':>8} {'lookup s':>9} {'compute s':>10} {'admitted':>8} {'hits':>5}"]
+    lines += [
+        "",
+        f"TTFT, reuse mode, {ttft['documents']} documents, {ttft['prompt_tokens']} prompt tokens, "
+        f"{ttft['kv_mb']:.1f} MB of KV (median of {summary['options']['ttft_repeats']})",
+        f"{'chunks from':<16} {'TTFT s':>8} {'lookup s':>9} {'compute s':>10} {'admitted':>8} {'hits':>5}",
+    ]
     rows = [(f"redis {ttft['codec']}" if name == "redis" else name, row) for name, row in ttft["runs"].items()]
     rows[3:3] = [(f"redis {name}", row) for name, row in ttft["redis_by_codec"].items() if name != ttft["codec"]]
     for label, row in rows:
-        lines.append(f"{label:<16} " + ("unavailable" if row is None else
-                     f"{row['median_s']:>8.3f} {row['lookup_s']:>9.3f} {row['chunk_compute_s']:>10.3f} "
-                     f"{row['blend_s']:>8.3f} {row['chunk_hits']:>5}"))
+        lines.append(
+            f"{label:<16} "
+            + (
+                "unavailable"
+                if row is None
+                else f"{row['median_s']:>8.3f} {row['lookup_s']:>9.3f} {row['chunk_compute_s']:>10.3f} "
+                f"{row['blend_s']:>8.3f} {row['chunk_hits']:>5}"
+            )
+        )
     lines.append("(lookup: store reads at submit; compute: missing chunks; admitted: admission to first token)")
     lines.append("")
     lines += [_target_line(name, target) for name, target in summary["targets"].items()]
     why = summary["targets"]["redis_vs_cpu_ttft"]["why"]
     if why is not None:
-        lines.append(f"  a Redis hit costs {why['ttft_gap_s']:.3f} s more than a CPU hit: lookups +{why['lookup_gap_s']:.3f} s "
-                     f"(the tier's get rate predicts {why['tier_get_estimate_s']:.3f} s)")
+        lines.append(
+            f"  a Redis hit costs {why['ttft_gap_s']:.3f} s more than a CPU hit: lookups +{why['lookup_gap_s']:.3f} s "
+            f"(the tier's get rate predicts {why['tier_get_estimate_s']:.3f} s)"
+        )
     return "\n".join(lines)
 
 
 def _target_line(name: str, target: dict) -> str:
     verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
     value = "n/a" if target["value"] is None else f"{target['value']:.2f}x"
-    what = {"codec_ratio": f"best codec >= {target['target']}x smaller than float16",
-            "redis_vs_cpu_ttft": f"Redis-tier hit's TTFT within {target['target']}x of a CPU-tier hit's"}[name]
+    what = {
+        "codec_ratio": f"best codec >= {target['target']}x smaller than float16",
+        "redis_vs_cpu_ttft": f"Redis-tier hit's TTFT within {target['target']}x of a CPU-tier hit's",
+    }[name]
     return f"target: {what}: {value} ({target['codec']}) -> {verdict}"
 
 
@@ -428,15 +511,26 @@ def plot_store(summary: dict, path: Path) -> None:
 
 
 def _describe(chunk: KVChunk, source: str) -> dict:
-    return {"source": source, "shape": list(chunk.keys.shape), "dtype": str(chunk.dtype).removeprefix("torch."),
-            "nbytes": chunk.nbytes, "fp16_bytes": chunk.nbytes // chunk.keys.element_size() * 2}
+    return {
+        "source": source,
+        "shape": list(chunk.keys.shape),
+        "dtype": str(chunk.dtype).removeprefix("torch."),
+        "nbytes": chunk.nbytes,
+        "fp16_bytes": chunk.nbytes // chunk.keys.element_size() * 2,
+    }
 
 
 def _machine(loaded: LoadedModel, load_before: float) -> dict:
     device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu"
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "device": device, "model_dtype": str(loaded.dtype).removeprefix("torch."), "load_average_before": load_before,
-            "load_average_after": _load_average()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": device,
+        "model_dtype": str(loaded.dtype).removeprefix("torch."),
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+    }
 
 
 def _load_average() -> float:

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Mapping
 
 from ragcache.checks.estimate import Tally, wilson_interval
 from ragcache.engine.blend import MODES
 from ragcache.engine.request import RagRequest
 from ragcache.engine.selection import parse_selection
+
 
 def default_ladder(ratio: float) -> tuple[str, ...]:
     """The default ladder from the engine's ratio: r, then 0.3 (if above r), attention-weighted, prefix."""
@@ -59,7 +60,7 @@ class BlendSetting:
     sink_tokens: int | None = None
 
     @classmethod
-    def parse(cls, name: str) -> "BlendSetting":
+    def parse(cls, name: str) -> BlendSetting:
         """'prefix', 'blend@0.3', 'blend@0.3/attention', 'blend@0.15/epic4', 'blend@0.15/key+epic4'."""
         base, _, selection = name.partition("/")
         mode, _, ratio = base.partition("@")
@@ -84,8 +85,13 @@ class BlendSetting:
         return f"{self.mode}@{self.ratio:g}" + ("/" + "+".join(parts) if parts else "")
 
     def apply(self, request: RagRequest) -> RagRequest:
-        return replace(request, mode=self.mode, blend_ratio=self.ratio, blend_deviation=self.deviation,
-                       blend_sink_tokens=self.sink_tokens)
+        return replace(
+            request,
+            mode=self.mode,
+            blend_ratio=self.ratio,
+            blend_deviation=self.deviation,
+            blend_sink_tokens=self.sink_tokens,
+        )
 
 
 def _selection(text: str, name: str) -> tuple[str, int]:
@@ -97,8 +103,13 @@ def _selection(text: str, name: str) -> tuple[str, int]:
 
 def is_steerable(request: RagRequest) -> bool:
     """A request that left mode, ratio and selection to the service (its defaults)."""
-    return (request.mode == "blend" and request.blend_ratio is None and request.blend_deviation is None
-            and request.blend_sink_tokens is None and request.program_id is None)
+    return (
+        request.mode == "blend"
+        and request.blend_ratio is None
+        and request.blend_deviation is None
+        and request.blend_sink_tokens is None
+        and request.program_id is None
+    )
 
 
 @dataclass(frozen=True)
@@ -176,9 +187,17 @@ class BlendBudget:
                 for name, tally in zip(self._names, budget.tallies):
                     if tally.n:
                         rungs[name] = tally.estimate().as_dict() | {"mean_first_token_kl": tally.mean_value()}
-                rows.append({"tenant": tenant, "category": category, "epsilon": self._epsilon(category),
-                             "setting": self._names[budget.level], "estimates": rungs,
-                             "changes": budget.changes, "last_change": budget.last_change})
+                rows.append(
+                    {
+                        "tenant": tenant,
+                        "category": category,
+                        "epsilon": self._epsilon(category),
+                        "setting": self._names[budget.level],
+                        "estimates": rungs,
+                        "changes": budget.changes,
+                        "last_change": budget.last_change,
+                    }
+                )
         return rows
 
     def _budget(self, tenant: str, category: str) -> _Budget:
@@ -193,19 +212,29 @@ class BlendBudget:
         estimate = budget.tallies[budget.level].estimate()
         judged = estimate.n >= max(config.min_checks, clean_record_checks(epsilon, config.z))
         if judged and estimate.high > epsilon and budget.level < len(self.ladder) - 1:
-            self._move(budget, budget.level + 1,
-                       f"first-token disagreement {estimate.rate:.1%} in {estimate.n} checks, upper bound "
-                       f"{estimate.high:.1%} > epsilon {epsilon:.1%}")
+            self._move(
+                budget,
+                budget.level + 1,
+                f"first-token disagreement {estimate.rate:.1%} in {estimate.n} checks, upper bound "
+                f"{estimate.high:.1%} > epsilon {epsilon:.1%}",
+            )
         elif budget.level > 0 and estimate.n >= config.step_down_after and estimate.high < epsilon / 2:
             faster = budget.level - 1
             budget.tallies[faster].clear()  # its old record is what sent us up; give it a fresh trial
-            self._move(budget, faster,
-                       f"first-token disagreement {estimate.rate:.1%} in {estimate.n} checks, upper bound "
-                       f"{estimate.high:.1%} < epsilon/2 {epsilon / 2:.1%}: trying the faster setting")
+            self._move(
+                budget,
+                faster,
+                f"first-token disagreement {estimate.rate:.1%} in {estimate.n} checks, upper bound "
+                f"{estimate.high:.1%} < epsilon/2 {epsilon / 2:.1%}: trying the faster setting",
+            )
 
     def _move(self, budget: _Budget, level: int, reason: str) -> None:
-        budget.last_change = {"at_s": self._clock(), "from": self._names[budget.level], "to": self._names[level],
-                              "reason": reason}
+        budget.last_change = {
+            "at_s": self._clock(),
+            "from": self._names[budget.level],
+            "to": self._names[level],
+            "reason": reason,
+        }
         budget.level = level
         budget.changes += 1
 

@@ -19,9 +19,9 @@ import logging
 import random
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -73,8 +73,14 @@ class ShadowChecks:
     budget: told of every blend check; semantic: the SemanticCache told of every hit check
     (record_check), or None; agree: (cached, fresh) -> bool for semantic checks."""
 
-    def __init__(self, engine, budget: BlendBudget, config: ShadowConfig = ShadowConfig(), semantic=None,
-                 agree: Callable[[str, str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        engine,
+        budget: BlendBudget,
+        config: ShadowConfig = ShadowConfig(),
+        semantic=None,
+        agree: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.engine = engine
         self.budget = budget
         self.config = config
@@ -93,8 +99,11 @@ class ShadowChecks:
         return self._draw("blend", self.config.blend_fraction)
 
     def sample_semantic(self) -> bool:
-        return self.semantic is not None and self._agree is not None and self._draw(
-            "semantic", self.config.semantic_fraction)
+        return (
+            self.semantic is not None
+            and self._agree is not None
+            and self._draw("semantic", self.config.semantic_fraction)
+        )
 
     # checks (return at once; the work is queued behind live traffic)
 
@@ -103,8 +112,14 @@ class ShadowChecks:
         if served.first_token_logprobs is None:
             self._release("blend_unusable")
             return
-        full = replace(request, mode="full", blend_ratio=None, blend_deviation=None, blend_sink_tokens=None,
-                       sampling=SamplingParams(max_tokens=1))
+        full = replace(
+            request,
+            mode="full",
+            blend_ratio=None,
+            blend_deviation=None,
+            blend_sink_tokens=None,
+            sampling=SamplingParams(max_tokens=1),
+        )
 
         def done(result: Generation) -> None:
             check = compare_first_token(served.first_token_logprobs, result.first_token_logprobs)
@@ -113,8 +128,9 @@ class ShadowChecks:
 
         self._submit(full, done)
 
-    def check_semantic(self, tenant: str, request: RagRequest, cached_answer: str, entry_id: str,
-                       similarity: float) -> None:
+    def check_semantic(
+        self, tenant: str, request: RagRequest, cached_answer: str, entry_id: str, similarity: float
+    ) -> None:
         """A hit was served: answer request with the engine and tell the cache whether it agreed."""
         self._submit(request, lambda result: self._label(tenant, entry_id, similarity, cached_answer, result.text))
 
@@ -141,9 +157,13 @@ class ShadowChecks:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"pending": self._pending, "max_pending": self.config.max_pending,
-                    "blend_fraction": self.config.blend_fraction,
-                    "semantic_fraction": self.config.semantic_fraction, "counts": dict(self.counts)}
+            return {
+                "pending": self._pending,
+                "max_pending": self.config.max_pending,
+                "blend_fraction": self.config.blend_fraction,
+                "semantic_fraction": self.config.semantic_fraction,
+                "counts": dict(self.counts),
+            }
 
     def close(self) -> None:
         self._submitter.shutdown(wait=True)
@@ -196,4 +216,3 @@ class ShadowChecks:
                 failed(exc)
 
         self._submitter.submit(submit)
-

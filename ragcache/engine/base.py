@@ -21,8 +21,9 @@ class Engine(Protocol):
     def start(self) -> None:
         """Start serving submitted sequences (the step loop's thread)."""
 
-    def submit(self, request: RagRequest, sink: GenerationSink, *, ticket=None,
-               return_logprobs: bool = False) -> Sequence:
+    def submit(
+        self, request: RagRequest, sink: GenerationSink, *, ticket=None, return_logprobs: bool = False
+    ) -> Sequence:
         """Queue a request; its text and its Generation reach sink from engine threads.
 
         Blocks for tokenising and store lookups (call it off the event loop); raises
@@ -39,8 +40,9 @@ class Engine(Protocol):
     def ratio_of(self, request: RagRequest) -> float:
         """The blend ratio the request gets (its own or the engine's default)."""
 
-    def add_documents(self, documents: list[str], system_prompt: str | None = None,
-                      namespace: str = ...) -> list[DocumentInfo]:
+    def add_documents(
+        self, documents: list[str], system_prompt: str | None = None, namespace: str = ...
+    ) -> list[DocumentInfo]:
         """Compute and store documents' KV ahead of queries (blocking)."""
 
     def forget_chunk(self, key: ChunkKey) -> bool:

@@ -26,8 +26,8 @@ later chunks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -110,8 +110,9 @@ class DeviationSelector:
         return torch.cat([chosen, torch.arange(n, slots.shape[0], device=slots.device)])
 
 
-def kv_deviation(buffer, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 deviation: str) -> torch.Tensor:
+def kv_deviation(
+    buffer, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, deviation: str
+) -> torch.Tensor:
     """(tokens,) squared distance of the fresh K (deviation 'key') or V (otherwise) from the cached KV at slots."""
     on_keys = deviation == "key"
     cached = (buffer.keys_at if on_keys else buffer.values_at)(layer, slots)  # (kv_heads, tokens, dim), as reused
@@ -125,8 +126,9 @@ def _question_attention(buffer, layer, slots, queries, keys, num_candidates: int
     return question_attention(all_keys, queries[:, num_candidates:], slots[num_candidates:], slots[:num_candidates])
 
 
-def question_attention(keys: torch.Tensor, question: torch.Tensor, question_slots: torch.Tensor,
-                       candidate_slots: torch.Tensor) -> torch.Tensor:
+def question_attention(
+    keys: torch.Tensor, question: torch.Tensor, question_slots: torch.Tensor, candidate_slots: torch.Tensor
+) -> torch.Tensor:
     """Attention question queries (heads, Q, dim) pay each candidate slot over keys (kv_heads, T, dim),
     summed over heads and queries, each query seeing slots up to its own."""
     keys, question = keys.float(), question.float()
@@ -149,7 +151,7 @@ class Prefill:
     ids: torch.Tensor  # (prompt tokens,) int64
     start: int
     cached_tokens: int  # prompt tokens whose KV was placed from cache
-    selector: "DeviationSelector | None" = None
+    selector: DeviationSelector | None = None
 
     def recomputed_tokens(self) -> int:
         """Cached tokens recomputed past the check layer (known once the run is done)."""
@@ -233,17 +235,26 @@ def blend(
 ) -> BlendResult:
     """Build the prompt's KV in one pass by the given mode; return it with the last token's logits."""
     total = parts.num_tokens
-    prefill = place_prompt(stack, parts, prefix_kv, chunk_kvs, mode=mode, ratio=ratio, config=config,
-                           capacity=total + extra_capacity)
+    prefill = place_prompt(
+        stack, parts, prefix_kv, chunk_kvs, mode=mode, ratio=ratio, config=config, capacity=total + extra_capacity
+    )
     prefill.buffer.length = total
     run = TokenRun.contiguous(prefill.ids[prefill.start :], prefill.start)
     out = run_tokens(stack, prefill.buffer, run, selector=prefill.selector)
-    return blend_result(stack, prefill.buffer, out.hidden, out.token_layers, total, prefill.cached_tokens,
-                        prefill.recomputed_tokens())
+    return blend_result(
+        stack, prefill.buffer, out.hidden, out.token_layers, total, prefill.cached_tokens, prefill.recomputed_tokens()
+    )
 
 
-def blend_result(stack: DecoderStack, buffer: KVBuffer, hidden: torch.Tensor, token_layers: int, total: int,
-                 cached: int, recomputed: int) -> BlendResult:
+def blend_result(
+    stack: DecoderStack,
+    buffer: KVBuffer,
+    hidden: torch.Tensor,
+    token_layers: int,
+    total: int,
+    cached: int,
+    recomputed: int,
+) -> BlendResult:
     """The BlendResult of a finished prompt: the last token's logits and the work done."""
     return BlendResult(
         buffer=buffer,

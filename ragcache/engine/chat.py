@@ -20,8 +20,10 @@ class ToolSpec:
     parameters: dict = field(default_factory=lambda: {"type": "object", "properties": {}})
 
     def as_openai(self) -> dict:
-        return {"type": "function", "function": {"name": self.name, "description": self.description,
-                                                 "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ positions restarting at the prefix's end for every chunk.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -82,12 +82,12 @@ def _compute_pack(
     total = prefix_len + sum(lengths)
     device = stack.device
     # slot ->   [0, prefix_len): prefix | then each chunk in turn
-    segments = torch.cat(
-        [torch.full((prefix_len,), -1)] + [torch.full((n,), i) for i, n in enumerate(lengths)]
-    ).to(device)
-    positions = torch.cat(
-        [torch.arange(prefix_len)] + [torch.arange(prefix_len, prefix_len + n) for n in lengths]
-    ).to(device)
+    segments = torch.cat([torch.full((prefix_len,), -1)] + [torch.full((n,), i) for i, n in enumerate(lengths)]).to(
+        device
+    )
+    positions = torch.cat([torch.arange(prefix_len)] + [torch.arange(prefix_len, prefix_len + n) for n in lengths]).to(
+        device
+    )
     buffer = KVBuffer(stack, total)
     buffer.length = total
     if prefix is not None:

@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Sequence
-
+from collections.abc import Sequence
 
 BOUNDARY_TOKENS = 4
 
 
 def indexed_prompt(prompt_ids: Sequence[int]) -> tuple[int, ...]:
     """What of a turn's prompt is indexed: all but its last BOUNDARY_TOKENS (never less than one token)."""
-    return tuple(prompt_ids[:max(1, len(prompt_ids) - BOUNDARY_TOKENS)])
+    return tuple(prompt_ids[: max(1, len(prompt_ids) - BOUNDARY_TOKENS)])
 
 
 class _Node:
-    __slots__ = ("edge", "children", "program")
+    __slots__ = ("children", "edge", "program")
 
     def __init__(self, edge: tuple[int, ...] = (), program: str | None = None) -> None:
         self.edge = edge  # the token ids on the way in from the parent
@@ -67,7 +66,7 @@ class ConversationIndex:
                 if node.program is not None and depth < len(ids):
                     best = (node.program, depth)
                 child = node.children.get(ids[depth]) if depth < len(ids) else None
-                if child is None or tuple(ids[depth:depth + len(child.edge)]) != child.edge:
+                if child is None or tuple(ids[depth : depth + len(child.edge)]) != child.edge:
                     break
                 node, depth = child, depth + len(child.edge)
             return best

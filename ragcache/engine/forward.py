@@ -9,8 +9,9 @@ when it is recomputed out of order among reused ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -30,7 +31,7 @@ class TokenRun:
     positions: torch.Tensor  # (tokens,) int64
 
     @classmethod
-    def contiguous(cls, ids: torch.Tensor, start: int) -> "TokenRun":
+    def contiguous(cls, ids: torch.Tensor, start: int) -> TokenRun:
         span = torch.arange(start, start + ids.shape[0], device=ids.device)
         return cls(ids, span, span)
 
@@ -45,7 +46,15 @@ class RunOutput:
 
 
 class Selector(Protocol):
-    def select(self, layer: int, buffer: KVBuffer, slots: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    def select(
+        self,
+        layer: int,
+        buffer: KVBuffer,
+        slots: torch.Tensor,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ):
         """Indices (into the run) of the tokens to keep computing from this layer on, or None to keep all.
 
         Called before the layer's fresh K/V are written, so the buffer still holds the reused ones.
@@ -132,9 +141,13 @@ def run_batch(stack: DecoderStack, items: Sequence[BatchItem]) -> list[RunOutput
         if active:
             _run_layer(stack, layer, [items[i] for i in active], [states[i] for i in active])
     return [
-        RunOutput(s.hidden, s.slots, s.token_layers,
-                  torch.stack(s.captured_keys) if item.capture else None,
-                  torch.stack(s.captured_values) if item.capture else None)
+        RunOutput(
+            s.hidden,
+            s.slots,
+            s.token_layers,
+            torch.stack(s.captured_keys) if item.capture else None,
+            torch.stack(s.captured_values) if item.capture else None,
+        )
         for item, s in zip(items, states)
     ]
 
@@ -170,7 +183,12 @@ def _run_layer(stack: DecoderStack, layer: int, items: list[BatchItem], states: 
         if item.write_only_last and layer == state.stop - 1:
             continue  # its hidden stays what entered this layer
         if keep is not None:
-            q_item, state.slots, state.cos, state.sin = q_item[:, keep], state.slots[keep], state.cos[keep], state.sin[keep]
+            q_item, state.slots, state.cos, state.sin = (
+                q_item[:, keep],
+                state.slots[keep],
+                state.cos[keep],
+                state.sin[keep],
+            )
             state.hidden = state.hidden[keep]
             state.masks.clear()
         if window not in state.masks:

@@ -26,7 +26,8 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,8 +71,9 @@ class ConstraintCompiler:
     stop_ids are the engine's eos ids, the only tokens a complete grammar allows besides its own.
     tokenizer_lock guards the Hugging Face tokenizer while its vocabulary is read."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_ids: Sequence[int],
-                 tokenizer_lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self, tokenizer, vocab_size: int, stop_ids: Sequence[int], tokenizer_lock: threading.Lock | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_ids = tuple(sorted(stop_ids))
@@ -95,8 +97,11 @@ class ConstraintCompiler:
                 self._compiled.move_to_end(key)
                 return compiled
         compiler = self._compiler_once()
-        compiled = _compile_tool_calls(compiler, constraint) if constraint.kind == "tool_calls" \
+        compiled = (
+            _compile_tool_calls(compiler, constraint)
+            if constraint.kind == "tool_calls"
             else _compile_json(compiler, constraint.schema)
+        )
         with self._lock:  # two threads may compile the same constraint; either result is the same grammar
             self._compiled[key] = compiled
             while len(self._compiled) > MAX_COMPILED:
@@ -113,8 +118,9 @@ class ConstraintCompiler:
                 import xgrammar as xgr
 
                 with self._tokenizer_lock:
-                    info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                              stop_token_ids=list(self.stop_ids))
+                    info = xgr.TokenizerInfo.from_huggingface(
+                        self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.stop_ids)
+                    )
                 # one cache, bounded here by MAX_COMPILED: xgrammar's own is unbounded by default
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
             return self._compiler
@@ -123,8 +129,16 @@ class ConstraintCompiler:
 def constraint_key(constraint: OutputConstraint) -> str:
     """What makes two constraints the same grammar (tool descriptions do not), as stable text."""
     try:
-        return json.dumps([constraint.kind, [[tool.name, tool.parameters] for tool in constraint.tools],
-                           constraint.require_call, constraint.parallel, constraint.schema], sort_keys=True)
+        return json.dumps(
+            [
+                constraint.kind,
+                [[tool.name, tool.parameters] for tool in constraint.tools],
+                constraint.require_call,
+                constraint.parallel,
+                constraint.schema,
+            ],
+            sort_keys=True,
+        )
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"tools.function.parameters: not a JSON schema ({exc})") from exc
 
@@ -170,18 +184,29 @@ def _allow(bitmask: torch.Tensor, row: int, token_ids: Sequence[int]) -> None:
 
 
 def _compile_tool_calls(compiler: xgr.GrammarCompiler, constraint: OutputConstraint) -> xgr.CompiledGrammar:
-    from xgrammar.structural_tag import (JSONSchemaFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat,
-                                         TriggeredTagsFormat)
+    from xgrammar.structural_tag import (
+        JSONSchemaFormat,
+        StructuralTag,
+        TagFormat,
+        TagsWithSeparatorFormat,
+        TriggeredTagsFormat,
+    )
 
     for tool in constraint.tools:
         _check_schema(tool.parameters, _tool_field(tool))
-    tags = [TagFormat(begin=call_begin(tool.name),
-                      content=JSONSchemaFormat(json_schema=tool.parameters, max_whitespace_cnt=MAX_WHITESPACE),
-                      end=CALL_END) for tool in constraint.tools]
+    tags = [
+        TagFormat(
+            begin=call_begin(tool.name),
+            content=JSONSchemaFormat(json_schema=tool.parameters, max_whitespace_cnt=MAX_WHITESPACE),
+            end=CALL_END,
+        )
+        for tool in constraint.tools
+    ]
     once = not constraint.parallel
     if constraint.require_call:  # nothing but calls, at least one
-        tag_format: Any = TagsWithSeparatorFormat(tags=tags, separator=CALL_SEPARATOR, at_least_one=True,
-                                                  stop_after_first=once)
+        tag_format: Any = TagsWithSeparatorFormat(
+            tags=tags, separator=CALL_SEPARATOR, at_least_one=True, stop_after_first=once
+        )
     else:  # free text; a call starts at the trigger and must then be a valid call
         tag_format = TriggeredTagsFormat(triggers=[CALL_TRIGGER], tags=tags, at_least_one=False, stop_after_first=once)
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ragcache.engine.stack import DecoderStack
-from ragcache.kernels import apply_rope
+from ragcache.kernels.rope import apply_rope
 from ragcache.kv import ChunkKey, KVChunk
 
 
@@ -37,7 +37,7 @@ class SharedPrefix:
     users: int = 0
 
     @classmethod
-    def of(cls, stack: DecoderStack, key: ChunkKey, prefix: KVChunk) -> "SharedPrefix":
+    def of(cls, stack: DecoderStack, key: ChunkKey, prefix: KVChunk) -> SharedPrefix:
         cos, sin = stack.rope_tables(torch.arange(prefix.num_tokens, device=stack.device))
         keys = apply_rope(prefix.keys.to(stack.device), cos, sin).contiguous()
         return cls(key, keys, prefix.values.to(stack.device).contiguous())
@@ -101,8 +101,10 @@ class KVBuffer:
         own_keys, own_values = self.keys[layer, :, : end - self.offset], self.values[layer, :, : end - self.offset]
         if self.shared is None:
             return own_keys, own_values
-        return (torch.cat([self.shared.keys[layer], own_keys], dim=1),
-                torch.cat([self.shared.values[layer], own_values], dim=1))
+        return (
+            torch.cat([self.shared.keys[layer], own_keys], dim=1),
+            torch.cat([self.shared.values[layer], own_values], dim=1),
+        )
 
     def attend(self, stack: DecoderStack, layer: int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """stack.attend over this buffer's slots [0, length); a decoding token reads the shared part in place."""

@@ -97,7 +97,9 @@ def _load(spec: ModelSpec) -> LoadedModel:
         folder, extra = str(path.parent), {"gguf_file": path.name}
     else:
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"{str(path)!r} has no config.json; pass a Hugging Face model directory or a .gguf file")
+            raise ModelLoadError(
+                f"{str(path)!r} has no config.json; pass a Hugging Face model directory or a .gguf file"
+            )
         folder, extra = str(path), {"local_files_only": True}
     dtype = DTYPES[spec.dtype]
     try:

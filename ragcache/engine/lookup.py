@@ -39,8 +39,9 @@ class Lookup:
         return list(dict((key, ids) for key, ids, kv in found if kv is None).items())
 
 
-def look_up(store: KVStore, programs: ProgramIndex, fingerprint: str, request, parts: PromptParts,
-            started: float) -> Lookup:
+def look_up(
+    store: KVStore, programs: ProgramIndex, fingerprint: str, request, parts: PromptParts, started: float
+) -> Lookup:
     """The prefix's and chunks' cached KV (full prefill looks nothing up), or the program's."""
     lookup = Lookup()
     if request.program_id and request.mode != "full":

@@ -17,8 +17,14 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: Ble
     prefill, lookup, request = seq.prefill, seq.lookup, seq.request
     now = time.perf_counter()
     first = seq.first_token_s or now
-    timings = PhaseTimings(lookup.lookup_s, seq.chunk_compute_s, first - seq.admitted_s, first - seq.arrived_s,
-                           now - first, seq.admitted_s - seq.arrived_s)
+    timings = PhaseTimings(
+        lookup.lookup_s,
+        seq.chunk_compute_s,
+        first - seq.admitted_s,
+        first - seq.arrived_s,
+        now - first,
+        seq.admitted_s - seq.arrived_s,
+    )
     looked_up = request.mode != "full" and lookup.program is None
     blended = request.mode == "blend"
     return Generation(
@@ -33,7 +39,7 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: Ble
         chunk_misses=len(lookup.chunk_kvs) - lookup.hits if looked_up else 0,
         timings=timings,
         first_token_logprobs=seq.first_logprobs,
-        token_logprobs=tuple(seq.token_logprobs[:len(seq.stream.tokens)]),  # an ending eos is no answer token
+        token_logprobs=tuple(seq.token_logprobs[: len(seq.stream.tokens)]),  # an ending eos is no answer token
         program_reused_tokens=lookup.program.reused_tokens if lookup.program is not None else 0,
         mode=request.mode,
         blend_ratio=blend_ratio if blended else 0.0,

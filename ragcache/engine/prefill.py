@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from ragcache.engine.blend import DeviationSelector, Prefill, kv_deviation, question_attention
-from ragcache.engine.selection import choose_candidates, recompute_count
 from ragcache.engine.forward import BatchItem, RunOutput, TokenRun
+from ragcache.engine.selection import choose_candidates, recompute_count
 
 PLAIN, SCAN, FINISH = "plain", "scan", "finish"
 
@@ -48,16 +48,25 @@ class PrefillProgress:
     ratio: float = 0.0
 
     @classmethod
-    def plain(cls, start: int, total: int, num_layers: int) -> "PrefillProgress":
+    def plain(cls, start: int, total: int, num_layers: int) -> PrefillProgress:
         return cls(start, total, num_layers, 0, PLAIN)
 
     @classmethod
-    def blend(cls, start: int, cached: int, total: int, num_layers: int, check_layer: int,
-              ratio: float) -> "PrefillProgress":
+    def blend(
+        cls, start: int, cached: int, total: int, num_layers: int, check_layer: int, ratio: float
+    ) -> PrefillProgress:
         num_candidates = cached - start
         chosen = recompute_count(ratio, num_candidates)
-        return cls(start, total, num_layers, check_layer, SCAN, finish_len=chosen + total - cached,
-                   num_candidates=num_candidates, ratio=ratio)
+        return cls(
+            start,
+            total,
+            num_layers,
+            check_layer,
+            SCAN,
+            finish_len=chosen + total - cached,
+            num_candidates=num_candidates,
+            ratio=ratio,
+        )
 
     @property
     def phase_len(self) -> int:
@@ -118,8 +127,9 @@ class BlendScan:
         candidate = index < self.num_candidates
         if candidate.any():
             rows = candidate.nonzero()[:, 0]
-            self.scores[index[rows]] = kv_deviation(buffer, layer, slots[rows], keys[:, rows], values[:, rows],
-                                                    self.deviation)
+            self.scores[index[rows]] = kv_deviation(
+                buffer, layer, slots[rows], keys[:, rows], values[:, rows], self.deviation
+            )
         if not candidate.all():
             self.question_queries.append(queries[:, (~candidate).nonzero()[:, 0]])
         return None
@@ -142,8 +152,9 @@ class BlendScan:
         self.question_queries = []
 
 
-def piece_item(prefill: Prefill, progress: PrefillProgress, tokens: int, scan: BlendScan | None,
-               num_layers: int) -> BatchItem:
+def piece_item(
+    prefill: Prefill, progress: PrefillProgress, tokens: int, scan: BlendScan | None, num_layers: int
+) -> BatchItem:
     """The BatchItem that computes the next `tokens` of the prompt in its current phase."""
     buffer, ids, a = prefill.buffer, prefill.ids, progress.next
     if progress.phase == PLAIN:

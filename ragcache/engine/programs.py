@@ -11,8 +11,8 @@ The reused part is exact: a true prefix at the very positions it was computed at
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import msgspec
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 from ragcache.engine.blend import Prefill
 from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.stack import DecoderStack
-from ragcache.kernels import apply_rope
+from ragcache.kernels.rope import apply_rope
 from ragcache.kv import ChunkKey, KVChunk, chunk_key
 from ragcache.registry.base import Registry, RegistryUnavailableError
 
@@ -77,8 +77,9 @@ class ProgramIndex:
             previous = self._records.get((namespace, program_id))
             self._records[(namespace, program_id)] = record
         if self._registry is not None:
-            raw = self._shared(lambda: self._registry.put(PROGRAMS_TABLE, namespace, program_id, _encode(record)),
-                               _UNREACHED)
+            raw = self._shared(
+                lambda: self._registry.put(PROGRAMS_TABLE, namespace, program_id, _encode(record)), _UNREACHED
+            )
             if raw is not _UNREACHED:
                 previous = _decode(raw) if raw is not None else None
         return previous
@@ -127,8 +128,12 @@ def place_program(stack: DecoderStack, match: ProgramMatch, ids: Sequence[int], 
     total = len(ids)
     reused = match.reused_tokens
     buffer = KVBuffer(stack, max(total, capacity))
-    prefix = KVChunk(match.kv.token_ids[:reused], match.kv.keys[:, :, :reused], match.kv.values[:, :, :reused],
-                     match.kv.model_fingerprint)
+    prefix = KVChunk(
+        match.kv.token_ids[:reused],
+        match.kv.keys[:, :, :reused],
+        match.kv.values[:, :, :reused],
+        match.kv.model_fingerprint,
+    )
     cos, sin = stack.rope_tables(torch.arange(reused, device=stack.device))
     buffer.place(prefix, 0, cos, sin)
     buffer.length = reused

@@ -9,16 +9,14 @@ ids, so modes differ only in how KV is obtained, never in the prompt.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
+from ragcache.engine import toolformat
 from ragcache.engine.chat import ChatTurn, ToolSpec
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine import toolformat
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Answer the question using the documents below. Answer briefly."
-)
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents below. Answer briefly."
 _DOCUMENTS_MARK = "\x00ragcache-documents\x00"
 
 
@@ -96,7 +94,11 @@ def template_knows_tools(tokenizer) -> bool:
 
 
 def split_template(
-    tokenizer, system_prompt: str, question: str, has_documents: bool, history: Sequence[Turn] = (),
+    tokenizer,
+    system_prompt: str,
+    question: str,
+    has_documents: bool,
+    history: Sequence[Turn] = (),
     tools: Sequence[ToolSpec] = (),
 ) -> tuple[str, str]:
     """The rendered chat prompt before and after the documents.
@@ -117,8 +119,10 @@ def split_template(
     if native:
         messages = [_native_message(turn) for turn in turns]
     else:
-        messages = [{"role": role, "content": content}
-                    for role, content in toolformat.merge_tool_results([toolformat.turn_text(t) for t in turns])]
+        messages = [
+            {"role": role, "content": content}
+            for role, content in toolformat.merge_tool_results([toolformat.turn_text(t) for t in turns])
+        ]
     messages = [{"role": "system", "content": system}, *messages]
     if question:
         messages.append({"role": "user", "content": question})
@@ -134,9 +138,14 @@ def split_template(
 def _native_message(turn: ChatTurn) -> dict:
     message: dict = {"role": turn.role, "content": turn.content}
     if turn.tool_calls:
-        message["tool_calls"] = [{"id": call.id, "type": "function",
-                                  "function": {"name": call.name, "arguments": json.loads(call.arguments)}}
-                                 for call in turn.tool_calls]
+        message["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.loads(call.arguments)},
+            }
+            for call in turn.tool_calls
+        ]
     if turn.tool_call_id is not None:
         message["tool_call_id"] = turn.tool_call_id
     if turn.name is not None:

@@ -8,11 +8,11 @@ import torch
 
 from ragcache.engine.blend import DEVIATIONS, MODES, BlendConfig
 from ragcache.engine.chat import ChatTurn, OutputConstraint, ToolSpec
-from ragcache.engine.toolformat import ParsedCall
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, PromptLimits
 from ragcache.engine.scheduler import SchedulerConfig
+from ragcache.engine.toolformat import ParsedCall
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey
 
 
@@ -55,7 +55,9 @@ class RagRequest:
         if self.blend_ratio is not None and not 0.0 <= self.blend_ratio <= 1.0:
             raise InvalidRequestError(f"blend_ratio must be in [0, 1], got {self.blend_ratio}")
         if self.blend_deviation is not None and self.blend_deviation not in DEVIATIONS:
-            raise InvalidRequestError(f"blend_deviation must be one of {list(DEVIATIONS)}, got {self.blend_deviation!r}")
+            raise InvalidRequestError(
+                f"blend_deviation must be one of {list(DEVIATIONS)}, got {self.blend_deviation!r}"
+            )
         sinks = self.blend_sink_tokens
         if sinks is not None and (not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0):
             raise InvalidRequestError(f"blend_sink_tokens must be an integer >= 0, got {sinks!r}")

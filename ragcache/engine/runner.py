@@ -19,9 +19,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Callable
 
 import torch
 
@@ -40,7 +40,7 @@ from ragcache.engine.programs import ProgramIndex, ProgramRecord, place_program
 from ragcache.engine.prompt import build_rag_prompt, encode, encode_documents, split_template
 from ragcache.engine.request import DocumentInfo, EngineConfig, Generation, RagRequest, SequenceCancelled
 from ragcache.engine.scheduler import AdmissionOrder, Scheduler
-from ragcache.engine.sequence import BlockingSink, GenerationSink, Sequence, SeqState
+from ragcache.engine.sequence import BlockingSink, GenerationSink, SeqState, Sequence
 from ragcache.engine.stack import DecoderStack
 from ragcache.engine.step import run_step
 from ragcache.engine.toolformat import with_tool_calls
@@ -53,8 +53,14 @@ log = logging.getLogger("ragcache.engine")
 class BlendEngine:
     """Serves RAG requests and agent turns over one loaded model and one KV store, batched."""
 
-    def __init__(self, loaded: LoadedModel, store: KVStore, config: EngineConfig = EngineConfig(),
-                 order: AdmissionOrder | None = None, programs: ProgramIndex | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: KVStore,
+        config: EngineConfig = EngineConfig(),
+        order: AdmissionOrder | None = None,
+        programs: ProgramIndex | None = None,
+    ) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.stack = DecoderStack(loaded.model)
@@ -73,8 +79,9 @@ class BlendEngine:
         self._wake = threading.Condition()
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not encode and decode at once
         # output constraints: xgrammar is loaded, and the vocabulary read, on the first constrained request
-        self.grammars = ConstraintCompiler(self.tokenizer, loaded.model.config.vocab_size, sorted(self.eos_ids),
-                                           self._tokenizer_lock)
+        self.grammars = ConstraintCompiler(
+            self.tokenizer, loaded.model.config.vocab_size, sorted(self.eos_ids), self._tokenizer_lock
+        )
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragcache-store-writer")
         self._thread: threading.Thread | None = None  # the one that runs the step loop
         self._loop_done = threading.Event()
@@ -91,12 +98,21 @@ class BlendEngine:
     def blend_of(self, request: RagRequest) -> BlendConfig:
         """The selection a request gets: the engine's BlendConfig with the request's deviation / sink tokens, if any."""
         blend = self.config.blend
-        return replace(blend,
-                       deviation=blend.deviation if request.blend_deviation is None else request.blend_deviation,
-                       sink_tokens=blend.sink_tokens if request.blend_sink_tokens is None else request.blend_sink_tokens)
+        return replace(
+            blend,
+            deviation=blend.deviation if request.blend_deviation is None else request.blend_deviation,
+            sink_tokens=blend.sink_tokens if request.blend_sink_tokens is None else request.blend_sink_tokens,
+        )
 
-    def submit(self, request: RagRequest, sink: GenerationSink, *, ticket=None,
-               return_logprobs: bool = False, background: bool = False) -> Sequence:
+    def submit(
+        self,
+        request: RagRequest,
+        sink: GenerationSink,
+        *,
+        ticket=None,
+        return_logprobs: bool = False,
+        background: bool = False,
+    ) -> Sequence:
         """Check and look up the request here, then queue it for the engine thread.
 
         background: run it only on spare capacity, never delaying a live request (shadow checks).
@@ -112,19 +128,42 @@ class BlendEngine:
         too_big = self.scheduler.budget_error(parts.num_tokens + request.sampling.max_tokens)
         if too_big is not None:
             raise InvalidRequestError(
-                f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) {too_big}")
+                f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) {too_big}"
+            )
         grammar = self.grammars.matcher(request.constraint) if request.constraint is not None else None
         lookup = look_up(self.store, self.programs, self.loaded.fingerprint, request, parts, started)
-        layout = (PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
-                  if lookup.program is not None else prompt_layout(parts, request.mode, self.ratio_of(request)))
-        seq = Sequence(request, parts, lookup, sink, self.eos_ids, ticket, return_logprobs, background,
-                       arrived_s=started, grammar=grammar)
+        layout = (
+            PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
+            if lookup.program is not None
+            else prompt_layout(parts, request.mode, self.ratio_of(request))
+        )
+        seq = Sequence(
+            request,
+            parts,
+            lookup,
+            sink,
+            self.eos_ids,
+            ticket,
+            return_logprobs,
+            background,
+            arrived_s=started,
+            grammar=grammar,
+        )
         num_layers = self.stack.num_layers
         if request.mode != "full" and lookup.program is None:
             seq.shared_key, seq.shared_len = lookup.prefix_key, len(parts.prefix_ids)
-        seq.progress = (PrefillProgress.blend(layout.start, layout.cached_tokens, parts.num_tokens, num_layers,
-                                              self.config.blend.check_layer, self.ratio_of(request))
-                        if layout.selective else PrefillProgress.plain(layout.start, parts.num_tokens, num_layers))
+        seq.progress = (
+            PrefillProgress.blend(
+                layout.start,
+                layout.cached_tokens,
+                parts.num_tokens,
+                num_layers,
+                self.config.blend.check_layer,
+                self.ratio_of(request),
+            )
+            if layout.selective
+            else PrefillProgress.plain(layout.start, parts.num_tokens, num_layers)
+        )
         self._post(seq)
         return seq
 
@@ -139,17 +178,24 @@ class BlendEngine:
     def _prompt(self, request: RagRequest):
         """The request's prompt as token ids (PromptParts); InvalidRequestError for one that cannot be built."""
         with self._tokenizer_lock:
-            return build_rag_prompt(self.tokenizer, request.question, request.documents,
-                                    request.system_prompt or self.config.system_prompt, self.config.limits,
-                                    request.history, request.tools)
+            return build_rag_prompt(
+                self.tokenizer,
+                request.question,
+                request.documents,
+                request.system_prompt or self.config.system_prompt,
+                self.config.limits,
+                request.history,
+                request.tools,
+            )
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs on the wire)."""
         with self._tokenizer_lock:
             return [self.tokenizer.decode([token]) for token in token_ids]
 
-    def generate(self, request: RagRequest, on_token: TokenCallback | None = None,
-                 return_logprobs: bool = False) -> Generation:
+    def generate(
+        self, request: RagRequest, on_token: TokenCallback | None = None, return_logprobs: bool = False
+    ) -> Generation:
         """submit() and wait for the answer; steps the engine here when its thread is not running."""
         sink = BlockingSink(on_token)
         self.submit(request, sink, return_logprobs=return_logprobs)
@@ -262,9 +308,11 @@ class BlendEngine:
             "resumptions": counters.resumptions,
             "admitted": counters.admitted,
             "cancelled": counters.cancelled,
-            "background": {"waiting": len(scheduler.background),
-                           "running": sum(seq.background for seq in list(scheduler.running)),
-                           "steps": counters.background_steps},
+            "background": {
+                "waiting": len(scheduler.background),
+                "running": sum(seq.background for seq in list(scheduler.running)),
+                "steps": counters.background_steps,
+            },
         }
 
     # the engine thread
@@ -351,9 +399,17 @@ class BlendEngine:
             else:
                 prefix_kv, chunk_kvs = self._fill_missing(seq)
                 shared = self._share_prefix(lookup.prefix_key, prefix_kv)
-                seq.prefill = place_prompt(self.stack, seq.parts, prefix_kv, chunk_kvs, mode=request.mode,
-                                           ratio=self.ratio_of(request), config=self.blend_of(request), capacity=capacity,
-                                           shared=shared)
+                seq.prefill = place_prompt(
+                    self.stack,
+                    seq.parts,
+                    prefix_kv,
+                    chunk_kvs,
+                    mode=request.mode,
+                    ratio=self.ratio_of(request),
+                    config=self.blend_of(request),
+                    capacity=capacity,
+                    shared=shared,
+                )
             if seq.prefill.selector is not None:
                 seq.scan = BlendScan(seq.prefill, self.stack)
         except Exception as exc:
@@ -392,8 +448,13 @@ class BlendEngine:
         seq.chunk_compute_s = time.perf_counter() - started
         return prefix_kv, chunks
 
-    def _compute(self, prefix_key: ChunkKey, prefix_ids, prefix_kv: KVChunk | None,
-                 missing: list[tuple[ChunkKey, tuple[int, ...]]]) -> list[tuple[ChunkKey, KVChunk]]:
+    def _compute(
+        self,
+        prefix_key: ChunkKey,
+        prefix_ids,
+        prefix_kv: KVChunk | None,
+        missing: list[tuple[ChunkKey, tuple[int, ...]]],
+    ) -> list[tuple[ChunkKey, KVChunk]]:
         """(key, KV) of the prefix (when not given) and of the missing chunks: the model work of chunk caching."""
         computed = []
         fingerprint = self.loaded.fingerprint
@@ -401,16 +462,19 @@ class BlendEngine:
             prefix_kv = compute_chunks(self.stack, [prefix_ids], None, fingerprint, self.config.max_pack_tokens)[0]
             computed.append((prefix_key, prefix_kv))
         if missing:
-            kvs = compute_chunks(self.stack, [ids for _, ids in missing], prefix_kv, fingerprint,
-                                 self.config.max_pack_tokens)
+            kvs = compute_chunks(
+                self.stack, [ids for _, ids in missing], prefix_kv, fingerprint, self.config.max_pack_tokens
+            )
             computed.extend(zip([key for key, _ in missing], kvs))
         return computed
 
     def _finish(self, seq: Sequence) -> None:
         """A finished sequence: its Generation, the program KV (tensor work here, the store write off-thread)."""
         self.scheduler.finish(seq)
-        result = with_tool_calls(generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request),
-                                               self.blend_of(seq.request)), seq.request)
+        result = with_tool_calls(
+            generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request), self.blend_of(seq.request)),
+            seq.request,
+        )
         saved = program_entry(self.stack, seq, self.loaded.fingerprint) if seq.request.program_id else None
         self._release(seq)
         self._writer.submit(self._deliver, seq, result, saved)
@@ -425,8 +489,9 @@ class BlendEngine:
                 if previous is not None and previous.key != key:
                     self.store.delete(previous.key)
                 if request.implicit_program:
-                    forgotten = self.conversations.index(request.namespace, request.program_id,
-                                                         indexed_prompt(token_ids[:seq.prompt_len]))
+                    forgotten = self.conversations.index(
+                        request.namespace, request.program_id, indexed_prompt(token_ids[: seq.prompt_len])
+                    )
                     for namespace, program_id in forgotten:
                         self.forget_program(namespace, program_id)
                 result = replace(result, program_key=key, program_tokens=len(token_ids))

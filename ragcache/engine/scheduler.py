@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ragcache.engine.sequence import Sequence, SeqState
+from ragcache.engine.sequence import SeqState, Sequence
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,20 @@ class SchedulerConfig:
     background_step_tokens: int = 128  # a background (shadow) piece, run only when no live work exists
 
     def __post_init__(self) -> None:
-        if min(self.max_working_kv_bytes, self.step_tokens, self.kv_block_tokens, self.max_running,
-               self.background_step_tokens) <= 0:
-            raise ValueError("max_working_kv_bytes, step_tokens, kv_block_tokens, max_running and "
-                             "background_step_tokens must be positive")
+        if (
+            min(
+                self.max_working_kv_bytes,
+                self.step_tokens,
+                self.kv_block_tokens,
+                self.max_running,
+                self.background_step_tokens,
+            )
+            <= 0
+        ):
+            raise ValueError(
+                "max_working_kv_bytes, step_tokens, kv_block_tokens, max_running and "
+                "background_step_tokens must be positive"
+            )
 
 
 class AdmissionOrder(Protocol):
@@ -278,8 +288,9 @@ class Scheduler:
             self.background.pop(0)
             budget, free = self._start(seq, slots, need, free, plan, budget)
 
-    def _start(self, seq: Sequence, slots: int, need: int, free: int, plan: StepPlan,
-               budget: float) -> tuple[float, int]:
+    def _start(
+        self, seq: Sequence, slots: int, need: int, free: int, plan: StepPlan, budget: float
+    ) -> tuple[float, int]:
         seq.reserved_slots, seq.state = slots, SeqState.PREFILL
         self.running.append(seq)
         plan.admitted.append(seq)

@@ -16,7 +16,7 @@ choice is plain top-r (a chunk's sink tokens are usually its most deviating anyw
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,8 +30,9 @@ def parse_selection(name: str) -> tuple[str, int]:
     head, plus, tail = name.partition("+")
     deviation, epic = (head, tail) if plus else ("value", head) if head.startswith("epic") else (head, "")
     if deviation not in DEVIATION_NAMES or (epic and not (epic.startswith("epic") and epic[4:].isdigit())):
-        raise ValueError(f"{name!r} is not a selection: one of {list(DEVIATION_NAMES)}, 'epic<k>' "
-                         "or '<deviation>+epic<k>'")
+        raise ValueError(
+            f"{name!r} is not a selection: one of {list(DEVIATION_NAMES)}, 'epic<k>' or '<deviation>+epic<k>'"
+        )
     return deviation, int(epic[4:]) if epic else 0
 
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ragcache.engine.blend import Prefill
-from ragcache.engine.prefill import BlendScan, PrefillProgress
 from ragcache.engine.generate import SamplingParams, held_back
 from ragcache.engine.lookup import Lookup
+from ragcache.engine.prefill import BlendScan, PrefillProgress
 from ragcache.engine.prompt import PromptParts
 from ragcache.engine.toolformat import ends_in_repeated_call
 

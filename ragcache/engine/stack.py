@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ragcache.kernels import apply_rope
+from ragcache.kernels.rope import apply_rope
 
 
 class DecoderStack:
@@ -52,8 +52,9 @@ class DecoderStack:
         v = attn.v_proj(normed).view(num_tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)
         return apply_rope(q, cos, sin), k_raw, apply_rope(k_raw, cos, sin), v
 
-    def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Attention of q (heads, tokens, dim) over keys/values (kv_heads, slots, dim): (tokens, heads * dim).
 
         mask is boolean (tokens, slots), True where a query may attend; None means every slot.
@@ -67,12 +68,16 @@ class DecoderStack:
             scores = (grouped @ keys.transpose(1, 2)).float() * scale  # (kv_heads, group, slots)
             return (scores.softmax(-1).to(values.dtype) @ values).reshape(1, self.num_heads * self.head_dim)
         out = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True,
+            q[None],
+            keys[None],
+            values[None],
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
         )[0]  # (heads, tokens, dim)
         return out.transpose(0, 1).reshape(q.shape[1], self.num_heads * self.head_dim)
 
-    def attend_parts(self, layer: int, q: torch.Tensor,
-                     parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def attend_parts(self, layer: int, q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One decoding query (heads, 1, dim) over KV held in several parts (a shared prefix, then its own
         slots), with one softmax across them and no copy of the KV: (1, heads * dim)."""
         scale = self.layers[layer].self_attn.scaling

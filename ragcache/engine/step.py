@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 
 from ragcache.engine.forward import BatchItem, TokenRun, run_batch
-from ragcache.engine.prefill import after_piece, piece_item
 from ragcache.engine.generate import sample_token
 from ragcache.engine.grammar import mask_logits
+from ragcache.engine.prefill import after_piece, piece_item
 from ragcache.engine.request import TokenLogprob
 from ragcache.engine.scheduler import StepPlan
-from ragcache.engine.sequence import Sequence, SeqState
+from ragcache.engine.sequence import SeqState, Sequence
 from ragcache.engine.stack import DecoderStack
 
 
@@ -80,8 +80,11 @@ def _model_logprobs(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, tor
     Taken before the grammar's mask and at temperature 1: the model's own distribution (what
     OpenAI's logprobs report, vLLM's default), so a constrained token's logprob says how
     likely the model found it, and alternatives may include tokens the grammar forbade."""
-    rows = [row for row, seq in enumerate(seqs)
-            if seq.sampling.logprobs or (seq.return_logprobs and seq.first_token_s is None)]
+    rows = [
+        row
+        for row, seq in enumerate(seqs)
+        if seq.sampling.logprobs or (seq.return_logprobs and seq.first_token_s is None)
+    ]
     if not rows:
         return {}
     logprobs = torch.log_softmax(logits[rows], -1)  # (rows, vocab), a copy: masking logits leaves it be

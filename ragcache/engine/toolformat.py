@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from ragcache.engine.chat import ChatTurn, ToolSpec
 from ragcache.engine.generate import held_back
@@ -32,7 +32,7 @@ TOOLS_HEADER = (
 )
 TOOLS_FOOTER = (
     "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
     "</tool_call>"
 )
 
@@ -41,7 +41,7 @@ _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 def call_begin(name: str) -> str:
     """The text before a call's arguments object (the grammar forces it verbatim)."""
-    return CALL_TRIGGER + "\n{\"name\": " + json.dumps(name) + ", \"arguments\": "
+    return CALL_TRIGGER + '\n{"name": ' + json.dumps(name) + ', "arguments": '
 
 
 def render_call(name: str, arguments: str) -> str:
@@ -70,8 +70,13 @@ def merge_tool_results(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]
     """Consecutive tool results (now user turns) become one user turn, as Qwen2.5's template renders them."""
     merged: list[tuple[str, str]] = []
     for role, content in turns:
-        if merged and role == "user" and merged[-1][0] == "user" and content.startswith("<tool_response>") \
-                and merged[-1][1].endswith("</tool_response>"):
+        if (
+            merged
+            and role == "user"
+            and merged[-1][0] == "user"
+            and content.startswith("<tool_response>")
+            and merged[-1][1].endswith("</tool_response>")
+        ):
             merged[-1] = ("user", merged[-1][1] + "\n" + content)
         else:
             merged.append((role, content))
@@ -100,7 +105,7 @@ def parse_tool_calls(text: str, tools: Sequence[ToolSpec]) -> ParsedOutput:
         if call is None:
             malformed += 1
             continue
-        kept.append(text[last:match.start()])
+        kept.append(text[last : match.start()])
         last = match.end()
         calls.append(call)
     kept.append(text[last:])
@@ -209,7 +214,7 @@ class CallStream:
                 end = self.buffer.find(CALL_END)
                 if end >= 0:
                     self._arguments(events, self.buffer[:end])
-                    self.buffer = self.buffer[end + len(CALL_END):]
+                    self.buffer = self.buffer[end + len(CALL_END) :]
                     self.in_arguments = False
                     self._end_call(events)
                     continue
@@ -223,13 +228,13 @@ class CallStream:
                     return events  # wait for more (flush() gives it back as text if it never comes)
                 self.current, self.released = [json.loads(match.group(1)), ""], False
                 self._release_if_new(events)
-                self.buffer = self.buffer[match.end():]
+                self.buffer = self.buffer[match.end() :]
                 self.in_call, self.in_arguments = False, True
                 continue
             start = self.buffer.find(CALL_TRIGGER)
             if start >= 0:
                 self._text(events, self.buffer[:start])
-                self.buffer = self.buffer[start + len(CALL_TRIGGER):]
+                self.buffer = self.buffer[start + len(CALL_TRIGGER) :]
                 self.in_call = True
                 continue
             safe = len(self.buffer) - held_back(self.buffer, (CALL_TRIGGER,))
@@ -278,4 +283,3 @@ class CallStream:
         if self.released:
             self.calls.append(call)
         self.current, self.released = None, False
-

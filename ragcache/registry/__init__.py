@@ -1,10 +1,10 @@
 """Registries: what users register (documents, agent programs) kept durably and shared by replicas.
 
-    base.py       the Registry contract (tables of small records per tenant) and its errors
-    memory.py     in process memory (lost on exit)
-    sqlite.py     one SQLite file under the data directory (a single node; survives restarts)
-    redis.py      Redis, single node or cluster (every replica sees the same)
-    documents.py  document id -> text, chunk key, token count, over any Registry
+base.py       the Registry contract (tables of small records per tenant) and its errors
+memory.py     in process memory (lost on exit)
+sqlite.py     one SQLite file under the data directory (a single node; survives restarts)
+redis.py      Redis, single node or cluster (every replica sees the same)
+documents.py  document id -> text, chunk key, token count, over any Registry
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ kept only in one process.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 
 class RegistryUnavailableError(RuntimeError):
@@ -57,5 +58,5 @@ class Registry(ABC):
     @abstractmethod
     def stats(self) -> RegistryStats: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  a no-op by default: only registries holding connections override it
         """Release connections; the registry is unusable afterwards."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import msgspec
 
@@ -35,7 +35,7 @@ class StoredDocument:
         return msgspec.msgpack.encode({"text": self.text, "key": self.key, "num_tokens": self.num_tokens})
 
     @staticmethod
-    def decode(doc_id: str, raw: bytes) -> "StoredDocument":
+    def decode(doc_id: str, raw: bytes) -> StoredDocument:
         fields = msgspec.msgpack.decode(raw)
         return StoredDocument(doc_id, fields["text"], ChunkKey(fields["key"]), int(fields["num_tokens"]))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ragcache.registry.base import Registry, RegistryStats
 
@@ -40,8 +40,12 @@ class MemoryRegistry(Registry):
 
     def rows(self, table: str) -> Iterator[tuple[str, str, bytes]]:
         with self._lock:
-            found = [(tenant, key, value) for (name, tenant), rows in self._tables.items() if name == table
-                     for key, value in rows.items()]
+            found = [
+                (tenant, key, value)
+                for (name, tenant), rows in self._tables.items()
+                if name == table
+                for key, value in rows.items()
+            ]
         yield from found
 
     def stats(self) -> RegistryStats:

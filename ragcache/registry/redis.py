@@ -14,7 +14,7 @@ SkipAfterFailure: RegistryUnavailableError at once) rather than each waiting out
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ragcache.registry.base import Registry, RegistryStats, RegistryUnavailableError
 from ragcache.storage.connect import RedisUnavailable, SkipAfterFailure, hash_tag, sync_client

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from ragcache.registry.base import Registry, RegistryStats, RegistryUnavailableError
 
@@ -27,13 +27,14 @@ class SqliteFile:
     """One SQLite connection shared by threads (statements take turns), WAL, and failures counted:
     run(work) calls work(connection) and turns an sqlite3.Error into `unavailable`."""
 
-    def __init__(self, path: Path | str, schema: str, unavailable: type[Exception], busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, path: Path | str, schema: str, unavailable: type[Exception], busy_timeout_s: float = 5.0
+    ) -> None:
         self.path = Path(path)
         self._unavailable = unavailable
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False,
-                                       isolation_level=None)
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(schema)
@@ -68,8 +69,9 @@ class SqliteRegistry(Registry):
         def work(db: sqlite3.Connection) -> bytes | None:
             db.execute("BEGIN IMMEDIATE")
             try:
-                row = db.execute("SELECT value FROM registry WHERE tbl=? AND tenant=? AND key=?",
-                                 (table, tenant, key)).fetchone()
+                row = db.execute(
+                    "SELECT value FROM registry WHERE tbl=? AND tenant=? AND key=?", (table, tenant, key)
+                ).fetchone()
                 db.execute("INSERT OR REPLACE INTO registry VALUES (?, ?, ?, ?)", (table, tenant, key, value))
             except BaseException:
                 db.execute("ROLLBACK")
@@ -89,8 +91,12 @@ class SqliteRegistry(Registry):
             for first in range(0, len(wanted), 500):  # SQLite's bound on host parameters
                 batch = wanted[first : first + 500]
                 marks = ",".join("?" * len(batch))
-                found.update(db.execute(f"SELECT key, value FROM registry WHERE tbl=? AND tenant=? AND key IN ({marks})",
-                                        (table, tenant, *batch)).fetchall())
+                found.update(
+                    db.execute(
+                        f"SELECT key, value FROM registry WHERE tbl=? AND tenant=? AND key IN ({marks})",
+                        (table, tenant, *batch),
+                    ).fetchall()
+                )
             return found
 
         found = self._run(work)
@@ -98,23 +104,31 @@ class SqliteRegistry(Registry):
 
     def delete(self, table: str, tenant: str, key: str) -> bytes | None:
         def work(db: sqlite3.Connection) -> bytes | None:
-            row = db.execute("DELETE FROM registry WHERE tbl=? AND tenant=? AND key=? RETURNING value",
-                             (table, tenant, key)).fetchone()
+            row = db.execute(
+                "DELETE FROM registry WHERE tbl=? AND tenant=? AND key=? RETURNING value", (table, tenant, key)
+            ).fetchone()
             return row[0] if row else None
 
         return self._run(work)
 
     def items(self, table: str, tenant: str) -> dict[str, bytes]:
-        return self._run(lambda db: dict(db.execute("SELECT key, value FROM registry WHERE tbl=? AND tenant=?",
-                                                    (table, tenant)).fetchall()))
+        return self._run(
+            lambda db: dict(
+                db.execute("SELECT key, value FROM registry WHERE tbl=? AND tenant=?", (table, tenant)).fetchall()
+            )
+        )
 
     def count(self, table: str, tenant: str) -> int:
-        return self._run(lambda db: db.execute("SELECT COUNT(*) FROM registry WHERE tbl=? AND tenant=?",
-                                               (table, tenant)).fetchone()[0])
+        return self._run(
+            lambda db: db.execute("SELECT COUNT(*) FROM registry WHERE tbl=? AND tenant=?", (table, tenant)).fetchone()[
+                0
+            ]
+        )
 
     def rows(self, table: str) -> Iterator[tuple[str, str, bytes]]:
-        yield from self._run(lambda db: db.execute("SELECT tenant, key, value FROM registry WHERE tbl=?",
-                                                   (table,)).fetchall())
+        yield from self._run(
+            lambda db: db.execute("SELECT tenant, key, value FROM registry WHERE tbl=?", (table,)).fetchall()
+        )
 
     def stats(self) -> RegistryStats:
         return RegistryStats("sqlite", self._file.errors, self._file.last_error is None, self._file.last_error)

@@ -8,7 +8,8 @@ for /v1/rag) are the server's own; fields left None are not sent.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, TypedDict, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, NamedTuple, TypedDict
 from urllib.parse import quote
 
 import msgspec
@@ -27,9 +28,9 @@ from ragcache.schemas import (
 )
 
 # A document: its text; (id, text); {"text": ..., "id": ...}; or a DocumentIn.
-Document = Union[str, tuple[str, str], Mapping[str, Any], DocumentIn]
+Document = str | tuple[str, str] | Mapping[str, Any] | DocumentIn
 # A conversation: one user message as text, or OpenAI-style messages (dicts or ChatMessage).
-Messages = Union[str, Iterable[Union[Mapping[str, Any], ChatMessage]]]
+Messages = str | Iterable[Mapping[str, Any] | ChatMessage]
 # The header alias of the program_id extension; a program's turns send both.
 PROGRAM_HEADER = "X-Session-ID"
 
@@ -42,7 +43,7 @@ class RagOptions(TypedDict, total=False):
     temperature: float  # 0.0: greedy
     top_p: float
     seed: int
-    stop: Union[str, list[str]]
+    stop: str | list[str]
     blend_ratio: float  # share of reused tokens recomputed; the server's default when unset
     mode: Literal["blend", "full", "prefix", "reuse"]
     system_prompt: str
@@ -57,7 +58,7 @@ class ChatOptions(TypedDict, total=False):
     temperature: float  # 1.0 when unset, as OpenAI
     top_p: float
     seed: int
-    stop: Union[str, list[str]]
+    stop: str | list[str]
     blend_ratio: float
     mode: Literal["blend", "full", "prefix", "reuse"]
     model: str
@@ -65,7 +66,7 @@ class ChatOptions(TypedDict, total=False):
     program_id: str
     # OpenAI tool calling and output formats (as dicts in OpenAI's shape)
     tools: list[dict]
-    tool_choice: Union[str, dict]  # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
+    tool_choice: str | dict  # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
     parallel_tool_calls: bool
     response_format: dict  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     n: int
@@ -136,13 +137,25 @@ def rag(question: str, documents: Iterable[Document] | None, options: RagOptions
 
 def chat(messages: Messages, documents: Iterable[Document] | None, stream: bool, options: ChatOptions) -> Call:
     """stream: ask for usage in the last event too, so a stream ends with everything a plain answer has."""
-    body = ChatCompletionRequest(messages=messages_in(messages), documents=documents_in(documents), stream=stream,
-                                 stream_options=StreamOptions(include_usage=True) if stream else None, **options)
+    body = ChatCompletionRequest(
+        messages=messages_in(messages),
+        documents=documents_in(documents),
+        stream=stream,
+        stream_options=StreamOptions(include_usage=True) if stream else None,
+        **options,
+    )
     return Call("POST", "/v1/chat/completions", _decoder(ChatCompletion), _compact(body), stream=stream)
 
 
-def program_chat(program_id: str, messages: Messages, documents: Iterable[Document] | None, stream: bool,
-                 options: ChatOptions, system_prompt: str | None = None, is_last_step: bool = False) -> Call:
+def program_chat(
+    program_id: str,
+    messages: Messages,
+    documents: Iterable[Document] | None,
+    stream: bool,
+    options: ChatOptions,
+    system_prompt: str | None = None,
+    is_last_step: bool = False,
+) -> Call:
     """chat() as a turn of an agent program: the id rides as the `program_id` extension and as the
     X-Session-ID header; system_prompt leads the messages unless they start with a system message;
     is_last_step (an extension) tells the server the program ends with this answer."""
@@ -189,4 +202,3 @@ def health() -> Call:
 
 def ready() -> Call:
     return Call("GET", "/ready", msgspec.json.decode)
-

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Literal, overload
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import httpx
 import msgspec
@@ -39,8 +40,16 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 class _BaseClient:
     """Settings and request building common to both clients."""
 
-    def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, max_retries: int, backoff_s: float,
-                 admin_key: str | None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        timeout_s: float,
+        max_retries: int,
+        backoff_s: float,
+        admin_key: str | None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = RetryPolicy(max_retries, backoff_s)
         self.timeout_s = timeout_s
@@ -48,8 +57,11 @@ class _BaseClient:
         self._admin_key = admin_key or api_key  # with no admin key, admin calls try the API key (no-auth servers)
 
     def _http_options(self) -> dict[str, Any]:
-        return {"base_url": self.base_url, "timeout": httpx.Timeout(self.timeout_s),
-                "headers": {"user-agent": f"ragcache-sdk/{__version__}"}}
+        return {
+            "base_url": self.base_url,
+            "timeout": httpx.Timeout(self.timeout_s),
+            "headers": {"user-agent": f"ragcache-sdk/{__version__}"},
+        }
 
     def _request(self, http: httpx.Client | httpx.AsyncClient, call: Call) -> httpx.Request:
         key = self._admin_key if call.admin else self._api_key
@@ -70,25 +82,47 @@ class Client(_BaseClient):
     server's Retry-After says); other errors raise at once (see ragcache.sdk.errors).
     """
 
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, *, timeout_s: float = 60.0,
-                 max_retries: int = 3, backoff_s: float = 0.5, admin_key: str | None = None) -> None:
-        super().__init__(base_url, api_key, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
-                         admin_key=admin_key)
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        admin_key: str | None = None,
+    ) -> None:
+        super().__init__(
+            base_url, api_key, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, admin_key=admin_key
+        )
         self._http = httpx.Client(**self._http_options())
 
-    def rag(self, question: str, documents: Iterable[Document] | None = None,
-            **options: Unpack[RagOptions]) -> RagResponse:
+    def rag(
+        self, question: str, documents: Iterable[Document] | None = None, **options: Unpack[RagOptions]
+    ) -> RagResponse:
         """Answer question over documents (inline, and/or `document_ids` added before).
         A document is a text, an (id, text) pair or {"text", "id"}; options: see RagOptions."""
         return self._call(calls.rag(question, documents, options))
 
     @overload
-    def chat(self, messages: Messages, documents: Iterable[Document] | None = None, *,
-             stream: Literal[False] = False, **options: Unpack[ChatOptions]) -> ChatCompletion: ...
+    def chat(
+        self,
+        messages: Messages,
+        documents: Iterable[Document] | None = None,
+        *,
+        stream: Literal[False] = False,
+        **options: Unpack[ChatOptions],
+    ) -> ChatCompletion: ...
 
     @overload
-    def chat(self, messages: Messages, documents: Iterable[Document] | None = None, *,
-             stream: Literal[True], **options: Unpack[ChatOptions]) -> ChatStream: ...
+    def chat(
+        self,
+        messages: Messages,
+        documents: Iterable[Document] | None = None,
+        *,
+        stream: Literal[True],
+        **options: Unpack[ChatOptions],
+    ) -> ChatStream: ...
 
     def chat(self, messages, documents=None, *, stream=False, **options):
         """OpenAI-style chat with RAG documents. messages: a text (one user message) or a list
@@ -131,7 +165,7 @@ class Client(_BaseClient):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *_) -> None:
@@ -162,23 +196,45 @@ class AsyncClient(_BaseClient):
     """Client's twin for asyncio, over httpx.AsyncClient: the same methods, awaited.
     chat(stream=True) returns an AsyncChatStream to `async for`."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, *, timeout_s: float = 60.0,
-                 max_retries: int = 3, backoff_s: float = 0.5, admin_key: str | None = None) -> None:
-        super().__init__(base_url, api_key, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
-                         admin_key=admin_key)
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        admin_key: str | None = None,
+    ) -> None:
+        super().__init__(
+            base_url, api_key, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, admin_key=admin_key
+        )
         self._http = httpx.AsyncClient(**self._http_options())
 
-    async def rag(self, question: str, documents: Iterable[Document] | None = None,
-                  **options: Unpack[RagOptions]) -> RagResponse:
+    async def rag(
+        self, question: str, documents: Iterable[Document] | None = None, **options: Unpack[RagOptions]
+    ) -> RagResponse:
         return await self._call(calls.rag(question, documents, options))
 
     @overload
-    async def chat(self, messages: Messages, documents: Iterable[Document] | None = None, *,
-                   stream: Literal[False] = False, **options: Unpack[ChatOptions]) -> ChatCompletion: ...
+    async def chat(
+        self,
+        messages: Messages,
+        documents: Iterable[Document] | None = None,
+        *,
+        stream: Literal[False] = False,
+        **options: Unpack[ChatOptions],
+    ) -> ChatCompletion: ...
 
     @overload
-    async def chat(self, messages: Messages, documents: Iterable[Document] | None = None, *,
-                   stream: Literal[True], **options: Unpack[ChatOptions]) -> AsyncChatStream: ...
+    async def chat(
+        self,
+        messages: Messages,
+        documents: Iterable[Document] | None = None,
+        *,
+        stream: Literal[True],
+        **options: Unpack[ChatOptions],
+    ) -> AsyncChatStream: ...
 
     async def chat(self, messages, documents=None, *, stream=False, **options):
         call = calls.chat(messages, documents, stream, options)
@@ -188,8 +244,9 @@ class AsyncClient(_BaseClient):
         """Client.program's twin: `await program.chat(...)`, `async with program.tool_call(name)`."""
         return AsyncProgram(self, program_id, system_prompt=system_prompt)
 
-    async def add_documents(self, documents: Iterable[Document],
-                            system_prompt: str | None = None) -> list[DocumentRecord]:
+    async def add_documents(
+        self, documents: Iterable[Document], system_prompt: str | None = None
+    ) -> list[DocumentRecord]:
         return await self._call(calls.add_documents(documents, system_prompt))
 
     async def delete_document(self, doc_id: str) -> None:
@@ -213,7 +270,7 @@ class AsyncClient(_BaseClient):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *_) -> None:

@@ -53,8 +53,7 @@ class AsyncProgramToolCallbacks(AsyncCallbackHandler):
         self.program = program
         self._running: dict[UUID, str] = {}
 
-    async def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID,
-                            **kwargs: Any) -> None:
+    async def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID, **kwargs: Any) -> None:
         name = _tool_name(serialized, kwargs)
         self._running[run_id] = name
         await self.program.tool_started(name)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import uuid
 import warnings
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ragcache.sdk import calls
 from ragcache.sdk.calls import Document, Messages
@@ -47,8 +48,11 @@ class _ProgramBase:
 
     def _no_events(self) -> None:
         self._events = False
-        warnings.warn(f"the server has no /v1/programs/{{id}}/events; tool calls of program {self.id} "
-                      "are not reported", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"the server has no /v1/programs/{{id}}/events; tool calls of program {self.id} are not reported",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r})"
@@ -61,8 +65,15 @@ class Program(_ProgramBase):
         super().__init__(program_id, system_prompt)
         self.client = client
 
-    def chat(self, messages: Messages, documents: Iterable[Document] | None = None, *, stream: bool = False,
-             is_last_step: bool = False, **options):
+    def chat(
+        self,
+        messages: Messages,
+        documents: Iterable[Document] | None = None,
+        *,
+        stream: bool = False,
+        is_last_step: bool = False,
+        **options,
+    ):
         """Client.chat as this program's next turn (options as ChatOptions). is_last_step: the
         program ends with this answer, so the server keeps nothing for a next turn."""
         call = self._turn(messages, documents, stream, is_last_step, options)
@@ -89,7 +100,7 @@ class Program(_ProgramBase):
             self.ended = True
             self._event("end")
 
-    def __enter__(self) -> "Program":
+    def __enter__(self) -> Program:
         return self
 
     def __exit__(self, *_) -> None:
@@ -107,13 +118,19 @@ class Program(_ProgramBase):
 class AsyncProgram(_ProgramBase):
     """Program's twin over an AsyncClient: `await chat(...)`, `async with tool_call(name)`, `async with program`."""
 
-    def __init__(self, client: AsyncClient, program_id: str | None = None, *,
-                 system_prompt: str | None = None) -> None:
+    def __init__(self, client: AsyncClient, program_id: str | None = None, *, system_prompt: str | None = None) -> None:
         super().__init__(program_id, system_prompt)
         self.client = client
 
-    async def chat(self, messages: Messages, documents: Iterable[Document] | None = None, *, stream: bool = False,
-                   is_last_step: bool = False, **options):
+    async def chat(
+        self,
+        messages: Messages,
+        documents: Iterable[Document] | None = None,
+        *,
+        stream: bool = False,
+        is_last_step: bool = False,
+        **options,
+    ):
         call = self._turn(messages, documents, stream, is_last_step, options)
         return AsyncChatStream(await self.client._send(call)) if stream else await self.client._call(call)
 
@@ -136,7 +153,7 @@ class AsyncProgram(_ProgramBase):
             self.ended = True
             await self._event("end")
 
-    async def __aenter__(self) -> "AsyncProgram":
+    async def __aenter__(self) -> AsyncProgram:
         return self
 
     async def __aexit__(self, *_) -> None:

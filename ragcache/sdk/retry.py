@@ -19,8 +19,7 @@ from ragcache.sdk.errors import RagcacheConnectionError, RagcacheTimeoutError, e
 RETRY_STATUSES = frozenset({429, 503})
 # A connection that failed or was dropped before the answer: safe to send again, since every
 # ragcache call is idempotent (documents are keyed by id and content, answers have no side effect).
-RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-                httpx.WriteError)
+RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # A Retry-After beyond this is treated as this, so a misconfigured proxy cannot park a client for hours.
 MAX_DELAY_S = 60.0
 

@@ -9,14 +9,22 @@ lines from their transport.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import msgspec
 
-from ragcache.schemas import (CacheReport, ChatCompletionChunk, FunctionCall, FunctionDelta, ToolCallDelta,
-                              ToolCallOut, Usage)
+from ragcache.schemas import (
+    CacheReport,
+    ChatCompletionChunk,
+    FunctionCall,
+    FunctionDelta,
+    ToolCallDelta,
+    ToolCallOut,
+    Usage,
+)
 from ragcache.sdk.errors import RagcacheConnectionError, RagcacheTimeoutError, error_from_event
+
 
 class StreamState:
     """What a chat stream has delivered so far, fed one SSE line at a time."""
@@ -77,7 +85,6 @@ class StreamState:
             self.pieces.append(piece)
         return piece or None
 
-
     def _tool_delta(self, delta: ToolCallDelta) -> None:
         """A call's first delta brings its id and name; the following ones pieces of its arguments."""
         while len(self.tool_calls) <= delta.index:
@@ -85,8 +92,9 @@ class StreamState:
         call = self.tool_calls[delta.index]
         function = delta.function or FunctionDelta()
         self.tool_calls[delta.index] = ToolCallOut(
-            delta.id or call.id, FunctionCall(function.name or call.function.name,
-                                              call.function.arguments + (function.arguments or "")))
+            delta.id or call.id,
+            FunctionCall(function.name or call.function.name, call.function.arguments + (function.arguments or "")),
+        )
 
 
 def _broken(exc: httpx.TransportError) -> RagcacheConnectionError:
@@ -152,7 +160,7 @@ class ChatStream(_StreamResults):
     def close(self) -> None:
         self._response.close()
 
-    def __enter__(self) -> "ChatStream":
+    def __enter__(self) -> ChatStream:
         return self
 
     def __exit__(self, *_) -> None:
@@ -183,7 +191,7 @@ class AsyncChatStream(_StreamResults):
     async def aclose(self) -> None:
         await self._response.aclose()
 
-    async def __aenter__(self) -> "AsyncChatStream":
+    async def __aenter__(self) -> AsyncChatStream:
         return self
 
     async def __aexit__(self, *_) -> None:

@@ -32,7 +32,23 @@ from ragcache.semantic.stats import CategoryStats, SemanticCacheStats
 from ragcache.semantic.types import LookupOutcome, SemanticHit, SemanticQuery, document_digest, documents_hash
 
 __all__ = [
-    "CATEGORIES", "DEFAULT_POLICIES", "CategoryPolicy", "CategoryStats", "GuardConfig", "IndexConfig", "LearnedConfig",
-    "LoadConfig", "LoadState", "LookupOutcome", "Message", "Observation", "SemanticCache", "SemanticCacheConfig",
-    "SemanticCacheStats", "SemanticHit", "SemanticQuery", "document_digest", "documents_hash",
+    "CATEGORIES",
+    "DEFAULT_POLICIES",
+    "CategoryPolicy",
+    "CategoryStats",
+    "GuardConfig",
+    "IndexConfig",
+    "LearnedConfig",
+    "LoadConfig",
+    "LoadState",
+    "LookupOutcome",
+    "Message",
+    "Observation",
+    "SemanticCache",
+    "SemanticCacheConfig",
+    "SemanticCacheStats",
+    "SemanticHit",
+    "SemanticQuery",
+    "document_digest",
+    "documents_hash",
 ]

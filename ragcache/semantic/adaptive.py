@@ -96,7 +96,9 @@ class ThresholdController:
     def report_false_hit(self, tenant: str, category: str, policy: CategoryPolicy) -> None:
         with self._lock:
             room = policy.max_threshold - policy.threshold
-            self._offsets[(tenant, category)] = min(room, self._offsets[(tenant, category)] + self.config.false_hit_step)
+            self._offsets[(tenant, category)] = min(
+                room, self._offsets[(tenant, category)] + self.config.false_hit_step
+            )
 
     def reset(self, category: str) -> None:
         """Forget false-hit tightening for a category (its policy was set anew)."""

@@ -42,7 +42,9 @@ def normalise(answer: str) -> str:
     return " ".join(w for w in _WORD.findall(answer.lower()) if w not in _ARTICLES)
 
 
-def answers_agree(cached: str, fresh: str, embedder, short_words: int = 8, min_cosine: float = 0.80) -> AgreementVerdict:
+def answers_agree(
+    cached: str, fresh: str, embedder, short_words: int = 8, min_cosine: float = 0.80
+) -> AgreementVerdict:
     """The verdict on two answers to (what the cache took for) the same request; see the module
     docstring. embedder: any Embedder (unit vectors); used only by the cosine rule."""
     a, b = normalise(cached), normalise(fresh)

@@ -155,7 +155,7 @@ class SemanticCache:
     def invalidate(self, tenant: str, category: str | None = None, entry_id: str | None = None) -> int:
         """Remove a tenant's entries: all, one category's, or one entry; how many were removed."""
         removed: list[str] = []
-        for (owner, name), shard in self._tenant_shards(tenant):
+        for (_owner, name), shard in self._tenant_shards(tenant):
             if category is not None and name != category:
                 continue
             with shard.lock:
@@ -180,8 +180,9 @@ class SemanticCache:
         self._learned.forget_entries(tenant, removed)
         return len(removed)
 
-    def record_check(self, tenant: str, entry_id: str, similarity: float, correct: bool,
-                     category: str | None = None) -> bool:
+    def record_check(
+        self, tenant: str, entry_id: str, similarity: float, correct: bool, category: str | None = None
+    ) -> bool:
         """A labelled observation for the learned thresholds: a fresh engine answer compared
         with this entry's cached one (agreement.answers_agree) for a request at `similarity`
         (SemanticHit.similarity, or a rejection's). The entry stays either way; a wrong one
@@ -249,12 +250,17 @@ class SemanticCache:
                 counts = Counter(shard.counts)
                 entries = len(shard.entries)
             names = tuple(v.name for v in self._verifiers(category))
-            learned = self._learned.stats(tenant, category, policy.delta, self._floor(policy)) if "learned" in names else None
+            learned = (
+                self._learned.stats(tenant, category, policy.delta, self._floor(policy)) if "learned" in names else None
+            )
             threshold = self._control.threshold(tenant, category, policy)
             if learned is not None and learned.threshold is not None:
                 threshold = learned.threshold
-            rows.append(CategoryStats.of(tenant, category, entries, counts, policy, threshold,
-                                         self._control.ttl_s(policy), names, learned))
+            rows.append(
+                CategoryStats.of(
+                    tenant, category, entries, counts, policy, threshold, self._control.ttl_s(policy), names, learned
+                )
+            )
         return SemanticCacheStats(
             categories=tuple(rows),
             bypasses={f"{tenant}:{reason}": n for (tenant, reason), n in bypasses},
@@ -280,9 +286,15 @@ class SemanticCache:
             return False
         if record.embedder != self.embedder.name:
             record = self._reembedded(record)
-        query = SemanticQuery(record.tenant, record.text, record.history, model=record.model,
-                              documents_hash=record.documents_hash, category=record.category,
-                              document_digests=record.document_digests)
+        query = SemanticQuery(
+            record.tenant,
+            record.text,
+            record.history,
+            model=record.model,
+            documents_hash=record.documents_hash,
+            category=record.category,
+            document_digests=record.document_digests,
+        )
         self._index(record, self._analyse(query, record.category, record.text_vector, record.context_vector))
         return True
 
@@ -344,7 +356,9 @@ class SemanticCache:
             if now >= entry.expires_s or now - entry.created_s >= ttl_s:
                 continue
             if (entry.model, entry.documents_hash, entry.system_hash) != (
-                query.model, query.documents_hash, _digest(query.system)
+                query.model,
+                query.documents_hash,
+                _digest(query.system),
             ):
                 continue
             similarity = float(prepared.text_vector @ entry.text_vector)
@@ -368,15 +382,31 @@ class SemanticCache:
             with shard.lock:
                 entry.hits += 1
                 entry.last_similarity = similarity
-            return SemanticHit(answer, similarity, entry.entry_id, prepared.category, now - entry.created_s,
-                               candidate.context_similarity), rejections
+            return SemanticHit(
+                answer,
+                similarity,
+                entry.entry_id,
+                prepared.category,
+                now - entry.created_s,
+                candidate.context_similarity,
+            ), rejections
         return None, rejections
 
     def _candidate(self, tenant: str, prepared: _Prepared, entry: Entry, similarity: float) -> Candidate:
         both = prepared.context is not None and entry.context is not None
         return Candidate(
-            tenant, prepared.category, entry.entry_id, prepared.text, entry.message, prepared.features, entry.text,
-            prepared.text_vector, entry.text_vector, similarity, prepared.context, entry.context,
+            tenant,
+            prepared.category,
+            entry.entry_id,
+            prepared.text,
+            entry.message,
+            prepared.features,
+            entry.text,
+            prepared.text_vector,
+            entry.text_vector,
+            similarity,
+            prepared.context,
+            entry.context,
             float(prepared.context.vector @ entry.context.vector) if both else None,
         )
 
@@ -390,8 +420,9 @@ class SemanticCache:
             with self._lock:
                 verifier = self._verifier_pool.get(name)
             if verifier is None:
-                verifier = make_verifier(name, embedder=self.embedder, guards=self.config.guards,
-                                         threshold_of=self._learned_threshold)
+                verifier = make_verifier(
+                    name, embedder=self.embedder, guards=self.config.guards, threshold_of=self._learned_threshold
+                )
                 with self._lock:
                     verifier = self._verifier_pool.setdefault(name, verifier)
             chain.append(verifier)
@@ -400,17 +431,28 @@ class SemanticCache:
     def _learned_threshold(self, candidate: Candidate) -> float:
         policy = self._policy(candidate.category)
         cold = self._control.threshold(candidate.tenant, candidate.category, policy)
-        return self._learned.in_force(candidate.tenant, candidate.category, candidate.entry_id, policy.delta,
-                                      self._floor(policy), cold)
+        return self._learned.in_force(
+            candidate.tenant, candidate.category, candidate.entry_id, policy.delta, self._floor(policy), cold
+        )
 
     def _floor(self, policy: CategoryPolicy) -> float:
         return self.config.learned.floor if self.config.learned.floor is not None else policy.min_threshold
 
     def _index(self, record: AnswerRecord, prepared: _Prepared) -> None:
         entry = Entry(
-            record.entry_id, next(self._labels), record.created_s, record.expires_s, record.hits, record.model,
-            record.documents_hash, record.system_hash, prepared.features, prepared.text_vector, prepared.context,
-            prepared.text, record.document_digests,
+            record.entry_id,
+            next(self._labels),
+            record.created_s,
+            record.expires_s,
+            record.hits,
+            record.model,
+            record.documents_hash,
+            record.system_hash,
+            prepared.features,
+            prepared.text_vector,
+            prepared.context,
+            prepared.text,
+            record.document_digests,
         )
         shard = self._shard(record.tenant, record.category)
         policy = self._policy(record.category)
@@ -446,7 +488,9 @@ class SemanticCache:
         with self._lock:
             shard = self._shards.get((tenant, category))
             if shard is None:
-                shard = self._shards[(tenant, category)] = Shard(lambda: make_index(self.embedder.dim, self.config.index))
+                shard = self._shards[(tenant, category)] = Shard(
+                    lambda: make_index(self.embedder.dim, self.config.index)
+                )
             return shard
 
     def _tenant_shards(self, tenant: str) -> list[tuple[tuple[str, str], Shard]]:
@@ -465,8 +509,15 @@ class SemanticCache:
     def _entry_id(self, query: SemanticQuery, prepared: _Prepared) -> str:
         """Equal keys give equal ids, so storing the same request again replaces its entry."""
         history = context_text(query.history, self.config.guards.context_turns) if prepared.context else ""
-        parts = (query.tenant, prepared.category, prepared.text.lower(), history, query.model, query.documents_hash,
-                 query.system)
+        parts = (
+            query.tenant,
+            prepared.category,
+            prepared.text.lower(),
+            history,
+            query.model,
+            query.documents_hash,
+            query.system,
+        )
         return _digest("\x00".join(parts))[:24]
 
     def _reembedded(self, record: AnswerRecord) -> AnswerRecord:
@@ -474,8 +525,12 @@ class SemanticCache:
         if record.context_vector is not None:
             texts.append(context_text(record.history, self.config.guards.context_turns))
         vectors = self.embedder.embed(texts)
-        return replace(record, embedder=self.embedder.name, text_vector=vectors[0],
-                       context_vector=vectors[1] if len(texts) > 1 else None)
+        return replace(
+            record,
+            embedder=self.embedder.name,
+            text_vector=vectors[0],
+            context_vector=vectors[1] if len(texts) > 1 else None,
+        )
 
 
 def _digest(text: str) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from ragcache.semantic.adaptive import LoadConfig
 from ragcache.semantic.classifier import ClassifierConfig

@@ -20,7 +20,8 @@ twenty turns back still changes the answer).
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,7 +37,9 @@ _POINTERS = frozenset(
 # "so ...", "and ...", "ok so ...": the message carries on from the one before.
 _CONTINUES = re.compile(r"^\W*(?:(?:ok|okay|right|alright)\W+)?(?:so|and|but|then|also|plus)\b", re.I)
 # "this year", "that day": a time, not a pointer.
-_TIME_DEICTIC = re.compile(r"\b(?:this|that|next|last)\s+(?:year|month|week|weekend|morning|afternoon|evening|time|day)\b", re.I)
+_TIME_DEICTIC = re.compile(
+    r"\b(?:this|that|next|last)\s+(?:year|month|week|weekend|morning|afternoon|evening|time|day)\b", re.I
+)
 _REPLIES = re.compile(
     r"^(yes|yeah|yep|yup|no|nope|nah|ok|okay|sure|fine|great|perfect|please|go ahead|go on|do it|"
     r"sounds good|that works|thanks|cool|right|alright)\b",
@@ -64,7 +67,9 @@ class Conversation(NamedTuple):
 
 def split_messages(messages: Sequence[Message | dict]) -> Conversation:
     """System prompt, history and last user message of an OpenAI-style message list."""
-    normalised = [m if isinstance(m, Message) else Message(str(m["role"]), str(m.get("content") or "")) for m in messages]
+    normalised = [
+        m if isinstance(m, Message) else Message(str(m["role"]), str(m.get("content") or "")) for m in messages
+    ]
     last_user = max((i for i, m in enumerate(normalised) if m.role == "user"), default=None)
     if last_user is None:
         raise ValueError("a conversation needs at least one user message")
@@ -110,12 +115,15 @@ def context_key(history: Sequence[Message], vector: np.ndarray) -> ContextKey:
     replies = [m.content for m in history if m.role == "assistant"]
     said = " ".join(strip_pleasantries(m.content).lower() for m in history if m.role == "user")
     return ContextKey(
-        vector, features(facts_text(history)), features(facts_text(history[:2])),
-        features(replies[-1] if replies else ""), " ".join(re.findall(r"[a-z0-9]+", said)),
+        vector,
+        features(facts_text(history)),
+        features(facts_text(history[:2])),
+        features(replies[-1] if replies else ""),
+        " ".join(re.findall(r"[a-z0-9]+", said)),
     )
 
 
 def answers_reply(text: str) -> bool:
-    """"yes please", "go ahead", "the second one": a message whose whole meaning is the reply it answers."""
+    """ "yes please", "go ahead", "the second one": a message whose whole meaning is the reply it answers."""
     core = clean(text)
     return bool(_REPLIES.match(core) or _ORDINAL.match(core))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -57,13 +58,17 @@ class SentenceTransformerEmbedder:
         self, model_path: str | None = None, device: str = "cpu", batch_size: int = 64, small_batch_threads: int = 1
     ) -> None:
         if batch_size <= 0 or small_batch_threads <= 0:
-            raise ValueError(f"batch_size and small_batch_threads must be positive: {batch_size}, {small_batch_threads}")
+            raise ValueError(
+                f"batch_size and small_batch_threads must be positive: {batch_size}, {small_batch_threads}"
+            )
         self.device = device
         self.small_batch_threads = small_batch_threads
         self.model_path = model_path or default_model_path()
         self.batch_size = batch_size
         self._model = _load(self.model_path, device)
-        dimension = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dimension = (
+            getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        )
         self.dim = int(dimension())
         parts = os.path.normpath(self.model_path).split(os.sep)
         self.name = f"st:{'/'.join(parts[-2:])}:{self.dim}"
@@ -81,7 +86,10 @@ class SentenceTransformerEmbedder:
                 torch.set_num_threads(min(threads, self.small_batch_threads))
             try:
                 vectors = self._model.encode(
-                    list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                    list(texts),
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
                     show_progress_bar=False,
                 )
             finally:

@@ -83,7 +83,7 @@ def check_facts(new: TextFeatures, cached: TextFeatures) -> str | None:
 
 
 def check_context(new: ContextKey, cached: ContextKey, similarity: float, threshold: float) -> str | None:
-    """"context" when two conversations' turns before the last message differ: their recent
+    """ "context" when two conversations' turns before the last message differ: their recent
     turns are not similar enough; each names a number or a name the other lacks (a swap:
     order 70452 against 70425, Spain against Florida; one side only adding some, as small
     talk does, is no swap), or the opening exchange, which sets the subject, swaps a
@@ -185,7 +185,7 @@ _SCOPE_PARTS = frozenset("self non ex co sub semi part full half pre post".split
 
 
 def _compound_changed(a: TextFeatures, b: TextFeatures) -> bool:
-    """"check-in" against "check-out", "full-time" against "part-time", "self-employed" against "employed"."""
+    """ "check-in" against "check-out", "full-time" against "part-time", "self-employed" against "employed"."""
     mine = [token.split("-") for token in a.tokens - b.tokens if "-" in token]
     theirs = [set(token.split("-")) for token in b.tokens - a.tokens if "-" in token]
     for parts in mine:
@@ -247,8 +247,14 @@ class GuardVerifier:
 
     def _question_reason(self, candidate) -> str | None:
         g = self.config
-        return check_question(candidate.new_features, candidate.cached_features, candidate.similarity,
-                              g.near_overlap, g.min_matched, g.trust_similarity)
+        return check_question(
+            candidate.new_features,
+            candidate.cached_features,
+            candidate.similarity,
+            g.near_overlap,
+            g.min_matched,
+            g.trust_similarity,
+        )
 
 
 class FactVerifier(GuardVerifier):

@@ -29,9 +29,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from ragcache.checks.estimate import wilson_interval
 
@@ -111,8 +112,9 @@ def wilson_bounds(wrong: int, n: int, confidence: float) -> tuple[float, float]:
     return wilson_interval(wrong, n, NormalDist().inv_cdf(confidence))
 
 
-def estimate(observations: Iterable[tuple[float, bool]], delta: float, confidence: float, min_observations: int,
-             floor: float) -> Estimate:
+def estimate(
+    observations: Iterable[tuple[float, bool]], delta: float, confidence: float, min_observations: int, floor: float
+) -> Estimate:
     """The lowest observed similarity (>= floor) whose observations above it hold δ; see the module docstring."""
     ordered = sorted(observations, key=lambda o: -o[0])
     if len(ordered) < min_observations:
@@ -210,12 +212,14 @@ class LearnedThresholds:
             before = self._in_force.get(key)
             if found.threshold != before:
                 self._in_force[key] = found.threshold
-                self._changes[key] = ThresholdChange(self._clock(), before, found.threshold, self._reason(
-                    key, series, found, before))
+                self._changes[key] = ThresholdChange(
+                    self._clock(), before, found.threshold, self._reason(key, series, found, before)
+                )
             return found.threshold
 
-    def in_force(self, tenant: str, category: str, entry_id: str | None, delta: float, floor: float,
-                 cold: float) -> float:
+    def in_force(
+        self, tenant: str, category: str, entry_id: str | None, delta: float, floor: float, cold: float
+    ) -> float:
         """The threshold a candidate for entry_id needs: the entry's own estimate once it has
         entry_min_observations, else the category's (cold: while it has none), and never at
         or below a similarity the entry was wrong at."""
@@ -247,13 +251,27 @@ class LearnedThresholds:
         c = self.config
         with self._lock:
             series = self._categories.get(key)
-            found = series.estimate(delta, c.confidence, c.min_observations, floor) if series else Estimate(
-                None, 0, 0, None, None)
-            own = sum(1 for (owner, _), entry in self._entries.items()
-                      if owner == tenant and len(entry.points) >= c.entry_min_observations)
-            return LearnedStats(delta, len(series.points) if series else 0, series.wrong if series else 0,
-                                found.threshold, found.served, found.wrong_rate_low, found.wrong_rate_high, own,
-                                self._changes.get(key))
+            found = (
+                series.estimate(delta, c.confidence, c.min_observations, floor)
+                if series
+                else Estimate(None, 0, 0, None, None)
+            )
+            own = sum(
+                1
+                for (owner, _), entry in self._entries.items()
+                if owner == tenant and len(entry.points) >= c.entry_min_observations
+            )
+            return LearnedStats(
+                delta,
+                len(series.points) if series else 0,
+                series.wrong if series else 0,
+                found.threshold,
+                found.served,
+                found.wrong_rate_low,
+                found.wrong_rate_high,
+                own,
+                self._changes.get(key),
+            )
 
     def _reason(self, key, series: _Series, found: Estimate, before: float | None) -> str:
         source = self._last_source.get(key, "check")
@@ -264,7 +282,9 @@ class LearnedThresholds:
             return f"{source}: learned from {counts}"
         if found.served == 0:
             return f"{source}: no threshold holds the bound ({counts})"
-        direction = "raised: wrong answers above it" if found.threshold > before else "lowered: correct answers below it"
+        direction = (
+            "raised: wrong answers above it" if found.threshold > before else "lowered: correct answers below it"
+        )
         return f"{source}: {direction} ({counts})"
 
 

@@ -28,7 +28,8 @@ import os
 import random
 import re
 import time
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,18 +39,48 @@ MUSIQUE = "/work/shared/data/musique_dev.json"
 
 # closed-class English words (determiners, pronouns, auxiliaries, prepositions, conjunctions):
 # what a "content word" is not. Grammar, not vocabulary of any benchmark.
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
 a an the this that these those my your his her its our their me you him them us i we he she it they
 is are was were be been being am do does did doing have has had can could will would shall should may might must
 of to from in on at by for with about into onto over under between than as and or but nor so if then
 not no what which who whom whose when where why how there here some any all each every more most much many
-up down out off also just very too s t""".split())
-AUXILIARIES = ("is", "are", "was", "were", "do", "does", "did", "can", "could", "should", "will", "would", "has", "have")
+up down out off also just very too s t""".split()
+)
+AUXILIARIES = (
+    "is",
+    "are",
+    "was",
+    "were",
+    "do",
+    "does",
+    "did",
+    "can",
+    "could",
+    "should",
+    "will",
+    "would",
+    "has",
+    "have",
+)
 RELATIONS = ("to", "from", "than", "vs", "with", "by", "for", "over", "against", "into", "before", "after")
 FRONTABLE = ("in", "on", "at", "for", "with", "during", "after", "before", "from", "by")
-OPENINGS = ("how do i", "how can i", "how could i", "how should i", "how would i", "how to", "what's the best way to",
-            "what is the way to", "how does one", "how can someone", "what should i do to")
-NOUN_CUES = frozenset("the a an my your his her their its our this that of in on at from to with by for about into between".split())
+OPENINGS = (
+    "how do i",
+    "how can i",
+    "how could i",
+    "how should i",
+    "how would i",
+    "how to",
+    "what's the best way to",
+    "what is the way to",
+    "how does one",
+    "how can someone",
+    "what should i do to",
+)
+NOUN_CUES = frozenset(
+    "the a an my your his her their its our this that of in on at from to with by for about into between".split()
+)
 PRONOUNS = frozenset("i you we he she it they someone one".split())
 GREETINGS = ("hi,", "hey", "hello,", "quick question:", "ok so", "um,", "please,", "can you tell me")
 FILLERS = ("um", "like", "just", "actually", "so", "really", "basically", "please", "exactly", "uh")
@@ -81,10 +112,16 @@ def fow_pairs(held_out: bool) -> list[LabelledPair]:
     def last_user(messages) -> str:
         return [m["content"] for m in messages if m["role"] == "user"][-1]
 
-    pairs = [LabelledPair(q["a"], q["b"], bool(q["same_answer"]), f"fow:{q['category']}", q["id"])
-             for q in fow_cache.load_questions() if in_half(q)]
-    pairs += [LabelledPair(last_user(c["a"]), last_user(c["b"]), bool(c["same_answer"]), f"fow-conv:{c['subtype']}",
-                           c["id"]) for c in fow_cache.load_conversations() if in_half(c)]
+    pairs = [
+        LabelledPair(q["a"], q["b"], bool(q["same_answer"]), f"fow:{q['category']}", q["id"])
+        for q in fow_cache.load_questions()
+        if in_half(q)
+    ]
+    pairs += [
+        LabelledPair(last_user(c["a"]), last_user(c["b"]), bool(c["same_answer"]), f"fow-conv:{c['subtype']}", c["id"])
+        for c in fow_cache.load_conversations()
+        if in_half(c)
+    ]
     return pairs
 
 
@@ -140,8 +177,15 @@ def noisy(text: str, rng: random.Random) -> str:
         if lowered.startswith(opening + " ") and rng.random() < 0.7:
             out = rng.choice([o for o in OPENINGS if o != opening]) + out[len(opening) :]
             break
-    swaps = ((r"\bdo not\b", "don't"), (r"\bdon't\b", "do not"), (r"\bwhat is\b", "what's"), (r"\bwhat's\b", "what is"),
-             (r"\bI am\b", "I'm"), (r"\bcan not\b", "can't"), (r"\bcannot\b", "can't"))
+    swaps = (
+        (r"\bdo not\b", "don't"),
+        (r"\bdon't\b", "do not"),
+        (r"\bwhat is\b", "what's"),
+        (r"\bwhat's\b", "what is"),
+        (r"\bI am\b", "I'm"),
+        (r"\bcan not\b", "can't"),
+        (r"\bcannot\b", "can't"),
+    )
     for pattern, replacement in swaps:
         if rng.random() < 0.5:
             out = re.sub(pattern, replacement, out, flags=re.I)
@@ -176,7 +220,9 @@ def role_swap(text: str, rng: random.Random) -> str | None:
     names = _name_spans(words)
     nouns = [(i, i + 1) for i in range(1, len(words)) if _is_content(words[i]) and _core(words[i - 1]) in NOUN_CUES]
     relations = [k for k in range(1, len(words) - 1) if words[k].lower() in RELATIONS]
-    pivots = [((k - 1, k), (k + 1, k + 2)) for k in relations if _is_content(words[k - 1]) and _is_content(words[k + 1])]
+    pivots = [
+        ((k - 1, k), (k + 1, k + 2)) for k in relations if _is_content(words[k - 1]) and _is_content(words[k + 1])
+    ]
     choice = rng.random()
     if len(names) >= 2 and choice < 0.5:
         first, second = sorted(rng.sample(names, 2))
@@ -199,7 +245,12 @@ def _name_spans(words: list[str]) -> list[tuple[int, int]]:
     while i < len(words):
         if words[i][:1].isupper() and _is_content(words[i]):
             j = i + 1
-            while j < len(words) and words[j][:1].isupper() and _core(words[j]).isalpha() and not re.search(r"\W$", words[j - 1]):
+            while (
+                j < len(words)
+                and words[j][:1].isupper()
+                and _core(words[j]).isalpha()
+                and not re.search(r"\W$", words[j - 1])
+            ):
                 j += 1
             spans.append((i, j))
             i = j
@@ -268,10 +319,15 @@ def synthetic_pairs(texts: Sequence[str], rng: random.Random, kind_prefix: str =
     """For each text: two noisy positives, a reordered positive, and one of each negative that applies."""
     pairs = []
     for text in texts:
-        made = [(noisy(text, rng), True, "noise"), (noisy(text, rng), True, "noise"),
-                (front_phrase(text, rng), True, "front_phrase"), (role_swap(text, rng), False, "role_swap"),
-                (role_swap(text, rng), False, "role_swap"), (negate(text, rng), False, "negation"),
-                (substitute(text, texts, rng), False, "substitute")]
+        made = [
+            (noisy(text, rng), True, "noise"),
+            (noisy(text, rng), True, "noise"),
+            (front_phrase(text, rng), True, "front_phrase"),
+            (role_swap(text, rng), False, "role_swap"),
+            (role_swap(text, rng), False, "role_swap"),
+            (negate(text, rng), False, "negation"),
+            (substitute(text, texts, rng), False, "substitute"),
+        ]
         for other, same, kind in made:
             if other is not None and other != text:
                 if not same and rng.random() < 0.3:
@@ -286,11 +342,14 @@ def retrieval_negatives(texts: Sequence[str], encoder: TokenEncoder, max_cosine:
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -1.0)
     sims[sims >= max_cosine] = -1.0
-    return [LabelledPair(texts[i], texts[int(sims[i].argmax())], False, "retrieval", texts[i]) for i in range(len(texts))]
+    return [
+        LabelledPair(texts[i], texts[int(sims[i].argmax())], False, "retrieval", texts[i]) for i in range(len(texts))
+    ]
 
 
-def training_pairs(seed: int = 0, musique: str = MUSIQUE, num_sentences: int = 1000,
-                   encoder: TokenEncoder | None = None) -> list[LabelledPair]:
+def training_pairs(
+    seed: int = 0, musique: str = MUSIQUE, num_sentences: int = 1000, encoder: TokenEncoder | None = None
+) -> list[LabelledPair]:
     """Everything trained on: fow-cache's tuning half, synthetic pairs, retrieval negatives."""
     rng = random.Random(seed)
     fow = [p for p in fow_pairs(held_out=False) if p.same or p.kind.startswith("fow:")]
@@ -308,15 +367,31 @@ def featurise(pairs: Sequence[LabelledPair], encoder: TokenEncoder) -> np.ndarra
     return np.stack([pair_features(views[2 * i], views[2 * i + 1]) for i in range(len(pairs))])
 
 
-def train(pairs: Sequence[LabelledPair], encoder: TokenEncoder, out: str, seed: int = 0, hidden: int = 16,
-          max_wrong: float = 0.08, components: int = 8) -> dict:
+def train(
+    pairs: Sequence[LabelledPair],
+    encoder: TokenEncoder,
+    out: str,
+    seed: int = 0,
+    hidden: int = 16,
+    max_wrong: float = 0.08,
+    components: int = 8,
+) -> dict:
     """Fit the pair model, choose its threshold on a validation split, save the .npz; returns a summary."""
     features, labels = featurise(pairs, encoder), np.array([p.same for p in pairs])
     return fit(pairs, features, labels, out, seed, hidden, max_wrong, components)
 
 
-def fit(pairs: Sequence[LabelledPair], features: np.ndarray, labels: np.ndarray, out: str, seed: int = 0,
-        hidden: int = 16, max_wrong: float = 0.08, components: int = 8, alpha: float = 0.1) -> dict:
+def fit(
+    pairs: Sequence[LabelledPair],
+    features: np.ndarray,
+    labels: np.ndarray,
+    out: str,
+    seed: int = 0,
+    hidden: int = 16,
+    max_wrong: float = 0.08,
+    components: int = 8,
+    alpha: float = 0.1,
+) -> dict:
     """train() on features already made (featurise)."""
     from sklearn.neural_network import MLPClassifier
 
@@ -333,16 +408,28 @@ def fit(pairs: Sequence[LabelledPair], features: np.ndarray, labels: np.ndarray,
     mlp.fit((inputs[~is_val] - mean) / scale, labels[~is_val])
     probability = mlp.predict_proba((inputs[is_val] - mean) / scale)[:, 1]
     threshold = _threshold(probability, labels[is_val], max_wrong)
-    np.savez(out, feature_names=np.array(FEATURE_NAMES), basis=basis.astype(np.float32),
-             mean=mean.astype(np.float32), scale=scale.astype(np.float32),
-             hidden_w=mlp.coefs_[0].astype(np.float32), hidden_b=mlp.intercepts_[0].astype(np.float32),
-             out_w=mlp.coefs_[1][:, 0].astype(np.float32), out_b=np.float32(mlp.intercepts_[1][0]),
-             threshold=np.float32(threshold))
+    np.savez(
+        out,
+        feature_names=np.array(FEATURE_NAMES),
+        basis=basis.astype(np.float32),
+        mean=mean.astype(np.float32),
+        scale=scale.astype(np.float32),
+        hidden_w=mlp.coefs_[0].astype(np.float32),
+        hidden_b=mlp.intercepts_[0].astype(np.float32),
+        out_w=mlp.coefs_[1][:, 0].astype(np.float32),
+        out_b=np.float32(mlp.intercepts_[1][0]),
+        threshold=np.float32(threshold),
+    )
     accepted = probability >= threshold
     val_labels = labels[is_val]
-    return {"pairs": len(pairs), "train": int((~is_val).sum()), "validation": int(is_val.sum()),
-            "threshold": threshold, "validation_served": float(accepted[val_labels].mean()),
-            "validation_wrong": float(accepted[~val_labels].mean())}
+    return {
+        "pairs": len(pairs),
+        "train": int((~is_val).sum()),
+        "validation": int(is_val.sum()),
+        "threshold": threshold,
+        "validation_served": float(accepted[val_labels].mean()),
+        "validation_wrong": float(accepted[~val_labels].mean()),
+    }
 
 
 def _threshold(probability: np.ndarray, labels: np.ndarray, max_wrong: float) -> float:
@@ -354,7 +441,9 @@ def _threshold(probability: np.ndarray, labels: np.ndarray, max_wrong: float) ->
     return 0.95
 
 
-def evaluate_pairs(verifier: PairVerifier, pairs: Sequence[LabelledPair], cosine_floor: float | None = None) -> PairFigures:
+def evaluate_pairs(
+    verifier: PairVerifier, pairs: Sequence[LabelledPair], cosine_floor: float | None = None
+) -> PairFigures:
     """served: same-meaning pairs accepted; wrong: different-meaning pairs accepted (shares)."""
     probability = verifier.probabilities([(p.a, p.b) for p in pairs])
     accepted = probability >= verifier.threshold
@@ -363,8 +452,12 @@ def evaluate_pairs(verifier: PairVerifier, pairs: Sequence[LabelledPair], cosine
         cosines = np.array([views[2 * i].sentence @ views[2 * i + 1].sentence for i in range(len(pairs))])
         accepted &= cosines >= cosine_floor
     same = np.array([p.same for p in pairs], dtype=bool)
-    return PairFigures(int(same.sum()), int((~same).sum()), float(accepted[same].mean()) if same.any() else 0.0,
-                       float(accepted[~same].mean()) if (~same).any() else 0.0)
+    return PairFigures(
+        int(same.sum()),
+        int((~same).sum()),
+        float(accepted[same].mean()) if same.any() else 0.0,
+        float(accepted[~same].mean()) if (~same).any() else 0.0,
+    )
 
 
 def report(verifier: PairVerifier, seed: int = 1, musique: str = MUSIQUE) -> list[tuple[str, PairFigures]]:
@@ -374,14 +467,18 @@ def report(verifier: PairVerifier, seed: int = 1, musique: str = MUSIQUE) -> lis
     conversations = [p for p in held if p.kind.startswith("fow-conv:")]
     texts = sorted({t for p in questions for t in (p.a, p.b)})
     synthetic = synthetic_pairs(texts, random.Random(seed))
-    rows = [("fow held-out questions", evaluate_pairs(verifier, questions)),
-            ("fow held-out questions, cosine >= 0.5", evaluate_pairs(verifier, questions, 0.5)),
-            ("fow held-out conversations (last messages)", evaluate_pairs(verifier, conversations)),
-            ("fow held-out conversations, cosine >= 0.5", evaluate_pairs(verifier, conversations, 0.5))]
+    rows = [
+        ("fow held-out questions", evaluate_pairs(verifier, questions)),
+        ("fow held-out questions, cosine >= 0.5", evaluate_pairs(verifier, questions, 0.5)),
+        ("fow held-out conversations (last messages)", evaluate_pairs(verifier, conversations)),
+        ("fow held-out conversations, cosine >= 0.5", evaluate_pairs(verifier, conversations, 0.5)),
+    ]
     for kind in sorted({p.kind for p in held}):
         rows.append((f"  {kind}", evaluate_pairs(verifier, [p for p in held if p.kind == kind])))
     for kind in sorted({p.kind for p in synthetic}):
-        rows.append((f"synthetic on held-out texts: {kind}", evaluate_pairs(verifier, [p for p in synthetic if p.kind == kind])))
+        rows.append(
+            (f"synthetic on held-out texts: {kind}", evaluate_pairs(verifier, [p for p in synthetic if p.kind == kind]))
+        )
     return rows
 
 
@@ -408,7 +505,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--musique", default=MUSIQUE if os.path.exists(MUSIQUE) else "", help="MuSiQue JSON or ''")
     parser.add_argument("--sentences", type=int, default=1000, help="MuSiQue passage sentences to augment")
     parser.add_argument("--limit", type=int, default=0, help="train on at most this many pairs (0: all)")
-    parser.add_argument("--max-wrong", type=float, default=0.08, help="validation wrong-accept share the threshold allows")
+    parser.add_argument(
+        "--max-wrong", type=float, default=0.08, help="validation wrong-accept share the threshold allows"
+    )
     parser.add_argument("--report", action="store_true", help="then measure on fow-cache's held-out half")
     args = parser.parse_args(argv)
     encoder = TokenEncoder(threads=2)
@@ -419,8 +518,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.report:
         verifier = PairVerifier(weights_path=args.out)
         for name, figures in report(verifier):
-            print(f"{name:60s} same {figures.num_same:4d} served {figures.served:6.1%}   "
-                  f"different {figures.num_different:4d} wrong {figures.wrong:6.1%}")
+            print(
+                f"{name:60s} same {figures.num_same:4d} served {figures.served:6.1%}   "
+                f"different {figures.num_different:4d} wrong {figures.wrong:6.1%}"
+            )
         first, further = latency_ms(verifier, fow_pairs(held_out=True)[:100])
         print(f"latency: {first:.1f} ms first candidate (new text encoded), {further:.2f} ms each further candidate")
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,10 +33,31 @@ from ragcache.semantic.verify import Candidate
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "pair_verifier.npz")
 
 FEATURE_NAMES = (
-    "cosine", "coverage_min", "coverage_max", "worst_min", "worst_max", "second_worst_min", "second_worst_max",
-    "below_05_min", "below_05_max", "below_07_min", "below_07_max", "unmatched_mass_min", "unmatched_mass_max",
-    "anchor_share", "discordant", "kept_order", "displacement", "same_word_sim_mean", "same_word_sim_min",
-    "spelled_min", "spelled_max", "spelled_discordant", "spelled_kept_order", "length_ratio", "length_diff",
+    "cosine",
+    "coverage_min",
+    "coverage_max",
+    "worst_min",
+    "worst_max",
+    "second_worst_min",
+    "second_worst_max",
+    "below_05_min",
+    "below_05_max",
+    "below_07_min",
+    "below_07_max",
+    "unmatched_mass_min",
+    "unmatched_mass_max",
+    "anchor_share",
+    "discordant",
+    "kept_order",
+    "displacement",
+    "same_word_sim_mean",
+    "same_word_sim_min",
+    "spelled_min",
+    "spelled_max",
+    "spelled_discordant",
+    "spelled_kept_order",
+    "length_ratio",
+    "length_diff",
     "digits_differ",
 )
 
@@ -71,7 +93,9 @@ def token_view(pieces: Sequence[str], word_ids: Sequence[int | None], hidden: np
     vectors = np.stack(rows)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     digits = tuple(sorted(word for word in words if any(ch.isdigit() for ch in word)))
-    return TokenView(tuple(words), vectors.astype(np.float32), (sentence / np.linalg.norm(sentence)).astype(np.float32), digits)
+    return TokenView(
+        tuple(words), vectors.astype(np.float32), (sentence / np.linalg.norm(sentence)).astype(np.float32), digits
+    )
 
 
 class TokenEncoder:
@@ -152,28 +176,47 @@ def _scalar_features(a: TokenView, b: TokenView, sims: np.ndarray) -> np.ndarray
     spelled = (same.any(axis=1).mean(), same.any(axis=0).mean())
     n_a, n_b = len(a.words), len(b.words)
     pairs = [(min(x, y), max(x, y)) for x, y in zip(side_a, side_b)]
-    return np.array([
-        float(a.sentence @ b.sentence), *[value for pair in pairs for value in pair], *order,
-        same_sims.mean() if len(same_sims) else 0.0, same_sims.min() if len(same_sims) else 0.0,
-        min(spelled), max(spelled), *_spelled_order(same),
-        min(n_a, n_b) / max(n_a, n_b), abs(np.log(n_a / n_b)), float(a.digits != b.digits),
-    ], dtype=np.float32)
+    return np.array(
+        [
+            float(a.sentence @ b.sentence),
+            *[value for pair in pairs for value in pair],
+            *order,
+            same_sims.mean() if len(same_sims) else 0.0,
+            same_sims.min() if len(same_sims) else 0.0,
+            min(spelled),
+            max(spelled),
+            *_spelled_order(same),
+            min(n_a, n_b) / max(n_a, n_b),
+            abs(np.log(n_a / n_b)),
+            float(a.digits != b.digits),
+        ],
+        dtype=np.float32,
+    )
 
 
 def _coverage(sims: np.ndarray) -> tuple[float, ...]:
     """How well the rows' words are matched among the columns: mean, worst, second worst,
     share below 0.5 and 0.7, unmatched mass (sum of 1 - best)."""
     best = np.sort(sims.max(axis=1))
-    return (float(best.mean()), float(best[0]), float(best[min(1, len(best) - 1)]),
-            float((best < 0.5).mean()), float((best < 0.7).mean()), float((1.0 - best).sum()))
+    return (
+        float(best.mean()),
+        float(best[0]),
+        float(best[min(1, len(best) - 1)]),
+        float((best < 0.5).mean()),
+        float((best < 0.7).mean()),
+        float((1.0 - best).sum()),
+    )
 
 
 def _spelled_order(same: np.ndarray) -> tuple[float, float]:
     """(share of pairs of words spelled alike on both sides that appear in opposite order,
     share of consecutive such words kept in order); words matched more than once are skipped.
     Typos leave it alone where they scramble MiniLM's token states."""
-    unique = [(i, int(np.flatnonzero(same[i])[0])) for i in range(same.shape[0])
-              if same[i].sum() == 1 and same[:, same[i].argmax()].sum() == 1]
+    unique = [
+        (i, int(np.flatnonzero(same[i])[0]))
+        for i in range(same.shape[0])
+        if same[i].sum() == 1 and same[:, same[i].argmax()].sum() == 1
+    ]
     if len(unique) < 2:
         return 0.0, 1.0
     positions = np.array([j for _, j in unique])

@@ -32,8 +32,8 @@ max_threshold bounds how far false-hit reports may tighten a tenant's threshold.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 CATEGORIES = ("code", "conversation", "factual", "volatile")
 DEFAULT_CATEGORY = "factual"
@@ -60,7 +60,11 @@ class CategoryPolicy:
     delta: float = 0.05
 
     def __post_init__(self) -> None:
-        for name, default in (("min_threshold", self.threshold), ("max_threshold", self.threshold), ("max_ttl_s", self.ttl_s)):
+        for name, default in (
+            ("min_threshold", self.threshold),
+            ("max_threshold", self.threshold),
+            ("max_ttl_s", self.ttl_s),
+        ):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         if not 0.0 < self.min_threshold <= self.threshold <= self.max_threshold <= 1.0:
@@ -78,8 +82,9 @@ class CategoryPolicy:
 
 DEFAULT_POLICIES: Mapping[str, CategoryPolicy] = {
     "factual": CategoryPolicy(0.45, DAY_S, 100_000, min_threshold=0.40, max_threshold=0.80, max_ttl_s=7 * DAY_S),
-    "conversation": CategoryPolicy(0.60, DAY_S, 50_000, enabled=False, min_threshold=0.55, max_threshold=0.80,
-                                   max_ttl_s=3 * DAY_S),
+    "conversation": CategoryPolicy(
+        0.60, DAY_S, 50_000, enabled=False, min_threshold=0.55, max_threshold=0.80, max_ttl_s=3 * DAY_S
+    ),
     "code": CategoryPolicy(0.90, 7 * DAY_S, 100_000, min_threshold=0.86, max_threshold=0.97, max_ttl_s=30 * DAY_S),
     "volatile": CategoryPolicy(0.85, 300.0, 10_000, min_threshold=0.82, max_threshold=0.95, max_ttl_s=900.0),
 }

@@ -9,8 +9,8 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -85,8 +85,9 @@ class Shard:
         excess = len(self.entries) - max_entries
         if excess <= 0:
             return []
-        victims = heapq.nsmallest(excess + max_entries // 100, self.entries.values(),
-                                  key=lambda entry: eviction_priority(entry, now_s, ttl_s))
+        victims = heapq.nsmallest(
+            excess + max_entries // 100, self.entries.values(), key=lambda entry: eviction_priority(entry, now_s, ttl_s)
+        )
         for entry in victims:
             self.remove(entry.entry_id)
         self.counts["evictions"] += len(victims)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from ragcache.semantic.adaptive import LoadState
 from ragcache.semantic.answers import AnswerStoreStats
@@ -41,16 +41,39 @@ class CategoryStats:
     learned: LearnedStats | None = None
 
     @classmethod
-    def of(cls, tenant: str, category: str, entries: int, counts: Counter, policy: CategoryPolicy,
-           threshold: float, ttl_s: float, verifiers: tuple[str, ...] = (),
-           learned: LearnedStats | None = None) -> "CategoryStats":
+    def of(
+        cls,
+        tenant: str,
+        category: str,
+        entries: int,
+        counts: Counter,
+        policy: CategoryPolicy,
+        threshold: float,
+        ttl_s: float,
+        verifiers: tuple[str, ...] = (),
+        learned: LearnedStats | None = None,
+    ) -> CategoryStats:
         lookups = counts["lookups"]
         return cls(
-            tenant, category, entries, lookups, counts["hits"], counts["hits"] / lookups if lookups else None,
-            counts["stores"], counts["evictions"], counts["expired"], counts["false_hits"],
+            tenant,
+            category,
+            entries,
+            lookups,
+            counts["hits"],
+            counts["hits"] / lookups if lookups else None,
+            counts["stores"],
+            counts["evictions"],
+            counts["expired"],
+            counts["false_hits"],
             {key.split(":", 1)[1]: n for key, n in sorted(counts.items()) if key.startswith("rejected:")},
-            threshold, ttl_s, policy.enabled, verifiers, counts["checks"], counts["checks_wrong"],
-            counts["invalidated_by_document"], learned,
+            threshold,
+            ttl_s,
+            policy.enabled,
+            verifiers,
+            counts["checks"],
+            counts["checks_wrong"],
+            counts["invalidated_by_document"],
+            learned,
         )
 
 

@@ -7,7 +7,8 @@ per stored entry; the guards then compare two of these without touching the text
 from __future__ import annotations
 
 import re
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 from ragcache.semantic.lexicon import (
     DATE_WORDS,
@@ -186,7 +187,7 @@ def features(text: str) -> TextFeatures:
 
 
 def _number_value(token: str) -> str | None:
-    """"7pm" -> "19", "9:15" -> "9:15", "£1,350" -> "1350", "10GB" -> "10", "P60"/"2FA" -> None here."""
+    """ "7pm" -> "19", "9:15" -> "9:15", "£1,350" -> "1350", "10GB" -> "10", "P60"/"2FA" -> None here."""
     match = _NUMERIC.match(token)
     if match is None:
         return None

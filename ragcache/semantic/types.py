@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ragcache.semantic.conversation import Message, split_messages
 
@@ -68,15 +68,16 @@ class SemanticQuery:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         # any sequence of Message or {"role", "content"} dicts in; a hashable tuple of Message kept
-        history = tuple(m if isinstance(m, Message) else Message(str(m["role"]), str(m.get("content") or ""))
-                        for m in self.history)
+        history = tuple(
+            m if isinstance(m, Message) else Message(str(m["role"]), str(m.get("content") or "")) for m in self.history
+        )
         object.__setattr__(self, "history", history)
         object.__setattr__(self, "document_digests", tuple(self.document_digests))
         if self.document_digests and not self.documents_hash:
             object.__setattr__(self, "documents_hash", documents_hash_of(self.document_digests))
 
     @classmethod
-    def from_messages(cls, tenant: str, messages: Sequence[Message | dict], **fields) -> "SemanticQuery":
+    def from_messages(cls, tenant: str, messages: Sequence[Message | dict], **fields) -> SemanticQuery:
         """From an OpenAI-style message list: the last user message is the text."""
         conversation = split_messages(messages)
         return cls(tenant, conversation.text, conversation.history, conversation.system, **fields)

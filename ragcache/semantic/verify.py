@@ -11,8 +11,9 @@ config can say which a category runs and in what order (SemanticCacheConfig.veri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 

@@ -8,27 +8,47 @@ from litestar import MediaType, Response, get, post
 from litestar.params import FromQuery, QueryParameter
 
 from ragcache.service.auth import ADMIN
+from ragcache.service.deps import RuntimeDep
 from ragcache.service.errors import responses
 from ragcache.service.metrics import prometheus_text
-from ragcache.service.deps import RuntimeDep
 
-@get("/admin/stats", operation_id="adminStats", summary="Per-tier and per-tenant cache statistics", guards=ADMIN,
-     responses=responses(401, 403))
+
+@get(
+    "/admin/stats",
+    operation_id="adminStats",
+    summary="Per-tier and per-tenant cache statistics",
+    guards=ADMIN,
+    responses=responses(401, 403),
+)
 async def admin_stats(runtime: RuntimeDep) -> dict:
     return runtime.stats()
 
 
-@get("/admin/programs", operation_id="adminPrograms", summary="Agent programs, pins, TTLs, tool durations",
-     guards=ADMIN, responses=responses(401, 403))
+@get(
+    "/admin/programs",
+    operation_id="adminPrograms",
+    summary="Agent programs, pins, TTLs, tool durations",
+    guards=ADMIN,
+    responses=responses(401, 403),
+)
 async def admin_programs(runtime: RuntimeDep) -> dict:
     return runtime.program_stats()
 
 
-@post("/admin/flush", operation_id="adminFlush", summary="Drop cached KV, by tier and/or tenant", status_code=200,
-      description="`tier` is one of this server's tiers (the enum below).", guards=ADMIN,
-      responses=responses(400, 401, 403))
-async def admin_flush(runtime: RuntimeDep, tier: FromQuery[str | None] = None,
-                      of_tenant: Annotated[str | None, QueryParameter(name="tenant")] = None) -> dict:
+@post(
+    "/admin/flush",
+    operation_id="adminFlush",
+    summary="Drop cached KV, by tier and/or tenant",
+    status_code=200,
+    description="`tier` is one of this server's tiers (the enum below).",
+    guards=ADMIN,
+    responses=responses(400, 401, 403),
+)
+async def admin_flush(
+    runtime: RuntimeDep,
+    tier: FromQuery[str | None] = None,
+    of_tenant: Annotated[str | None, QueryParameter(name="tenant")] = None,
+) -> dict:
     return {"dropped": await runtime.flush(tier, of_tenant), "tier": tier, "tenant": of_tenant}
 
 
@@ -45,14 +65,23 @@ async def ready(runtime: RuntimeDep) -> Response[dict]:
     redis_down = any(not t.available for t in redis)
     registry = runtime.documents.registry.stats()  # not runtime.stats(): no per-tenant registry reads per probe
     degraded = redis_down or not registry.available
-    body = {"status": "degraded" if degraded else "ready", "model": runtime.model_name,
-            "redis": None if not redis else ("unreachable" if redis_down else "ok"),
-            "registry": f"{registry.kind} " + ("ok" if registry.available else "unreachable")}
+    body = {
+        "status": "degraded" if degraded else "ready",
+        "model": runtime.model_name,
+        "redis": None if not redis else ("unreachable" if redis_down else "ok"),
+        "registry": f"{registry.kind} " + ("ok" if registry.available else "unreachable"),
+    }
     return Response(body, status_code=200)
 
 
-@get("/metrics", operation_id="metrics", summary="Prometheus metrics", media_type=MediaType.TEXT, guards=ADMIN,
-     responses=responses(401, 403))
+@get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics",
+    media_type=MediaType.TEXT,
+    guards=ADMIN,
+    responses=responses(401, 403),
+)
 async def metrics(runtime: RuntimeDep) -> str:
     return prometheus_text(runtime.stats())
 

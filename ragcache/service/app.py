@@ -45,5 +45,6 @@ def create_app(settings: Settings, runtime: Runtime) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="ragcache", version=__version__, path="/schema"),
     )
-    state_limits(app.openapi_schema, settings, runtime.engine.tier_names)
+    categories = sorted(runtime.semantic.policies()) if runtime.semantic is not None else None
+    state_limits(app.openapi_schema, settings, runtime.engine.tier_names, categories)
     return app

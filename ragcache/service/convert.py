@@ -6,14 +6,15 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from ragcache.engine.chat import ChatTurn, OutputConstraint, ToolCall, ToolSpec
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.runner import Generation, RagRequest
 from ragcache.schemas import (
+    UNSUPPORTED,
     AssistantMessage,
     CacheReport,
     ChatCompletion,
@@ -22,14 +23,13 @@ from ragcache.schemas import (
     Choice,
     ChoiceLogprobs,
     FunctionCall,
+    NamedToolChoice,
+    PromptTokensDetails,
+    ResponseFormat,
+    Timings,
     TokenLogprobOut,
     ToolCallOut,
     TopLogprob,
-    NamedToolChoice,
-    ResponseFormat,
-    UNSUPPORTED,
-    PromptTokensDetails,
-    Timings,
     Usage,
 )
 
@@ -54,8 +54,17 @@ def message_text(message: ChatMessage, index: int) -> str:
     raise InvalidRequestError(f"messages[{index}].content must be text")
 
 
-def sampling_from(max_tokens, temperature, top_p, seed, stop, limit: int, logprobs: bool = False,
-                  top_logprobs: int | None = None, default_max_tokens: int = 256) -> SamplingParams:
+def sampling_from(
+    max_tokens,
+    temperature,
+    top_p,
+    seed,
+    stop,
+    limit: int,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
+    default_max_tokens: int = 256,
+) -> SamplingParams:
     """max_tokens None: default_max_tokens, or limit (max_new_tokens) if that is less."""
     if max_tokens is not None and not 1 <= max_tokens <= limit:
         raise InvalidRequestError(f"max_tokens must be in [1, {limit}], got {max_tokens}")
@@ -83,8 +92,11 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """Fields that would change the answer and are not implemented: a 400 naming them, never ignored."""
     for name in UNSUPPORTED:
         value = getattr(body, name)
-        harmless = (value is None or (name in ("frequency_penalty", "presence_penalty") and value == 0)
-                    or (name == "logit_bias" and not value) or (name == "modalities" and value == ["text"]))
+        harmless = (
+            value is None
+            or (name in ("frequency_penalty", "presence_penalty") and value == 0)
+            or (name == "logit_bias" and not value)
+        )
         if not harmless:
             hint = "; use tools and tool_choice" if name in ("functions", "function_call") else ""
             raise InvalidRequestError(f"{name} is not supported{hint}")
@@ -119,8 +131,16 @@ def chat_request(
         documents=tuple(documents),
         mode=body.mode or "blend",
         blend_ratio=body.blend_ratio,
-        sampling=sampling_from(max_tokens, body.temperature, body.top_p, body.seed, body.stop, max_new_tokens,
-                               bool(body.logprobs), body.top_logprobs),
+        sampling=sampling_from(
+            max_tokens,
+            body.temperature,
+            body.top_p,
+            body.seed,
+            body.stop,
+            max_new_tokens,
+            bool(body.logprobs),
+            body.top_logprobs,
+        ),
         system_prompt="\n\n".join(system) or None,
         namespace=tenant,
         history=tuple(turns),
@@ -141,14 +161,21 @@ def chat_turn(message: ChatMessage, text: str, index: int) -> ChatTurn:
         except json.JSONDecodeError:
             arguments = None
         if not isinstance(arguments, dict):
-            raise InvalidRequestError(f"messages[{index}].tool_calls[{number}].function.arguments must be a JSON object")
+            raise InvalidRequestError(
+                f"messages[{index}].tool_calls[{number}].function.arguments must be a JSON object"
+            )
         calls.append(ToolCall(call.id, call.function.name, call.function.arguments))
     if message.role == "tool" and not message.tool_call_id:
         raise InvalidRequestError(f"messages[{index}].tool_call_id is required for a tool message")
     if message.role != "tool" and not text.strip() and not calls:
         raise InvalidRequestError(f"messages[{index}].content must not be empty")
-    return ChatTurn(message.role, text, tuple(calls), message.tool_call_id if message.role == "tool" else None,
-                    message.name if message.role == "tool" else None)
+    return ChatTurn(
+        message.role,
+        text,
+        tuple(calls),
+        message.tool_call_id if message.role == "tool" else None,
+        message.name if message.role == "tool" else None,
+    )
 
 
 def tool_specs(body: ChatCompletionRequest) -> tuple[ToolSpec, ...]:
@@ -212,8 +239,14 @@ def cache_report(result: Generation) -> CacheReport:
         cached_tokens=result.cached_tokens,
         recomputed_tokens=result.recomputed_tokens,
         recomputed_fraction=result.recomputed_fraction,
-        timings=Timings(t.lookup_s * 1e3, t.chunk_compute_s * 1e3, t.blend_s * 1e3, t.ttft_s * 1e3, t.decode_s * 1e3,
-                        t.queue_s * 1e3),
+        timings=Timings(
+            t.lookup_s * 1e3,
+            t.chunk_compute_s * 1e3,
+            t.blend_s * 1e3,
+            t.ttft_s * 1e3,
+            t.decode_s * 1e3,
+            t.queue_s * 1e3,
+        ),
         program_reused_tokens=result.program_reused_tokens,
     )
 
@@ -237,8 +270,13 @@ def no_usage() -> Usage:
 
 def cached_completion(answer: str, report: CacheReport, model: str) -> ChatCompletion:
     return ChatCompletion(
-        id=completion_id(), object="chat.completion", created=int(time.time()), model=model,
-        choices=[Choice(0, AssistantMessage("assistant", answer), "stop")], usage=no_usage(), ragcache=report,
+        id=completion_id(),
+        object="chat.completion",
+        created=int(time.time()),
+        model=model,
+        choices=[Choice(0, AssistantMessage("assistant", answer), "stop")],
+        usage=no_usage(),
+        ragcache=report,
     )
 
 
@@ -271,20 +309,33 @@ def choice_logprobs(result: Generation, token_texts: Callable[[list[int]], list[
     entries = result.token_logprobs
     ids = [e.token_id for e in entries] + [token for e in entries for token, _ in e.top]
     texts = dict(zip(ids, token_texts(ids)))
-    return ChoiceLogprobs([
-        TokenLogprobOut(texts[e.token_id], e.logprob, list(texts[e.token_id].encode()),
-                        [TopLogprob(texts[t], lp, list(texts[t].encode())) for t, lp in e.top])
-        for e in entries
-    ])
+    return ChoiceLogprobs(
+        [
+            TokenLogprobOut(
+                texts[e.token_id],
+                e.logprob,
+                list(texts[e.token_id].encode()),
+                [TopLogprob(texts[t], lp, list(texts[t].encode())) for t, lp in e.top],
+            )
+            for e in entries
+        ]
+    )
 
 
-def chat_completion(results: list[Generation], model: str,
-                    token_texts: Callable[[list[int]], list[str]] | None = None) -> ChatCompletion:
+def chat_completion(
+    results: list[Generation], model: str, token_texts: Callable[[list[int]], list[str]] | None = None
+) -> ChatCompletion:
     """n Generations (one per choice) as one completion; token_texts given: with logprobs."""
     first = results[0]
-    choices = [Choice(index, assistant_message(result), result.finish_reason,
-                      choice_logprobs(result, token_texts) if token_texts is not None else None)
-               for index, result in enumerate(results)]
+    choices = [
+        Choice(
+            index,
+            assistant_message(result),
+            result.finish_reason,
+            choice_logprobs(result, token_texts) if token_texts is not None else None,
+        )
+        for index, result in enumerate(results)
+    ]
     return ChatCompletion(
         id=completion_id(),
         object="chat.completion",

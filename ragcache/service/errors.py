@@ -15,8 +15,15 @@ from ragcache.service.runtime import QueueFullError, UnknownDocumentError
 
 log = logging.getLogger("ragcache.service")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> Response:
@@ -33,8 +40,11 @@ _PLAIN = {  # msgspec's words for our patterns
 def on_validation(_: Request, exc: ValidationException) -> Response:
     details = exc.extra if isinstance(exc.extra, list) else []
     fields = [str(d.get("key")) for d in details if isinstance(d, dict) and d.get("key")]
-    reasons = "; ".join(f"{d.get('key') or 'body'}: {_PLAIN.get(d.get('message'), d.get('message'))}"
-                        for d in details if isinstance(d, dict))
+    reasons = "; ".join(
+        f"{d.get('key') or 'body'}: {_PLAIN.get(d.get('message'), d.get('message'))}"
+        for d in details
+        if isinstance(d, dict)
+    )
     return error_response(400, reasons or exc.detail, fields[0] if fields else None)
 
 

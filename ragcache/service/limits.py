@@ -20,8 +20,7 @@ import numpy as np
 from litestar import Request
 from litestar.exceptions import ClientException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
-from litestar.openapi.spec import (OpenAPI, OpenAPIResponse, OpenAPIType, Operation, Reference, Schema,
-                                   SecurityScheme)
+from litestar.openapi.spec import OpenAPI, OpenAPIResponse, OpenAPIType, Operation, Reference, Schema, SecurityScheme
 
 from ragcache import schemas
 from ragcache.config import Settings
@@ -92,24 +91,31 @@ def _whole_floats_as_ints(value):
     return value
 
 
-def state_limits(spec: OpenAPI, settings: Settings, tier_names: list[str]) -> None:
+def state_limits(spec: OpenAPI, settings: Settings, tier_names: list[str], categories: list[str] | None) -> None:
     """Make the app's OpenAPI spec (changed in place, before it is first served) say what this server enforces.
 
     Litestar's generator drops bounds of 0 and forbid_unknown_fields, so the wire schemas are
     msgspec's own JSON Schema (what msgspec validates, additionalProperties: false included);
     then the bounds that come from settings or from the engine are filled in, and with API keys
-    configured, the bearer scheme on every endpoint that answers 401."""
+    configured, the bearer scheme on every endpoint that answers 401. categories: the semantic cache's
+    (fixed for the server's life: the admin API changes their policies, never the set), or None when
+    it is off and a request's category only names its blend budget, any string."""
     named = [getattr(schemas, name) for name in spec.components.schemas if _is_struct(getattr(schemas, name, None))]
     _, wire = msgspec.json.schema_components(named, ref_template="#/components/schemas/{name}")
     for name, field, keyword, value in _configured_bounds(settings):
         _bound(wire[name]["properties"][field], keyword, value)
     wire["DocumentIn"]["properties"]["text"]["description"] = (
         f"At most {settings.max_document_tokens} tokens (max_document_tokens); a request's documents, inline "
-        f"and by id, are at most {settings.max_documents} together (max_documents)")
+        f"and by id, are at most {settings.max_documents} together (max_documents)"
+    )
+    if categories is not None:
+        for name in ("ChatCompletionRequest", "RagRequestBody"):
+            _bound(wire[name]["properties"]["category"], "enum", list(categories))
     spec.components.schemas.update(wire)  # plain JSON Schema dicts are served as they are
-    for parameter in spec.paths["/admin/flush"].post.parameters:
-        if parameter.name == "tier":
-            parameter.schema = Schema(type=OpenAPIType.STRING, enum=list(tier_names))
+    _enum_parameter(spec.paths["/admin/flush"].post, "tier", tier_names)
+    if categories is not None:
+        _enum_parameter(spec.paths["/admin/semantic"].delete, "category", categories)
+        _enum_parameter(spec.paths["/admin/semantic/categories/{name}"].put, "name", categories)
     for operation in _operations(spec):
         _errors_are_ours(operation)
     if settings.api_keys:
@@ -121,22 +127,35 @@ def state_limits(spec: OpenAPI, settings: Settings, tier_names: list[str]) -> No
 
 def _configured_bounds(settings: Settings) -> list[tuple[str, str, str, int]]:
     """(schema, field, JSON Schema keyword, value): limits the engine checks against settings."""
-    tokens = [(name, field, "maximum", settings.max_new_tokens)
-              for name, field in (("ChatCompletionRequest", "max_tokens"),
-                                  ("ChatCompletionRequest", "max_completion_tokens"),
-                                  ("RagRequestBody", "max_tokens"))]
-    documents = [(name, field, "maxItems", settings.max_documents)
-                 for name in ("ChatCompletionRequest", "RagRequestBody", "AddDocumentsRequest")
-                 for field in ("documents", "document_ids") if field in getattr(schemas, name).__struct_fields__]
+    tokens = [
+        (name, field, "maximum", settings.max_new_tokens)
+        for name, field in (
+            ("ChatCompletionRequest", "max_tokens"),
+            ("ChatCompletionRequest", "max_completion_tokens"),
+            ("RagRequestBody", "max_tokens"),
+        )
+    ]
+    documents = [
+        (name, field, "maxItems", settings.max_documents)
+        for name in ("ChatCompletionRequest", "RagRequestBody", "AddDocumentsRequest")
+        for field in ("documents", "document_ids")
+        if field in getattr(schemas, name).__struct_fields__
+    ]
     return tokens + documents
 
 
-def _bound(prop: dict, keyword: str, value: int) -> None:
-    """Set keyword on the arm of prop it applies to (the integer or array arm of `X | None`)."""
-    kind = "integer" if keyword == "maximum" else "array"
+def _bound(prop: dict, keyword: str, value: int | list[str]) -> None:
+    """Set keyword on the arm of prop it applies to (the integer, array or string arm of `X | None`)."""
+    kind = {"maximum": "integer", "maxItems": "array", "enum": "string"}[keyword]
     for arm in prop.get("anyOf", [prop]):
         if arm.get("type") == kind:
             arm[keyword] = value
+
+
+def _enum_parameter(operation: Operation | None, name: str, values: list[str]) -> None:
+    for parameter in (operation.parameters if operation is not None else None) or []:
+        if parameter.name == name:
+            parameter.schema = Schema(type=OpenAPIType.STRING, enum=list(values))
 
 
 def _errors_are_ours(operation: Operation) -> None:

@@ -43,25 +43,45 @@ def prometheus_text(stats: dict) -> str:
         name = f"ragcache_tier_{field}" + ("_total" if kind == "counter" else "")
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         lines += [_line(name, tier[field], tier=tier["name"]) for tier in stats["tiers"] if field in tier]
-    for field in ("promotions", "demotions", "pins", "pins_expired", "write_through_failures", "written_after_retry",
-                  "backlog_dropped"):
+    for field in (
+        "promotions",
+        "demotions",
+        "pins",
+        "pins_expired",
+        "write_through_failures",
+        "written_after_retry",
+        "backlog_dropped",
+    ):
         name = f"ragcache_store_{field}_total"
         lines += [f"# TYPE {name} counter", _line(name, stats["store"][field])]
     for field in ("backlog_entries", "backlog_bytes"):  # remote writes waiting for Redis to come back
         name = f"ragcache_store_{field}"
         lines += [f"# TYPE {name} gauge", _line(name, stats["store"][field])]
     registry = stats["registry"]
-    lines += ["# TYPE ragcache_registry_errors_total counter", "# TYPE ragcache_registry_available gauge",
-              _line("ragcache_registry_errors_total", registry["errors"], kind=registry["kind"]),
-              _line("ragcache_registry_available", int(registry["available"]), kind=registry["kind"])]
-    lines += ["# TYPE ragcache_requests_total counter", "# TYPE ragcache_errors_total counter",
-              "# TYPE ragcache_ttft_seconds summary"]
+    lines += [
+        "# TYPE ragcache_registry_errors_total counter",
+        "# TYPE ragcache_registry_available gauge",
+        _line("ragcache_registry_errors_total", registry["errors"], kind=registry["kind"]),
+        _line("ragcache_registry_available", int(registry["available"]), kind=registry["kind"]),
+    ]
+    lines += [
+        "# TYPE ragcache_requests_total counter",
+        "# TYPE ragcache_errors_total counter",
+        "# TYPE ragcache_ttft_seconds summary",
+    ]
     for tenant, t in stats["tenants"].items():
         lines += [_line("ragcache_requests_total", n, tenant=tenant, mode=mode) for mode, n in t["requests"].items()]
         lines += [_line("ragcache_errors_total", n, tenant=tenant, type=kind) for kind, n in t["errors"].items()]
-        lines += [_line("ragcache_ttft_seconds", v, tenant=tenant, quantile=f"0.{q[1:]}") for q, v in t["ttft_s"].items()]
-    semantic = {"lookups": "counter", "hits": "counter", "false_hits": "counter", "entries": "gauge",
-                "threshold": "gauge"}
+        lines += [
+            _line("ragcache_ttft_seconds", v, tenant=tenant, quantile=f"0.{q[1:]}") for q, v in t["ttft_s"].items()
+        ]
+    semantic = {
+        "lookups": "counter",
+        "hits": "counter",
+        "false_hits": "counter",
+        "entries": "gauge",
+        "threshold": "gauge",
+    }
     for field, kind in semantic.items():
         name = f"ragcache_semantic_{field}" + ("_total" if kind == "counter" else "")
         lines.append(f"# TYPE {name} {kind}")
@@ -69,31 +89,43 @@ def prometheus_text(stats: dict) -> str:
     for field in ("checks", "checks_wrong", "invalidated_by_document"):
         name = f"ragcache_semantic_{field}_total"
         lines.append(f"# TYPE {name} counter")
-        lines += [_line(name, c.get(field, 0), tenant=c["tenant"], category=c["category"])
-                  for c in stats.get("semantic", [])]
-    learned = {"delta": "Largest wrong-answer rate the learned threshold holds.",
-               "observations": "Labelled observations the learned threshold is built on.",
-               "wrong_rate_low": "Lower end of the served wrong-answer rate's interval.",
-               "wrong_rate_high": "Upper end of the served wrong-answer rate's interval."}
+        lines += [
+            _line(name, c.get(field, 0), tenant=c["tenant"], category=c["category"]) for c in stats.get("semantic", [])
+        ]
+    learned = {
+        "delta": "Largest wrong-answer rate the learned threshold holds.",
+        "observations": "Labelled observations the learned threshold is built on.",
+        "wrong_rate_low": "Lower end of the served wrong-answer rate's interval.",
+        "wrong_rate_high": "Upper end of the served wrong-answer rate's interval.",
+    }
     for field, help_text in learned.items():
         name = f"ragcache_semantic_learned_{field}"
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        lines += [_line(name, c["learned"][field], tenant=c["tenant"], category=c["category"])
-                  for c in stats.get("semantic", []) if c.get("learned") and c["learned"].get(field) is not None]
+        lines += [
+            _line(name, c["learned"][field], tenant=c["tenant"], category=c["category"])
+            for c in stats.get("semantic", [])
+            if c.get("learned") and c["learned"].get(field) is not None
+        ]
     lines += _blend_budget_lines(stats.get("blend_budget", []), stats.get("shadow"))
     return "\n".join(lines) + "\n"
 
 
 def _blend_budget_lines(budgets: list[dict], shadow: dict | None) -> list[str]:
     """Per (tenant, category, setting): the disagreement estimate, its interval and checks; the rung in force."""
-    lines = ["# HELP ragcache_blend_budget_epsilon Largest first-token disagreement rate blending may have.",
-             "# TYPE ragcache_blend_budget_epsilon gauge",
-             "# HELP ragcache_blend_setting Blend setting in force (1) per tenant and category.",
-             "# TYPE ragcache_blend_setting gauge",
-             "# HELP ragcache_blend_budget_changes_total Setting changes the budget made.",
-             "# TYPE ragcache_blend_budget_changes_total counter"]
-    estimates = {"checks": "Shadow checks in the window.", "disagreement": "First-token disagreement rate.",
-                 "disagreement_low": "Lower end of its interval.", "disagreement_high": "Upper end of its interval."}
+    lines = [
+        "# HELP ragcache_blend_budget_epsilon Largest first-token disagreement rate blending may have.",
+        "# TYPE ragcache_blend_budget_epsilon gauge",
+        "# HELP ragcache_blend_setting Blend setting in force (1) per tenant and category.",
+        "# TYPE ragcache_blend_setting gauge",
+        "# HELP ragcache_blend_budget_changes_total Setting changes the budget made.",
+        "# TYPE ragcache_blend_budget_changes_total counter",
+    ]
+    estimates = {
+        "checks": "Shadow checks in the window.",
+        "disagreement": "First-token disagreement rate.",
+        "disagreement_low": "Lower end of its interval.",
+        "disagreement_high": "Upper end of its interval.",
+    }
     for field, help_text in estimates.items():
         lines += [f"# HELP ragcache_blend_{field} {help_text}", f"# TYPE ragcache_blend_{field} gauge"]
     for row in budgets:
@@ -102,13 +134,22 @@ def _blend_budget_lines(budgets: list[dict], shadow: dict | None) -> list[str]:
         lines.append(_line("ragcache_blend_setting", 1, **labels, setting=row["setting"]))
         lines.append(_line("ragcache_blend_budget_changes_total", row["changes"], **labels))
         for setting, estimate in row["estimates"].items():
-            values = {"checks": estimate["n"], "disagreement": estimate["rate"],
-                      "disagreement_low": estimate["low"], "disagreement_high": estimate["high"]}
-            lines += [_line(f"ragcache_blend_{field}", value, **labels, setting=setting)
-                      for field, value in values.items() if value is not None]
+            values = {
+                "checks": estimate["n"],
+                "disagreement": estimate["rate"],
+                "disagreement_low": estimate["low"],
+                "disagreement_high": estimate["high"],
+            }
+            lines += [
+                _line(f"ragcache_blend_{field}", value, **labels, setting=setting)
+                for field, value in values.items()
+                if value is not None
+            ]
     if shadow is not None:
-        lines += ["# HELP ragcache_shadow_checks_total Shadow checks by outcome.",
-                  "# TYPE ragcache_shadow_checks_total counter"]
+        lines += [
+            "# HELP ragcache_shadow_checks_total Shadow checks by outcome.",
+            "# TYPE ragcache_shadow_checks_total counter",
+        ]
         lines += [_line("ragcache_shadow_checks_total", n, outcome=outcome) for outcome, n in shadow["counts"].items()]
         lines += ["# TYPE ragcache_shadow_pending gauge", _line("ragcache_shadow_pending", shadow["pending"])]
     return lines

@@ -7,14 +7,14 @@ import logging
 import time
 
 import msgspec
-from litestar.params import FromPath, JSONBody
 from litestar import Request, Response, delete, get, post
+from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine.toolformat import CallStream, parses_tool_calls
 from ragcache.engine.runner import Generation, RagRequest
+from ragcache.engine.toolformat import CallStream, parses_tool_calls
 from ragcache.schemas import (
     AddDocumentsRequest,
     AddDocumentsResponse,
@@ -24,55 +24,74 @@ from ragcache.schemas import (
     ChunkChoice,
     Delta,
     DocumentIn,
-    FunctionDelta,
-    ToolCallDelta,
     DocumentRecord,
+    FunctionDelta,
     ModelCard,
     ModelList,
     ProgramEvent,
     RagRequestBody,
     RagResponse,
+    ToolCallDelta,
 )
 from ragcache.service import convert, semantic
 from ragcache.service.auth import TENANT
-from ragcache.service.errors import responses
 from ragcache.service.deps import RuntimeDep, SettingsDep, TenantDep
+from ragcache.service.errors import responses
 from ragcache.service.runtime import CachedAnswer, QueueFullError, Runtime, SemanticQueryIn
-
 
 log = logging.getLogger("ragcache.service")
 
 
-async def documents_for(runtime: Runtime, tenant: str, inline: list[DocumentIn] | None,
-                        ids: list[str] | None) -> list[str]:
+async def documents_for(
+    runtime: Runtime, tenant: str, inline: list[DocumentIn] | None, ids: list[str] | None
+) -> list[str]:
     texts = [doc.text for doc in inline or []]
     return texts + (await runtime.resolve_documents(tenant, ids) if ids else [])
 
 
-@get("/v1/models", operation_id="listModels", summary="The model this server runs", guards=TENANT,
-     responses=responses(401))
+@get(
+    "/v1/models",
+    operation_id="listModels",
+    summary="The model this server runs",
+    guards=TENANT,
+    responses=responses(401),
+)
 async def list_models(runtime: RuntimeDep) -> ModelList:
     return ModelList([ModelCard(runtime.model_name, created=int(runtime.started_s))])
 
 
-@post("/v1/chat/completions", operation_id="createChatCompletion", summary="OpenAI-compatible chat, with RAG documents",
-      description="With `stream: true` the answer comes as server-sent `chat.completion.chunk` events ending in `[DONE]`. "
-                  "Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`), `response_format`, `n`, `logprobs` "
-                  "and `top_logprobs` follow OpenAI; see the README's OpenAI compatibility section.",
-      status_code=200, guards=TENANT, responses=responses(400, 401, 404, 413, 429, 503))
-async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request, runtime: RuntimeDep,
-                           settings: SettingsDep, tenant: TenantDep) -> Response[ChatCompletion]:
+@post(
+    "/v1/chat/completions",
+    operation_id="createChatCompletion",
+    summary="OpenAI-compatible chat, with RAG documents",
+    description="With `stream: true` the answer comes as server-sent `chat.completion.chunk` events ending in `[DONE]`. "
+    "Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`), `response_format`, `n`, `logprobs` "
+    "and `top_logprobs` follow OpenAI; see the README's OpenAI compatibility section.",
+    status_code=200,
+    guards=TENANT,
+    responses=responses(400, 401, 404, 413, 429, 503),
+)
+async def chat_completions(
+    data: JSONBody[ChatCompletionRequest],
+    request: Request,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+) -> Response[ChatCompletion]:
     documents = await documents_for(runtime, tenant, data.documents, data.document_ids)
     program_id = data.program_id or request.headers.get("x-session-id")
     rag = convert.chat_request(data, documents, tenant, settings.max_new_tokens, program_id)
     n = data.n or 1
     if n > 1 and program_id is not None:
-        raise InvalidRequestError("n must be 1 for a program's turn (program_id or X-Session-ID): "
-                                  "n answers cannot all continue one program")
+        raise InvalidRequestError(
+            "n must be 1 for a program's turn (program_id or X-Session-ID): n answers cannot all continue one program"
+        )
     messages = [{"role": m.role, "content": convert.message_text(m, i)} for i, m in enumerate(data.messages)]
     query = SemanticQueryIn(messages, data.category, data.cache, data.cache_sampled) if n == 1 else None
-    answers = [runtime.answer(tenant, convert.choice_request(rag, i), query, data.is_last_step, conversation=n == 1)
-               for i in range(n)]
+    answers = [
+        runtime.answer(tenant, convert.choice_request(rag, i), query, data.is_last_step, conversation=n == 1)
+        for i in range(n)
+    ]
     token_texts = runtime.engine.token_texts if data.logprobs else None
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
     if data.stream:
@@ -87,8 +106,10 @@ async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Reque
     results = await asyncio.gather(*(_last_item(answer) for answer in answers))
     if isinstance(results[0], CachedAnswer):
         report = semantic.hit_report(results[0])
-        return Response(convert.cached_completion(results[0].text, report, runtime.model_name),
-                        headers=convert.report_headers(report))
+        return Response(
+            convert.cached_completion(results[0].text, report, runtime.model_name),
+            headers=convert.report_headers(report),
+        )
     body = convert.chat_completion(list(results), runtime.model_name, token_texts)
     return Response(body, headers=convert.report_headers(body.ragcache))
 
@@ -100,10 +121,10 @@ async def _first_item(answer):
 
 async def _last_item(answer):
     """The Generation or the CachedAnswer."""
-    item = None
+    last = None
     async for item in answer:
-        pass
-    return item
+        last = item
+    return last
 
 
 class _Chunks:
@@ -113,8 +134,14 @@ class _Chunks:
         self.id, self.created, self.model = convert.completion_id(), int(time.time()), model
 
     def delta(self, delta: Delta, finish: str | None = None, index: int = 0, logprobs=None, **extra) -> str:
-        body = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.model,
-                                   [ChunkChoice(index, delta, finish, logprobs)], **extra)
+        body = ChatCompletionChunk(
+            self.id,
+            "chat.completion.chunk",
+            self.created,
+            self.model,
+            [ChunkChoice(index, delta, finish, logprobs)],
+            **extra,
+        )
         return msgspec.json.encode(body).decode()
 
     def usage(self, usage) -> str:
@@ -216,46 +243,88 @@ def _stream_error(exc: Exception) -> dict:
     return {"message": "internal error; the server log has the details", "type": "server_error"}
 
 
-@post("/v1/rag", operation_id="rag", summary="Question + documents (inline or by id) -> answer", status_code=200,
-      guards=TENANT, responses=responses(400, 401, 404, 413, 429, 503))
-async def rag_answer(data: JSONBody[RagRequestBody], runtime: RuntimeDep, settings: SettingsDep,
-                     tenant: TenantDep) -> Response[RagResponse]:
+@post(
+    "/v1/rag",
+    operation_id="rag",
+    summary="Question + documents (inline or by id) -> answer",
+    status_code=200,
+    guards=TENANT,
+    responses=responses(400, 401, 404, 413, 429, 503),
+)
+async def rag_answer(
+    data: JSONBody[RagRequestBody], runtime: RuntimeDep, settings: SettingsDep, tenant: TenantDep
+) -> Response[RagResponse]:
     documents = await documents_for(runtime, tenant, data.documents, data.document_ids)
-    sampling = convert.sampling_from(data.max_tokens, data.temperature, data.top_p, data.seed, data.stop,
-                                     settings.max_new_tokens, default_max_tokens=128)
-    rag = RagRequest(data.question, tuple(documents), mode=data.mode or "blend", blend_ratio=data.blend_ratio,
-                     sampling=sampling, system_prompt=data.system_prompt, namespace=tenant)
-    messages = [*([{"role": "system", "content": data.system_prompt}] if data.system_prompt else []),
-                {"role": "user", "content": data.question}]
+    sampling = convert.sampling_from(
+        data.max_tokens,
+        data.temperature,
+        data.top_p,
+        data.seed,
+        data.stop,
+        settings.max_new_tokens,
+        default_max_tokens=128,
+    )
+    rag = RagRequest(
+        data.question,
+        tuple(documents),
+        mode=data.mode or "blend",
+        blend_ratio=data.blend_ratio,
+        sampling=sampling,
+        system_prompt=data.system_prompt,
+        namespace=tenant,
+    )
+    messages = [
+        *([{"role": "system", "content": data.system_prompt}] if data.system_prompt else []),
+        {"role": "user", "content": data.question},
+    ]
     result = await _last_item(runtime.answer(tenant, rag, SemanticQueryIn(messages, data.category, data.cache)))
     if isinstance(result, CachedAnswer):
         report = semantic.hit_report(result)
-        return Response(RagResponse(result.text, "stop", convert.no_usage(), report),
-                        headers=convert.report_headers(report))
+        return Response(
+            RagResponse(result.text, "stop", convert.no_usage(), report), headers=convert.report_headers(report)
+        )
     report = convert.cache_report(result)
     body = RagResponse(result.text, result.finish_reason, convert.usage(result), report)
     return Response(body, headers=convert.report_headers(report))
 
 
-@post("/v1/documents", operation_id="addDocuments", summary="Precompute and store the KV of documents",
-      guards=TENANT, responses=responses(400, 401, 413, 503))
-async def add_documents(data: JSONBody[AddDocumentsRequest], runtime: RuntimeDep,
-                        tenant: TenantDep) -> AddDocumentsResponse:
+@post(
+    "/v1/documents",
+    operation_id="addDocuments",
+    summary="Precompute and store the KV of documents",
+    guards=TENANT,
+    responses=responses(400, 401, 413, 503),
+)
+async def add_documents(
+    data: JSONBody[AddDocumentsRequest], runtime: RuntimeDep, tenant: TenantDep
+) -> AddDocumentsResponse:
     stored = await runtime.add_documents(tenant, [(d.id, d.text) for d in data.documents], data.system_prompt)
     return AddDocumentsResponse([DocumentRecord(r.id, r.num_tokens, cached) for r, cached in stored])
 
 
-@delete("/v1/documents/{doc_id:str}", operation_id="deleteDocument", summary="Forget a document and drop its KV",
-        status_code=HTTP_204_NO_CONTENT, guards=TENANT, responses=responses(401, 404, 503))
+@delete(
+    "/v1/documents/{doc_id:str}",
+    operation_id="deleteDocument",
+    summary="Forget a document and drop its KV",
+    status_code=HTTP_204_NO_CONTENT,
+    guards=TENANT,
+    responses=responses(401, 404, 503),
+)
 async def delete_document(doc_id: FromPath[str], runtime: RuntimeDep, tenant: TenantDep) -> None:
     await runtime.delete_document(tenant, doc_id)
 
 
-@post("/v1/programs/{program_id:str}/events", operation_id="programEvent", status_code=HTTP_204_NO_CONTENT,
-      summary="An agent's tool started or ended, or its program is over", guards=TENANT,
-      responses=responses(400, 401, 413))
-async def program_event(program_id: FromPath[str], data: JSONBody[ProgramEvent], runtime: RuntimeDep,
-                        tenant: TenantDep) -> None:
+@post(
+    "/v1/programs/{program_id:str}/events",
+    operation_id="programEvent",
+    status_code=HTTP_204_NO_CONTENT,
+    summary="An agent's tool started or ended, or its program is over",
+    guards=TENANT,
+    responses=responses(400, 401, 413),
+)
+async def program_event(
+    program_id: FromPath[str], data: JSONBody[ProgramEvent], runtime: RuntimeDep, tenant: TenantDep
+) -> None:
     runtime.program_event(tenant, program_id, type(data).__struct_config__.tag, data.tool)
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import Counter, defaultdict, deque
 import uuid
+from collections import Counter, defaultdict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import AsyncIterator
 
 import msgspec
 
@@ -33,7 +33,6 @@ from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.runner import Generation, RagRequest
 from ragcache.registry import MemoryRegistry
 from ragcache.registry.documents import DocumentRegistry, StoredDocument
-
 
 DEFAULT_CATEGORY = "default"  # a request's category for the blend budget when the semantic cache names none
 
@@ -81,7 +80,7 @@ class RequestMetrics:
     blend_ratios: Counter
 
     @classmethod
-    def empty(cls) -> "RequestMetrics":
+    def empty(cls) -> RequestMetrics:
         return cls(Counter(), Counter(), deque(maxlen=2048), Counter())
 
 
@@ -111,10 +110,17 @@ class Runtime:
     by their prompt's prefix (conversations.py), so plain OpenAI agent loops get reuse and pins;
     documents: where registered documents live (registry/; process memory when None)."""
 
-    def __init__(self, engine: Engine, max_queue: int, semantic=None,
-                 coordinator: ProgramCoordinator | None = None, budget: BlendBudget | None = None,
-                 shadow: ShadowChecks | None = None, conversations: bool = True,
-                 documents: DocumentRegistry | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_queue: int,
+        semantic=None,
+        coordinator: ProgramCoordinator | None = None,
+        budget: BlendBudget | None = None,
+        shadow: ShadowChecks | None = None,
+        conversations: bool = True,
+        documents: DocumentRegistry | None = None,
+    ) -> None:
         self.engine = engine
         self.conversations = conversations
         self.semantic = semantic
@@ -146,9 +152,14 @@ class Runtime:
 
     # the request path
 
-    async def answer(self, tenant: str, request: RagRequest, query: SemanticQueryIn | None = None,
-                     is_last_step: bool = False, conversation: bool = True,
-                     ) -> AsyncIterator[Accepted | str | Generation | CachedAnswer]:
+    async def answer(
+        self,
+        tenant: str,
+        request: RagRequest,
+        query: SemanticQueryIn | None = None,
+        is_last_step: bool = False,
+        conversation: bool = True,
+    ) -> AsyncIterator[Accepted | str | Generation | CachedAnswer]:
         """Accepted, text pieces as they are generated, then the Generation; or one CachedAnswer from the
         semantic cache. Bad input and a full queue raise before Accepted.
 
@@ -186,8 +197,9 @@ class Runtime:
             elif checked:
                 self.shadow.abandon()
 
-    async def _generate(self, tenant: str, request: RagRequest, is_last_step: bool,
-                        return_logprobs: bool = False) -> AsyncIterator[Accepted | str | Generation]:
+    async def _generate(
+        self, tenant: str, request: RagRequest, is_last_step: bool, return_logprobs: bool = False
+    ) -> AsyncIterator[Accepted | str | Generation]:
         try:
             self.check_capacity()
         except QueueFullError:
@@ -199,8 +211,9 @@ class Runtime:
         seq = None
         try:
             try:
-                seq = await asyncio.to_thread(self.engine.submit, request, sink, ticket=ticket,
-                                              return_logprobs=return_logprobs)
+                seq = await asyncio.to_thread(
+                    self.engine.submit, request, sink, ticket=ticket, return_logprobs=return_logprobs
+                )
             except BaseException:
                 if ticket is not None:
                     self.coordinator.abandon(ticket)
@@ -238,9 +251,14 @@ class Runtime:
 
         try:
             return SemanticQuery.from_messages(
-                tenant, query.messages, model=self.model_name, documents_hash=documents_hash(request.documents),
+                tenant,
+                query.messages,
+                model=self.model_name,
+                documents_hash=documents_hash(request.documents),
                 document_digests=tuple(document_digest(text) for text in request.documents),
-                category=query.category, temperature=request.sampling.temperature, use_cache=query.use_cache,
+                category=query.category,
+                temperature=request.sampling.temperature,
+                use_cache=query.use_cache,
                 cache_sampled=query.cache_sampled,
             )
         except ValueError as exc:
@@ -278,8 +296,9 @@ class Runtime:
         if self.coordinator is not None and ticket is not None:
             nbytes = result.program_tokens * self.engine.kv_bytes_per_token
             tool = result.tool_calls[0].name if result.finish_reason == "tool_calls" else None
-            self.coordinator.finish(ticket, result.program_key, nbytes, result.program_tokens, tool=tool,
-                                    is_last_step=is_last_step)
+            self.coordinator.finish(
+                ticket, result.program_key, nbytes, result.program_tokens, tool=tool, is_last_step=is_last_step
+            )
 
     def program_event(self, tenant: str, program_id: str, kind: str, tool: str | None) -> None:
         """A client's tool_start / tool_end / end for a program; tool_start pins its KV for the tool's TTL."""
@@ -300,8 +319,10 @@ class Runtime:
                 raise InvalidRequestError(f"documents[{index}].id must be 1-200 characters without '/'")
         texts = [text for _, text in documents]
         infos = await asyncio.to_thread(self.engine.add_documents, texts, system_prompt, tenant)
-        records = [StoredDocument(doc_id or hashlib.sha256(text.encode()).hexdigest()[:16], text, info.key,
-                                  info.num_tokens) for (doc_id, text), info in zip(documents, infos)]
+        records = [
+            StoredDocument(doc_id or hashlib.sha256(text.encode()).hexdigest()[:16], text, info.key, info.num_tokens)
+            for (doc_id, text), info in zip(documents, infos)
+        ]
         previous = await asyncio.to_thread(lambda: [self.documents.put(tenant, record) for record in records])
         replaced = [old for old, record in zip(previous, records) if old is not None and old.text != record.text]
         await self._invalidate(tenant, replaced)
@@ -367,8 +388,9 @@ class Runtime:
         }
 
     def program_stats(self) -> dict:
-        programs = [{"tenant": ns, "program_id": pid, "tokens": tokens}
-                    for ns, pid, tokens in self.engine.program_records()]
+        programs = [
+            {"tenant": ns, "program_id": pid, "tokens": tokens} for ns, pid, tokens in self.engine.program_records()
+        ]
         agents = self.coordinator.stats() if self.coordinator is not None else {}
         return {"programs": programs, **agents}
 
@@ -399,8 +421,11 @@ class Runtime:
 
 def _agentic(request: RagRequest) -> bool:
     """Tools, tool results or a constrained output: answers the semantic cache must not serve or keep."""
-    return bool(request.tools or request.constraint is not None
-                or any(isinstance(turn, ChatTurn) and turn.about_tools for turn in request.history))
+    return bool(
+        request.tools
+        or request.constraint is not None
+        or any(isinstance(turn, ChatTurn) and turn.about_tools for turn in request.history)
+    )
 
 
 def _category(outcome, query: SemanticQueryIn | None) -> str:

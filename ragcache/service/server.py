@@ -44,10 +44,12 @@ def build_runtime(settings: Settings) -> Runtime:
     config = EngineConfig(
         blend=BlendConfig(settings.check_layer, settings.deviation, settings.sink_tokens),
         default_ratio=settings.blend_ratio,
-        limits=PromptLimits(settings.max_documents, settings.max_document_tokens,
-                            loaded.model.config.max_position_embeddings),
-        scheduler=SchedulerConfig(int(settings.working_kv_gb * GiB), settings.step_tokens, settings.kv_block_tokens,
-                                  settings.max_running),
+        limits=PromptLimits(
+            settings.max_documents, settings.max_document_tokens, loaded.model.config.max_position_embeddings
+        ),
+        scheduler=SchedulerConfig(
+            int(settings.working_kv_gb * GiB), settings.step_tokens, settings.kv_block_tokens, settings.max_running
+        ),
     )
     registry = make_registry(settings.registry_kind, settings.redis_url, settings.data_path)
     engine = BlendEngine(loaded, store, config, programs=ProgramIndex(registry))
@@ -55,16 +57,27 @@ def build_runtime(settings: Settings) -> Runtime:
     coordinator = ProgramCoordinator.measured(store, engine.stack, AgentConfig(pins=pins))
     engine.use_admission_order(coordinator.scheduler)
     semantic = _semantic_cache(settings)
-    return Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic),
-                   conversations=settings.conversation_kv, documents=DocumentRegistry(registry))
+    return Runtime(
+        engine,
+        settings.max_queue,
+        semantic,
+        coordinator,
+        *answer_checks(settings, engine, semantic),
+        conversations=settings.conversation_kv,
+        documents=DocumentRegistry(registry),
+    )
 
 
 def answer_checks(settings: Settings, engine, semantic) -> tuple[BlendBudget, ShadowChecks]:
     """The blend error budget and the shadow checks that feed it and the semantic cache's thresholds."""
     budget = BlendBudget(BlendBudgetConfig(settings.blend_epsilon, ladder=settings.ladder))
-    shadow = ShadowChecks(engine, budget, ShadowConfig(settings.shadow_fraction, settings.semantic_shadow_fraction,
-                                                       settings.shadow_max_pending),
-                          semantic, _agreement(semantic))
+    shadow = ShadowChecks(
+        engine,
+        budget,
+        ShadowConfig(settings.shadow_fraction, settings.semantic_shadow_fraction, settings.shadow_max_pending),
+        semantic,
+        _agreement(semantic),
+    )
     return budget, shadow
 
 
@@ -89,8 +102,10 @@ def _semantic_cache(settings: Settings):
     from ragcache.semantic.embedder import SentenceTransformerEmbedder
 
     kind = settings.registry_kind
-    answers = make_answer_store(settings.redis_url if kind == "redis" else None,
-                                sqlite_path=settings.data_path / "semantic.sqlite3" if kind == "sqlite" else None)
+    answers = make_answer_store(
+        settings.redis_url if kind == "redis" else None,
+        sqlite_path=settings.data_path / "semantic.sqlite3" if kind == "sqlite" else None,
+    )
     cache = SemanticCache(SentenceTransformerEmbedder(), answers)
     if follow_replicas(cache) is False:
         log.warning("semantic cache: not yet subscribed to other replicas' entries (Redis unreachable?)")
@@ -112,8 +127,15 @@ def serve(settings: Settings) -> None:
 
     runtime = build_runtime(settings)
     runtime.engine.claim_loop()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, runtime), host=settings.host, port=settings.port,
-                                           log_level="info", timeout_graceful_shutdown=30))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, runtime),
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            timeout_graceful_shutdown=30,
+        )
+    )
     http = threading.Thread(target=server.run, name="ragcache-http")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: setattr(server, "should_exit", True))

@@ -9,8 +9,9 @@ from ragcache.semantic.answers.base import AnswerRecord, AnswerStore, AnswerStor
 from ragcache.semantic.answers.memory import MemoryAnswerStore
 
 
-def make_answer_store(redis_url: str | None, namespace: str = "semantic",
-                      sqlite_path: Path | None = None) -> AnswerStore:
+def make_answer_store(
+    redis_url: str | None, namespace: str = "semantic", sqlite_path: Path | None = None
+) -> AnswerStore:
     """A RedisAnswerStore wrapped in a SharedAnswerStore (its changes published to the other
     replicas) when a URL is given, else SqliteAnswerStore at sqlite_path when one is given, else
     MemoryAnswerStore. redis-py is imported only for Redis."""
@@ -18,8 +19,9 @@ def make_answer_store(redis_url: str | None, namespace: str = "semantic",
         from ragcache.semantic.answers.events import AnswerEvents, SharedAnswerStore
         from ragcache.semantic.answers.redis import RedisAnswerStore
 
-        return SharedAnswerStore(RedisAnswerStore(redis_url, namespace=namespace),
-                                 AnswerEvents(redis_url, namespace=namespace))
+        return SharedAnswerStore(
+            RedisAnswerStore(redis_url, namespace=namespace), AnswerEvents(redis_url, namespace=namespace)
+        )
     if sqlite_path is not None:
         from ragcache.semantic.answers.sqlite import SqliteAnswerStore
 
@@ -28,5 +30,10 @@ def make_answer_store(redis_url: str | None, namespace: str = "semantic",
 
 
 __all__ = [
-    "AnswerRecord", "AnswerStore", "AnswerStoreStats", "AnswerStoreUnavailable", "MemoryAnswerStore", "make_answer_store",
+    "AnswerRecord",
+    "AnswerStore",
+    "AnswerStoreStats",
+    "AnswerStoreUnavailable",
+    "MemoryAnswerStore",
+    "make_answer_store",
 ]

@@ -11,8 +11,9 @@ cores); a record written by a different embedder is re-embedded from its text in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class AnswerStore(ABC):
     @abstractmethod
     def stats(self) -> AnswerStoreStats: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  a no-op by default: only stores holding connections override it
         """Release connections; the store is unusable afterwards."""
 
 
@@ -94,8 +95,9 @@ def pack_record(record: AnswerRecord) -> bytes:
     fields = {name: getattr(record, name) for name in AnswerRecord.__dataclass_fields__}
     fields["history"] = [list(message) for message in record.history]
     fields["text_vector"] = np.asarray(record.text_vector, dtype=np.float32).tobytes()
-    fields["context_vector"] = (None if record.context_vector is None
-                                else np.asarray(record.context_vector, dtype=np.float32).tobytes())
+    fields["context_vector"] = (
+        None if record.context_vector is None else np.asarray(record.context_vector, dtype=np.float32).tobytes()
+    )
     fields["document_digests"] = list(record.document_digests)
     return msgspec.msgpack.encode(fields)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import msgspec
 from redis.exceptions import RedisError
@@ -52,11 +52,17 @@ class AnswerEvents:
         if entry_ids:
             self._publish({"op": "removed", "tenant": tenant, "entry_ids": list(entry_ids)})
 
-    def follow(self, on_stored: Callable[[AnswerRecord], None], on_removed: Callable[[str, list[str]], None],
-               on_gap: Callable[[], object], ready_timeout_s: float = 2.0) -> bool:
+    def follow(
+        self,
+        on_stored: Callable[[AnswerRecord], None],
+        on_removed: Callable[[str, list[str]], None],
+        on_gap: Callable[[], object],
+        ready_timeout_s: float = 2.0,
+    ) -> bool:
         """Start the listener thread; True once it is subscribed (waits up to ready_timeout_s)."""
-        self._thread = threading.Thread(target=self._listen, args=(on_stored, on_removed, on_gap),
-                                        name="ragcache-semantic-events", daemon=True)
+        self._thread = threading.Thread(
+            target=self._listen, args=(on_stored, on_removed, on_gap), name="ragcache-semantic-events", daemon=True
+        )
         self._thread.start()
         return self._subscribed.wait(ready_timeout_s)
 

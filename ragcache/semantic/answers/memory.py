@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ragcache.semantic.answers.base import AnswerRecord, AnswerStore, AnswerStoreStats
 

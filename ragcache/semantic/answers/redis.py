@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -52,7 +52,9 @@ return redis.call('HGET', KEYS[1], 'answer')
 
 
 class RedisAnswerStore(AnswerStore):
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "semantic", timeout_s: float = 0.5) -> None:
+    def __init__(
+        self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "semantic", timeout_s: float = 0.5
+    ) -> None:
         if not namespace or ":" in namespace:
             raise ValueError(f"namespace must be non-empty and free of ':', got {namespace!r}")
         self._client = sync_client(url, timeout_s=timeout_s)
@@ -107,6 +109,7 @@ class RedisAnswerStore(AnswerStore):
             return self._circuit.call(work)
         except RedisUnavailable:
             return fallback
+
 
 def _encode(record: AnswerRecord) -> dict[str, bytes | str | float | int]:
     fields: dict[str, bytes | str | float | int] = {

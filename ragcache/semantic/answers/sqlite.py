@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from ragcache.registry.sqlite import SqliteFile
-from ragcache.semantic.answers.base import (AnswerRecord, AnswerStore, AnswerStoreStats, AnswerStoreUnavailable,
-                                            pack_record, unpack_record)
+from ragcache.semantic.answers.base import (
+    AnswerRecord,
+    AnswerStore,
+    AnswerStoreStats,
+    AnswerStoreUnavailable,
+    pack_record,
+    unpack_record,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -32,17 +38,22 @@ class SqliteAnswerStore(AnswerStore):
 
     def put(self, record: AnswerRecord) -> bool:
         try:
-            self._run(lambda db: db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
-                                            (record.tenant, record.entry_id, pack_record(record), record.answer,
-                                             record.expires_s, record.hits)))
+            self._run(
+                lambda db: db.execute(
+                    "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.tenant, record.entry_id, pack_record(record), record.answer, record.expires_s, record.hits),
+                )
+            )
         except AnswerStoreUnavailable:
             return False
         return True
 
     def answer(self, tenant: str, entry_id: str) -> str | None:
         def work(db: sqlite3.Connection) -> str | None:
-            row = db.execute("UPDATE answers SET hits = hits + 1 WHERE tenant=? AND entry_id=? AND expires_s > ? "
-                             "RETURNING answer", (tenant, entry_id, self._clock())).fetchone()
+            row = db.execute(
+                "UPDATE answers SET hits = hits + 1 WHERE tenant=? AND entry_id=? AND expires_s > ? RETURNING answer",
+                (tenant, entry_id, self._clock()),
+            ).fetchone()
             return row[0] if row else None
 
         return self._run(work)
@@ -51,15 +62,20 @@ class SqliteAnswerStore(AnswerStore):
         if not entry_ids:
             return 0
         try:
-            return self._run(lambda db: sum(db.execute("DELETE FROM answers WHERE tenant=? AND entry_id=?",
-                                                       (tenant, entry_id)).rowcount for entry_id in entry_ids))
+            return self._run(
+                lambda db: sum(
+                    db.execute("DELETE FROM answers WHERE tenant=? AND entry_id=?", (tenant, entry_id)).rowcount
+                    for entry_id in entry_ids
+                )
+            )
         except AnswerStoreUnavailable:
             return 0
 
     def records(self, now_s: float) -> Iterator[AnswerRecord]:
         try:
-            rows = self._run(lambda db: db.execute("SELECT record, hits FROM answers WHERE expires_s > ?",
-                                                   (now_s,)).fetchall())
+            rows = self._run(
+                lambda db: db.execute("SELECT record, hits FROM answers WHERE expires_s > ?", (now_s,)).fetchall()
+            )
             self._run(lambda db: db.execute("DELETE FROM answers WHERE expires_s <= ?", (now_s,)))
         except AnswerStoreUnavailable:
             return

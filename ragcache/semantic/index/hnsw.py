@@ -20,7 +20,9 @@ class HnswIndex(VectorIndex):
         self._config = config
         self._index = hnswlib.Index(space="ip", dim=dim)
         self._index.init_index(
-            max_elements=config.initial_capacity, ef_construction=config.ef_construction, M=config.m,
+            max_elements=config.initial_capacity,
+            ef_construction=config.ef_construction,
+            M=config.m,
             allow_replace_deleted=True,
         )
         self._index.set_ef(config.ef_search)
