@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="answer a question over embedded documents, with and without KV reuse")
     _add_model_args(demo)
     demo.add_argument("--ratio", type=float, default=0.15, help="blend ratio r")
+    export = commands.add_parser("export-model", help="write the model as a safetensors folder vLLM can serve")
+    export.add_argument("dir", help="a new (or empty) folder to write config.json, *.safetensors and the tokenizer to")
+    export.add_argument("--model", default=None, help="a model directory or .gguf file (default: SmolLM2-135M)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench = commands.add_parser("bench", help="benchmarks")
     suites = bench.add_subparsers(dest="suite", required=True)
     rag = suites.add_parser("rag", help="TTFT and fidelity of full / prefix / reuse / blend@r")
@@ -204,6 +208,16 @@ def _demo(args) -> None:
     engine = _engine(args)
     full, blended = run_demo(engine, args.ratio)
     print(format_demo(full, blended, args.ratio))
+
+
+def _export_model(args) -> None:
+    from ragcache.engine.export import export_model
+
+    exported = export_model(args.dir, args.model, args.dtype)
+    print(
+        f"exported {exported.name} ({exported.num_parameters / 1e6:.1f} M parameters, "
+        f"{exported.num_bytes / 2**20:.0f} MiB of safetensors) to {exported.folder}"
+    )
 
 
 def _bench_rag(args) -> None:
@@ -410,6 +424,7 @@ def _serve(args) -> None:
 COMMANDS = {
     ("serve", None): _serve,
     ("demo", None): _demo,
+    ("export-model", None): _export_model,
     ("bench", "rag"): _bench_rag,
     ("bench", "eviction"): _bench_eviction,
     ("bench", "store"): _bench_store,

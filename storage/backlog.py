@@ -33,16 +33,18 @@ class WriteBacklog:
         self.held_bytes += (chunk.nbytes if chunk is not None else 0) - (old.nbytes if old is not None else 0)
         self._entries[(tier, key)] = chunk
         while self.held_bytes > self.max_bytes:
-            oldest_held = next(entry for entry, held in self._entries.items() if held is not None)
-            self.held_bytes -= self._entries.pop(oldest_held).nbytes
+            oldest_held, dropped = next((entry, held) for entry, held in self._entries.items() if held is not None)
+            del self._entries[oldest_held]
+            self.held_bytes -= dropped.nbytes
             self.dropped += 1
 
     def forget(self, tier: str | None = None, key: ChunkKey | None = None) -> None:
         """Drop waiting writes: of one tier, of one key, or both given; every one when neither is."""
-        one = tier is not None and key is not None
-        for entry in (
-            [(tier, key)] if one else [e for e in self._entries if tier in (None, e[0]) and key in (None, e[1])]
-        ):
+        if tier is not None and key is not None:
+            entries = [(tier, key)]
+        else:
+            entries = [e for e in self._entries if tier in (None, e[0]) and key in (None, e[1])]
+        for entry in entries:
             chunk = self._entries.pop(entry, None)
             self.held_bytes -= chunk.nbytes if chunk is not None else 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ragcache.kv import ChunkKey
 
@@ -78,10 +78,16 @@ class CostAware:
         return (frequency * cost_per_byte, entry.last_used_s)
 
 
-POLICIES = {"lru": LRU, "lfu": LFU, "cost_aware": CostAware}
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "cost_aware": CostAware}
 
 
 def make_policy(name: str) -> EvictionPolicy:
     if name not in POLICIES:
         raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}")
     return POLICIES[name]()
+
+
+if TYPE_CHECKING:  # the type checker holds each policy to the EvictionPolicy contract
+    _lru: type[EvictionPolicy] = LRU
+    _lfu: type[EvictionPolicy] = LFU
+    _cost_aware: type[EvictionPolicy] = CostAware

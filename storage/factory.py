@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ragcache.storage.base import KVTier
 from ragcache.storage.cpu import CpuTier
 from ragcache.storage.eviction import make_policy
 from ragcache.storage.gpu import GpuTier
@@ -38,7 +39,7 @@ class StoreConfig:
 
 def make_store(config: StoreConfig, device: str, model_fingerprint: str) -> TieredStore:
     """Tiers for one model: Redis keys live under the model's fingerprint, so models never mix."""
-    tiers = [
+    tiers: list[KVTier] = [
         GpuTier(config.device_max_bytes, device, make_policy(config.eviction)),
         CpuTier(config.cpu_max_bytes, make_policy(config.eviction)),
     ]

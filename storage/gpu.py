@@ -8,8 +8,11 @@ configuration means the same thing on both kinds of machine).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from ragcache.storage.base import KVTier
 from ragcache.storage.eviction import EvictionPolicy
 from ragcache.storage.memory import MemoryTier
 
@@ -20,3 +23,7 @@ class GpuTier(MemoryTier):
     ) -> None:
         device = torch.device(device)
         super().__init__("gpu" if device.type == "cuda" else "device", max_bytes, device, policy)
+
+
+if TYPE_CHECKING:  # the type checker holds GpuTier to the KVTier contract
+    _tier: type[KVTier] = GpuTier

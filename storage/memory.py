@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ragcache.kv import ChunkKey, KVChunk
-from ragcache.storage.base import TierUsage
+from ragcache.storage.base import KVTier, TierUsage
 from ragcache.storage.eviction import LRU, EntryInfo, EvictionPolicy
 
 EvictSink = Callable[[ChunkKey, KVChunk], None]
@@ -194,3 +195,7 @@ class MemoryTier:
         if self.pin_memory:
             keys, values = keys.pin_memory(), values.pin_memory()
         return KVChunk(chunk.token_ids, keys, values, chunk.model_fingerprint, chunk.start_pos)
+
+
+if TYPE_CHECKING:  # the type checker holds MemoryTier to the KVTier contract
+    _tier: type[KVTier] = MemoryTier

@@ -49,13 +49,13 @@ import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from ragcache.kv import ChunkKey, KVChunk
-from ragcache.storage.base import TierUsage
+from ragcache.storage.base import KVTier, TierUsage
 from ragcache.storage.codec import CODECS, CorruptEntryError, decode_chunk, encode_chunk
 from ragcache.storage.connect import async_client, hash_tag
 
@@ -287,13 +287,13 @@ class RedisTier:
 
     def keys(self) -> list[ChunkKey]:
         """Keys the namespace's index lists (approximate, as usage() is): how flushes find entries."""
-        names = self._call(lambda: self._read_index("HKEYS"), [])
+        names: list[bytes] = self._call(lambda: self._read_index("HKEYS"), [])
         return [ChunkKey(name.decode() if isinstance(name, bytes) else name) for name in names]
 
     def usage(self) -> TierUsage:
         """From the index puts and deletes keep: approximate, since Redis's maxmemory eviction and
         TTL expiry drop entries without telling it. max_bytes 0: the budget is Redis's own."""
-        sizes = self._call(lambda: self._read_index("HVALS"), [])
+        sizes: list[bytes] = self._call(lambda: self._read_index("HVALS"), [])
         return TierUsage(self.name, len(sizes), sum(int(size) for size in sizes), 0)
 
     # the rest of the public surface
@@ -336,7 +336,7 @@ class RedisTier:
     # reading
 
     async def _read_many(self, keys: list[ChunkKey]) -> list[KVChunk | None]:
-        chunks = await self._guarded(lambda: self._fetch_many(keys), [None] * len(keys))
+        chunks: list[KVChunk | None] = await self._guarded(lambda: self._fetch_many(keys), [None] * len(keys))
         hits = sum(chunk is not None for chunk in chunks)
         self._count(hits=hits, misses=len(keys) - hits)
         return chunks
@@ -347,13 +347,13 @@ class RedisTier:
     async def _read_metas(self, keys: list[ChunkKey]) -> list[bytes | None]:
         """One MGET on a single node; on a cluster one MGET per bucket (a slot), a failed one giving Nones."""
         if not self._cluster:
-            return await self._round_trip(self._client.mget([self._meta_key(key) for key in keys]))
+            return await self._round_trip(self._mget([self._meta_key(key) for key in keys]))
         buckets: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             buckets.setdefault(self._tag(key), []).append(i)
         groups = list(buckets.values())
         replies = await self._each(
-            [self._round_trip(self._client.mget([self._meta_key(keys[i]) for i in group])) for group in groups],
+            [self._round_trip(self._mget([self._meta_key(keys[i]) for i in group])) for group in groups],
             None,
         )
         metas: list[bytes | None] = [None] * len(keys)
@@ -367,19 +367,22 @@ class RedisTier:
             return None
         meta = _Meta.parse(raw_meta)
         if meta is None:
-            return await self._drop(key, raw_meta, None, "unreadable meta")
+            await self._drop(key, raw_meta, None, "unreadable meta")
+            return None
         names = self._part_keys(key, meta)
         parts: list[bytes | None] = []
         for first in range(0, len(names), self._parts_per_batch):
-            parts += await self._round_trip(self._client.mget(names[first : first + self._parts_per_batch]))
+            parts += await self._round_trip(self._mget(names[first : first + self._parts_per_batch]))
         if any(part is None for part in parts):
-            return await self._drop(key, raw_meta, meta, "missing part")
+            await self._drop(key, raw_meta, meta, "missing part")
+            return None
         blob = b"".join(parts)  # type: ignore[arg-type]
         self._count(bytes_read=len(blob))
         try:
             return await asyncio.to_thread(decode_chunk, blob, self._fingerprint)
         except CorruptEntryError as error:
-            return await self._drop(key, raw_meta, meta, str(error))
+            await self._drop(key, raw_meta, meta, str(error))
+            return None
 
     async def _drop(self, key: ChunkKey, raw_meta: bytes, meta: _Meta | None, reason: str) -> None:
         """Deletes an unusable entry (meta, index field, parts) unless a writer has replaced it since it was read."""
@@ -387,7 +390,11 @@ class RedisTier:
         log.warning("%s: dropping entry %s: %s", self.name, key, reason)
         names = [self._meta_key(key), self._index_key(key), *(self._part_keys(key, meta) if meta else [])]
         await self._round_trip(self._client.eval(_DROP_IF_UNCHANGED, len(names), *names, raw_meta, key))
-        return None
+
+    def _mget(self, names: list[str]) -> Awaitable[list[bytes | None]]:
+        """MGET of names. The client is made without decode_responses, so its values are bytes
+        (redis-py's annotation, bytes | str, covers clients that decode)."""
+        return cast("Awaitable[list[bytes | None]]", self._client.mget(names))
 
     async def _read_index(self, command: str) -> list[bytes]:
         """HKEYS or HVALS of every bucket's index, flattened."""
@@ -519,3 +526,7 @@ def _done(value: T) -> concurrent.futures.Future[T]:
     future: concurrent.futures.Future[T] = concurrent.futures.Future()
     future.set_result(value)
     return future
+
+
+if TYPE_CHECKING:  # the type checker holds RedisTier to the KVTier contract
+    _tier: type[KVTier] = RedisTier

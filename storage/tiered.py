@@ -39,10 +39,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.backlog import WriteBacklog
-from ragcache.storage.base import KVTier, PinHandle, TierUsage
+from ragcache.storage.base import KVStore, KVTier, PinHandle, TierUsage
 from ragcache.storage.memory import MemoryTier
 
 __all__ = ["PinHandle", "StoreCounters", "TieredStore"]
@@ -116,11 +117,11 @@ class TieredStore:
             self._release_expired()
             not_on_top = _read(self.local[:1], keys, results, list(range(len(keys))))
             missing = _read(self.local[1:], keys, results, not_on_top)
-            self._promote([(keys[i], results[i]) for i in not_on_top if results[i] is not None])
+            self._promote([(keys[i], chunk) for i in not_on_top if (chunk := results[i]) is not None])
         if missing and self.remote:
             _read(self.remote, keys, results, missing)
             with self._locked():
-                self._promote([(keys[i], results[i]) for i in missing if results[i] is not None])
+                self._promote([(keys[i], chunk) for i in missing if (chunk := results[i]) is not None])
         return results
 
     def prefetch(self, keys: Sequence[ChunkKey]) -> Future[list[KVChunk | None]]:
@@ -201,7 +202,7 @@ class TieredStore:
         with self._lock:
             snapshot: dict[ChunkKey, KVChunk] = {}
             for tier in reversed(self.local):  # the fastest tier's copy wins
-                snapshot.update((key, tier.get(key)) for key in tier.keys())
+                snapshot.update((key, chunk) for key in tier.keys() if (chunk := tier.get(key)) is not None)
         written = 0
         for remote in self.remote:
             pending = [(key, chunk) for key, chunk in snapshot.items() if not remote.contains(key)]
@@ -405,3 +406,7 @@ def _read(
             results[index] = chunk
         missing = [i for i in missing if results[i] is None]
     return missing
+
+
+if TYPE_CHECKING:  # the type checker holds TieredStore to the KVStore contract
+    _store: type[KVStore] = TieredStore

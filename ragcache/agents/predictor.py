@@ -144,6 +144,7 @@ class ToolDurationPredictor:
         tools = {}
         for (tenant, tool), history in self._tools.items():
             cdf = history.cdf()
+            assert cdf is not None  # record() makes a history with its first sample, so none is empty
             outcomes = self._outcomes.get((tenant, tool), ())
             tools[f"{tenant}/{tool}"] = {
                 "tenant": tenant,

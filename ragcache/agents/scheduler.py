@@ -23,11 +23,15 @@ import itertools
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ragcache.agents.cdf import quantile
+
+if TYPE_CHECKING:
+    from ragcache.agents.pins import Arrival
+    from ragcache.engine.scheduler import AdmissionOrder
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,14 @@ class Ticket:
     bypassed: int = 0  # later continuing turns admitted ahead of this one
     forced: bool = False  # admitted ahead of continuing turns because it had waited long enough
     waited_s: float | None = None  # set at admission
-    arrival: object = None  # the pins' Arrival of this turn (agents coordinator)
+    arrival: Arrival | None = None  # the pins' Arrival of this turn (agents coordinator)
 
 
 class Waiting(Protocol):
     ticket: Ticket | None
+
+
+W = TypeVar("W", bound=Waiting)
 
 
 @dataclass
@@ -92,7 +99,9 @@ class ProgramScheduler:
         self.config = config
         self.clock = clock
         self.counters = SchedulerCounters()
-        self._waits_s = {kind: deque(maxlen=config.wait_window) for kind in ("continuing", "new")}
+        self._waits_s: dict[str, deque[float]] = {
+            kind: deque(maxlen=config.wait_window) for kind in ("continuing", "new")
+        }
         self._seq = itertools.count()
         self._programs: OrderedDict[tuple[str, str], _Program] = OrderedDict()
         self._waiting = 0
@@ -108,7 +117,7 @@ class ProgramScheduler:
             ref = (tenant, program_id)
             program = self._programs.get(ref)
             continuing = program is not None and now - program.last_seen_s < self.config.program_idle_s
-            if not continuing:
+            if program is None or not continuing:
                 program = self._programs[ref] = _Program(seq, now)
                 while len(self._programs) > self.config.max_programs:
                     self._programs.popitem(last=False)
@@ -116,7 +125,7 @@ class ProgramScheduler:
             self._programs.move_to_end(ref)
             return Ticket(tenant, program_id, seq, program.first_seq, continuing, now)
 
-    def pick(self, waiting: list[Waiting]) -> Waiting:
+    def pick(self, waiting: list[W]) -> W:
         """The next to admit among waiting (each with a ticket from arrive())."""
         now = self.clock()
         tickets = [self._ticket(item) for item in waiting]
@@ -133,7 +142,7 @@ class ProgramScheduler:
             chosen = min(tickets, key=lambda t: (not t.continuing, t.rank, t.seq))
         return waiting[tickets.index(chosen)]
 
-    def admitted(self, item: Waiting, waiting: list[Waiting]) -> None:
+    def admitted(self, item: Waiting, waiting: Iterable[Waiting]) -> None:
         """item was admitted; the new turns that arrived before it and still wait were bypassed."""
         ticket = self._ticket(item)
         with self._lock:
@@ -202,3 +211,7 @@ def _summary(values: list[float]) -> dict:
         "p90": quantile(ordered, 0.9),
         "max": ordered[-1],
     }
+
+
+if TYPE_CHECKING:  # the type checker holds ProgramScheduler to the engine's AdmissionOrder contract
+    _order: type[AdmissionOrder] = ProgramScheduler

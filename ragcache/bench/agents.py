@@ -411,7 +411,7 @@ def policy_figures(programs: Sequence[ProgramRecord], stats: dict) -> dict:
     """One policy's JSON row from its programs' records and the coordinator's stats at the end."""
     requests = [r for p in programs for r in p.requests]
     returning = [r for r in requests if r.returning]
-    reprefill = sum(r.reprefill_tokens for r in returning)
+    reprefill = sum(r.reprefill_tokens for r in returning if r.reprefill_tokens is not None)  # set on all of them
     calls = [r for r in requests if r.kind == "call"]
     pins = stats.get("pins", {})
     counters, budget = pins.get("counters", {}), pins.get("budget", {})

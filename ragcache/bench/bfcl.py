@@ -230,7 +230,7 @@ def tool_result(doc: dict, arguments: dict) -> str:
     if not fields:
         return json.dumps({"status": "ok"})
     texts = [v for v in arguments.values() if isinstance(v, str)]
-    result = {}
+    result: dict[str, object] = {}
     for i, (field, schema) in enumerate(fields):
         kind = _TYPES.get(schema.get("type"), schema.get("type"))
         number = digest[i] * 7 % 1000

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.cpu import CpuTier
-from ragcache.storage.eviction import POLICIES
+from ragcache.storage.eviction import POLICIES, make_policy
 
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
 
@@ -67,7 +67,7 @@ def make_trace(options: TraceOptions) -> tuple[list[int], list[list[int]]]:
 
 
 def replay(policy_name: str, lengths: list[int], requests: list[list[int]], budget_bytes: int) -> dict:
-    tier = CpuTier(budget_bytes, policy=POLICIES[policy_name]())
+    tier = CpuTier(budget_bytes, policy=make_policy(policy_name))
     step = 0
     tier.clock = lambda: step  # logical time: one tick per request, so the replay is deterministic
     hits = tokens_hit = tokens_total = 0

@@ -179,6 +179,8 @@ def _record(runs: ModeRuns, example: RagExample, result: Generation, reference: 
     runs.fidelity_f1.append(token_f1(result.text, reference.text))
     first, first_ref = result.token_ids[:1], reference.token_ids[:1]
     runs.first_token_agreement.append(float(first == first_ref))
+    # both generated with return_logprobs=True, which keeps the first token's distribution
+    assert reference.first_token_logprobs is not None and result.first_token_logprobs is not None
     runs.first_token_kl.append(kl_divergence(reference.first_token_logprobs, result.first_token_logprobs))
 
 

@@ -16,6 +16,7 @@ import platform
 import random
 import re
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -96,7 +97,7 @@ def run_serve_bench(
     examples: Sequence[RagExample], options: ServeBenchOptions, servers: ServerOptions, dataset: str = ""
 ) -> dict:
     """Measure ragcache (and the peer when wanted) in every mode and load; the JSON-ready summary."""
-    openers = [lambda: ragcache_target(servers, options.modes)]
+    openers: list[Callable[[], AbstractContextManager[Target]]] = [lambda: ragcache_target(servers, options.modes)]
     if wants_peer(servers):
         openers.append(lambda: llamacpp_target(servers))
     num_modes = len(options.modes) + (len(openers) > 1)  # the peer runs "full" only

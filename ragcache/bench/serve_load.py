@@ -14,8 +14,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -38,13 +38,14 @@ class LevelRun(NamedTuple):
     wall_s: float
 
 
-Send = Callable[[int], Awaitable[RequestOutcome]]
+Send = Callable[[int], Coroutine[Any, Any, RequestOutcome]]  # a coroutine: open_loop makes it a task
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str]) -> RequestOutcome:
     """POST one streamed chat completion and time it; every failure comes back as an outcome, never raised."""
     start = time.perf_counter()
-    first = last = None
+    first: float | None = None
+    last: float | None = None
     deltas, usage_tokens, done, finished = 0, None, False, False
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
@@ -77,7 +78,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, headers: 
         return RequestOutcome(None, None, 0, "stream cut short: no finish_reason")
     tokens = usage_tokens if usage_tokens is not None else deltas
     ttft = None if first is None else first - start
-    tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
+    tpot = (last - first) / (tokens - 1) if first is not None and last is not None and tokens > 1 else None
     return RequestOutcome(ttft, tpot, tokens)
 
 
@@ -101,7 +102,7 @@ async def closed_loop(send: Send, num_requests: int, concurrency: int, duration_
 async def open_loop(send: Send, num_requests: int, rate: float, seed: str, duration_s: float | None) -> LevelRun:
     """num_requests Poisson arrivals at rate per second (gaps drawn from seed); none arrives past duration_s."""
     rng = random.Random(seed)
-    tasks = []
+    tasks: list[asyncio.Task[RequestOutcome]] = []
     start = time.perf_counter()
     arrival_s = 0.0
     for index in range(num_requests):

@@ -33,8 +33,10 @@ import torch
 from ragcache.bench.metrics import percentile
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.loader import LoadedModel
+from ragcache.engine.request import Generation
 from ragcache.engine.runner import BlendEngine, RagRequest
 from ragcache.kv import ChunkKey, KVChunk
+from ragcache.storage.base import KVTier
 from ragcache.storage.codec import CODECS, decode_chunk, encode_chunk
 from ragcache.storage.cpu import CpuTier
 from ragcache.storage.gpu import GpuTier
@@ -166,8 +168,12 @@ def real_chunks(loaded: LoadedModel, texts: list[str], tokens: int) -> list[KVCh
     """Each text's chunk KV as the engine computes and stores it, cut to exactly `tokens` tokens."""
     store = TieredStore([GpuTier(MEMORY_TIER_BYTES, loaded.device)])
     engine = BlendEngine(loaded, store)
+    chunks = []
     try:
-        chunks = [store.get(info.key) for info in engine.add_documents(texts)]
+        for info in engine.add_documents(texts):
+            chunk = store.get(info.key)
+            assert chunk is not None  # just stored, in a tier far bigger than these chunks
+            chunks.append(chunk)
     finally:
         engine.close()
     return [
@@ -269,6 +275,7 @@ class RedisBench:
     def tier(self, codec: str, fingerprint: str | None = None):
         from ragcache.storage.redis import RedisTier
 
+        assert self.url is not None  # only called when there is a URL: error is set when there is none
         return RedisTier(
             self.url, namespace=self.namespace, codec=codec, model_fingerprint=fingerprint, timeout_s=REDIS_TIMEOUT_S
         )
@@ -309,7 +316,7 @@ def measure_ttft(
 
     The Redis tier reads whatever codec wrote an entry (the codec is in its header), so the entries
     are also written through a tier of every other codec to time Redis hits per codec."""
-    tiers = {"device": GpuTier(MEMORY_TIER_BYTES, loaded.device), "cpu": CpuTier(MEMORY_TIER_BYTES)}
+    tiers: dict[str, KVTier] = {"device": GpuTier(MEMORY_TIER_BYTES, loaded.device), "cpu": CpuTier(MEMORY_TIER_BYTES)}
     writers = dict(tiers)
     if redis.error is None:
         tiers["redis"] = writers["redis"] = redis.tier(codec, loaded.fingerprint)
@@ -319,10 +326,15 @@ def measure_ttft(
     request = RagRequest(question, tuple(texts), mode="reuse", sampling=SamplingParams(max_tokens=1))
     engine.generate(RagRequest("Warm-up.", sampling=SamplingParams(max_tokens=1)))  # first-call allocations
     keys = [info.key for info in engine.add_documents(list(texts))]
-    entries = [(key, tiers["device"].get(key)) for key in tiers["device"].keys()]  # the documents and the prefix
-    written = [store, *([tiers["redis"]] if "redis" in tiers else [])]  # a miss's chunks end up in both
+    entries = []
+    for key in tiers["device"].keys():  # the documents and the prefix
+        chunk = tiers["device"].get(key)
+        assert chunk is not None  # listed just now; nothing evicts from a tier this big
+        entries.append((key, chunk))
+    # a miss's chunks end up in both
+    written: list[TieredStore | KVTier] = [store, *([tiers["redis"]] if "redis" in tiers else [])]
     scenarios = [*writers, "miss"]
-    runs = {name: [] for name in scenarios}
+    runs: dict[str, list[Generation]] = {name: [] for name in scenarios}
     try:
         for round_index in range(repeats):
             progress(f"TTFT round {round_index + 1}/{repeats}: {', '.join(scenarios)}")

@@ -109,7 +109,8 @@ class ShadowChecks:
 
     def check_blend(self, tenant: str, category: str, setting: str, request: RagRequest, served: Generation) -> None:
         """served: the answer given for request at setting (a ladder name; first-token log-probs kept)."""
-        if served.first_token_logprobs is None:
+        served_logprobs = served.first_token_logprobs
+        if served_logprobs is None:
             self._release("blend_unusable")
             return
         full = replace(
@@ -122,7 +123,8 @@ class ShadowChecks:
         )
 
         def done(result: Generation) -> None:
-            check = compare_first_token(served.first_token_logprobs, result.first_token_logprobs)
+            assert result.first_token_logprobs is not None  # the check asked for them (return_logprobs=True)
+            check = compare_first_token(served_logprobs, result.first_token_logprobs)
             self.budget.observe(tenant, category, setting, not check.agreed, check.kl)
             self._release("blend_done")
 
@@ -182,6 +184,7 @@ class ShadowChecks:
             return True
 
     def _label(self, tenant: str, entry_id: str, similarity: float, cached: str, fresh: str) -> None:
+        assert self._agree is not None  # semantic checks are sampled only with it (sample_semantic)
         agreed = bool(self._agree(cached, fresh))
         self.semantic.record_check(tenant, entry_id, similarity, agreed)
         self._release("semantic_done" if agreed else "semantic_disagreed")

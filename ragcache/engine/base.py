@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ragcache.engine.runner import DocumentInfo, RagRequest
+    from ragcache.engine.scheduler import AdmissionOrder
     from ragcache.engine.sequence import GenerationSink, Sequence
     from ragcache.kv import ChunkKey
 
@@ -19,16 +22,41 @@ class Engine(Protocol):
     kv_bytes_per_token: int  # working KV of one token, every layer
 
     def start(self) -> None:
-        """Start serving submitted sequences (the step loop's thread)."""
+        """Start serving submitted sequences (the step loop's thread); a no-op once claim_loop() was called."""
+
+    def use_admission_order(self, order: AdmissionOrder) -> None:
+        """Admit waiting requests in this order (the agents layer's program-level FCFS) instead of first come,
+        first served. Called once, before start() / claim_loop(); raises RuntimeError after. The order's
+        methods are then called on the step loop's thread only, with the tickets given to submit()."""
+
+    def claim_loop(self) -> None:
+        """The calling thread will drive the step loop (run_loop()); start() becomes a no-op.
+
+        The server calls it on the main thread (the one that loaded the model) before the HTTP
+        server starts, so that the runtime's start() leaves the loop to it."""
+
+    def run_loop(self, alive: Callable[[], bool] = ...) -> None:
+        """Drive the step loop on this thread until close() has finished the work, or alive() returns False.
+
+        Blocks. The server calls it on the main thread, after claim_loop(), with alive = the HTTP
+        thread's is_alive; default: until close()."""
 
     def submit(
-        self, request: RagRequest, sink: GenerationSink, *, ticket=None, return_logprobs: bool = False
+        self,
+        request: RagRequest,
+        sink: GenerationSink,
+        *,
+        ticket: object = None,
+        return_logprobs: bool = False,
+        background: bool = False,
     ) -> Sequence:
         """Queue a request; its text and its Generation reach sink from engine threads.
 
         Blocks for tokenising and store lookups (call it off the event loop); raises
         InvalidRequestError for a request that can never be served. Sequence.cancel()
-        frees it at the next step. ticket: the admission order's (agents) for this turn."""
+        frees it at the next step. ticket: the admission order's (agents) for this turn.
+        background: run it on spare capacity only, never delaying a live request (shadow checks);
+        it never enters the admission order."""
 
     def conversation_of(self, request: RagRequest) -> str | None:
         """The program whose stored conversation the request's prompt continues (matched by token

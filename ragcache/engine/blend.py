@@ -28,10 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ragcache.engine.forward import TokenRun, run_tokens
+from ragcache.engine.forward import Selector, TokenRun, run_tokens
 from ragcache.engine.kvbuffer import KVBuffer, SharedPrefix
 from ragcache.engine.prompt import PromptParts
 from ragcache.engine.selection import DEVIATION_NAMES, choose_candidates, recompute_count
@@ -98,7 +99,15 @@ class DeviationSelector:
         self.num_candidates = sum(self.chunk_lens)
         self.chosen_slots: torch.Tensor | None = None
 
-    def select(self, layer, buffer, slots, queries, keys, values):
+    def select(
+        self,
+        layer: int,
+        buffer: KVBuffer,
+        slots: torch.Tensor,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor | None:
         if layer != self.layer:
             return None
         n = self.num_candidates
@@ -110,8 +119,12 @@ class DeviationSelector:
         return torch.cat([chosen, torch.arange(n, slots.shape[0], device=slots.device)])
 
 
+if TYPE_CHECKING:  # the type checker holds DeviationSelector to the Selector contract (forward.py)
+    _deviation_selector: type[Selector] = DeviationSelector
+
+
 def kv_deviation(
-    buffer, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, deviation: str
+    buffer: KVBuffer, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, deviation: str
 ) -> torch.Tensor:
     """(tokens,) squared distance of the fresh K (deviation 'key') or V (otherwise) from the cached KV at slots."""
     on_keys = deviation == "key"
@@ -120,7 +133,14 @@ def kv_deviation(
     return (fresh.float() - cached.float()).square().sum(dim=(0, 2))
 
 
-def _question_attention(buffer, layer, slots, queries, keys, num_candidates: int) -> torch.Tensor:
+def _question_attention(
+    buffer: KVBuffer,
+    layer: int,
+    slots: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    num_candidates: int,
+) -> torch.Tensor:
     """Attention the question's tokens pay each candidate at this layer (the run's keys are fresh)."""
     all_keys = torch.cat([buffer.layer(layer, int(slots[0]))[0], keys], dim=1)  # (kv_heads, T, dim)
     return question_attention(all_keys, queries[:, num_candidates:], slots[num_candidates:], slots[:num_candidates])
@@ -189,6 +209,7 @@ def place_prompt(
         placed = placed[1:]  # slots [0, P) are the shared prefix's
     cos, sin = stack.rope_tables(torch.arange(layout.cached_tokens, device=stack.device))
     for kv in placed:
+        assert kv is not None  # a mode that places cached KV is given its prefix's (full mode places none)
         start = buffer.length
         buffer.place(kv, start, cos[start : start + kv.num_tokens], sin[start : start + kv.num_tokens])
         buffer.length += kv.num_tokens

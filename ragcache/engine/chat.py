@@ -35,12 +35,15 @@ class ToolCall:
     arguments: str
 
 
+Role = Literal["user", "assistant", "tool"]
+
+
 @dataclass(frozen=True)
 class ChatTurn:
     """An earlier turn of the conversation: a user message, an assistant answer (text, calls or both),
     or a tool's result for the call tool_call_id."""
 
-    role: Literal["user", "assistant", "tool"]
+    role: Role
     content: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None

@@ -71,7 +71,7 @@ def compute_chunks(
     for pack in pack_first_fit(lengths, max_pack_tokens):
         for index, chunk in zip(pack, _compute_pack(stack, [chunk_ids[i] for i in pack], prefix, model_fingerprint)):
             results[index] = chunk
-    return results  # type: ignore[return-value]
+    return results  # type: ignore[return-value]  # the packs cover every index: no None is left
 
 
 def _compute_pack(
@@ -96,6 +96,7 @@ def _compute_pack(
     ids = torch.tensor([t for chunk in chunk_ids for t in chunk], device=device)
     run = TokenRun(ids, torch.arange(prefix_len, total, device=device), positions[prefix_len:])
     out = run_tokens(stack, buffer, run, mask_fn=prepacked_mask(segments, positions), capture=True)
+    assert out.captured_keys is not None and out.captured_values is not None  # capture=True
     chunks, start = [], 0
     for ids_of_chunk, n in zip(chunk_ids, lengths):
         chunks.append(

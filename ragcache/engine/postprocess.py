@@ -15,6 +15,7 @@ from ragcache.kv import ChunkKey, KVChunk
 def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: BlendConfig = BlendConfig()) -> Generation:
     """The finished sequence as its caller sees it: text, usage of the cache, phase timings."""
     prefill, lookup, request = seq.prefill, seq.lookup, seq.request
+    assert prefill is not None and seq.admitted_s is not None  # finished: it was admitted, its KV not yet released
     now = time.perf_counter()
     first = seq.first_token_s or now
     timings = PhaseTimings(
@@ -50,6 +51,7 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: Ble
 
 def program_entry(stack: DecoderStack, seq: Sequence, fingerprint: str) -> tuple[ChunkKey, tuple[int, ...], KVChunk]:
     """(key, token ids, KV) of the prompt + the answer tokens that went through the model."""
+    assert seq.prefill is not None  # called before the finished sequence's working KV is released
     buffer = seq.prefill.buffer
     fed = buffer.length - seq.prompt_len
     token_ids = (*seq.parts.all_ids, *seq.stream.tokens[:fed])

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ragcache.engine.blend import DeviationSelector, Prefill, kv_deviation, question_attention
-from ragcache.engine.forward import BatchItem, RunOutput, TokenRun
+from ragcache.engine.blend import Prefill, kv_deviation, question_attention
+from ragcache.engine.forward import BatchItem, RunOutput, Selector, TokenRun
+from ragcache.engine.kvbuffer import KVBuffer
 from ragcache.engine.selection import choose_candidates, recompute_count
+from ragcache.engine.stack import DecoderStack
 
 PLAIN, SCAN, FINISH = "plain", "scan", "finish"
 
@@ -103,8 +106,9 @@ class BlendScan:
     piece's rows (fresh vs cached, before the write) and keeps the question's queries.
     """
 
-    def __init__(self, prefill: Prefill, stack) -> None:
-        selector: DeviationSelector = prefill.selector
+    def __init__(self, prefill: Prefill, stack: DecoderStack) -> None:
+        selector = prefill.selector
+        assert selector is not None  # only a selective (blend) prefill is scanned in pieces
         self.prefill = prefill
         self.layer = selector.layer
         self.ratio = selector.ratio
@@ -120,7 +124,16 @@ class BlendScan:
         self.finish_slots: torch.Tensor | None = None
         self.chosen_slots: torch.Tensor | None = None
 
-    def select(self, layer, buffer, slots, queries, keys, values):
+    def select(
+        self,
+        layer: int,
+        buffer: KVBuffer,
+        slots: torch.Tensor,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> None:
+        """Score the piece's candidates at the check layer; every token goes on (None)."""
         if layer != self.layer:
             return None
         index = slots - self.prefill.start  # into the run
@@ -134,7 +147,7 @@ class BlendScan:
             self.question_queries.append(queries[:, (~candidate).nonzero()[:, 0]])
         return None
 
-    def choose(self, buffer) -> None:
+    def choose(self, buffer: KVBuffer) -> None:
         """After the last scan piece: the chosen candidates, then the question, as the finish phase's slots."""
         start, n = self.prefill.start, self.num_candidates
         total = self.prefill.ids.shape[0]
@@ -147,9 +160,14 @@ class BlendScan:
             scores = scores * question_attention(keys, queries, question_slots, candidate_slots)
         chosen = choose_candidates(scores, recompute_count(self.ratio, n), self.chunk_lens, self.sink_tokens)
         self.chosen_slots = chosen + start
+        assert self.prefill.selector is not None  # __init__ took its settings from it
         self.prefill.selector.chosen_slots = self.chosen_slots  # what Prefill.recomputed_tokens() counts
         self.finish_slots = torch.cat([self.chosen_slots, question_slots])
         self.question_queries = []
+
+
+if TYPE_CHECKING:  # the type checker holds BlendScan to the Selector contract (forward.py)
+    _scan_selector: type[Selector] = BlendScan
 
 
 def piece_item(
@@ -162,23 +180,30 @@ def piece_item(
         buffer.length = max(buffer.length, end)
         return BatchItem(buffer, TokenRun.contiguous(ids[progress.start + a : end], progress.start + a))
     buffer.length = ids.shape[0]  # a blend run sees its placed chunks and, causally, the question
+    assert scan is not None  # scan and finish pieces belong to a blend run, which has its BlendScan
     if progress.phase == SCAN:
         first = progress.start + a
         run = TokenRun.contiguous(ids[first : first + tokens], first)
         return BatchItem(buffer, run, selector=scan, layers=(0, scan.layer + 1), write_only_last=True)
+    assert scan.finish_slots is not None  # chosen after the last scan piece (after_piece), before any finish piece
     slots = scan.finish_slots[a : a + tokens]
     hidden = scan.hidden[slots - progress.start]
     return BatchItem(buffer, TokenRun(ids[slots], slots, slots), layers=(scan.layer, num_layers), hidden=hidden)
 
 
-def after_piece(progress: PrefillProgress, tokens: int, scan: BlendScan | None, out: RunOutput, buffer) -> int:
+def after_piece(
+    progress: PrefillProgress, tokens: int, scan: BlendScan | None, out: RunOutput, buffer: KVBuffer
+) -> int:
     """Record a computed piece; returns the (token, layer) K/V entries it added to the prompt's work."""
     work = out.token_layers
     if progress.phase == SCAN:
+        assert scan is not None  # a blend run's scan piece
         scan.hidden[out.slots - progress.start] = out.hidden
     elif progress.phase == FINISH:
         work -= tokens  # check_layer was already counted by the scan
     progress.advance(tokens)
-    if progress.phase == FINISH and progress.next == 0 and scan.finish_slots is None:
-        scan.choose(buffer)
+    if progress.phase == FINISH and progress.next == 0:
+        assert scan is not None  # only a blend run has a finish phase
+        if scan.finish_slots is None:
+            scan.choose(buffer)
     return work

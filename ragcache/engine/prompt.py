@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from ragcache.engine import toolformat
-from ragcache.engine.chat import ChatTurn, ToolSpec
+from ragcache.engine.chat import ChatTurn, Role, ToolSpec
 from ragcache.engine.errors import InvalidRequestError
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents below. Answer briefly."
@@ -84,7 +85,8 @@ ROLES = ("user", "assistant")
 
 
 def as_chat_turn(turn: Turn) -> ChatTurn:
-    return turn if isinstance(turn, ChatTurn) else ChatTurn(turn[0], turn[1])
+    """A (role, content) pair's role is the caller's string: build_rag_prompt checks it (_valid_turn)."""
+    return turn if isinstance(turn, ChatTurn) else ChatTurn(cast(Role, turn[0]), turn[1])
 
 
 def template_knows_tools(tokenizer) -> bool:

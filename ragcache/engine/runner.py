@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -47,6 +48,9 @@ from ragcache.engine.toolformat import with_tool_calls
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey, KVChunk, chunk_key
 from ragcache.storage.base import KVStore
 
+if TYPE_CHECKING:
+    from ragcache.engine.base import Engine
+
 log = logging.getLogger("ragcache.engine")
 
 
@@ -69,7 +73,7 @@ class BlendEngine:
         self.store = store
         self.config = config
         self.model_name = loaded.name
-        self.context_len = loaded.model.config.max_position_embeddings
+        self.context_len: int = loaded.model.config.max_position_embeddings
         self.eos_ids = frozenset(_eos_ids(loaded))
         self.programs = programs or ProgramIndex()  # with a registry: shared by replicas, kept across restarts
         self.conversations = ConversationIndex()  # implicit programs, found by their prompt's prefix
@@ -109,7 +113,7 @@ class BlendEngine:
         request: RagRequest,
         sink: GenerationSink,
         *,
-        ticket=None,
+        ticket: object = None,
         return_logprobs: bool = False,
         background: bool = False,
     ) -> Sequence:
@@ -191,7 +195,8 @@ class BlendEngine:
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs on the wire)."""
         with self._tokenizer_lock:
-            return [self.tokenizer.decode([token]) for token in token_ids]
+            # decode's str | list[str] covers a batch of id lists; one id list decodes to one str
+            return [cast(str, self.tokenizer.decode([token])) for token in token_ids]
 
     def generate(
         self, request: RagRequest, on_token: TokenCallback | None = None, return_logprobs: bool = False
@@ -329,11 +334,15 @@ class BlendEngine:
         plan = self.scheduler.schedule()
         for seq in plan.dropped:
             self._fail(seq, SequenceCancelled("the request was cancelled"))
+        # preempted, resumed and grown sequences were admitted: their working KV (prefill) is placed
         for seq in plan.preempted:
+            assert seq.prefill is not None
             seq.prefill.buffer.swap_out()
         for seq in plan.resumed:
+            assert seq.prefill is not None
             seq.prefill.buffer.swap_in(seq.reserved_slots)
         for seq in plan.grown:
+            assert seq.prefill is not None
             seq.prefill.buffer.resize(seq.reserved_slots)
         for seq in plan.admitted:
             self._admit(seq, plan)
@@ -398,6 +407,7 @@ class BlendEngine:
                 seq.prefill = place_prompt(self.stack, seq.parts, None, [], mode="full", capacity=capacity)
             else:
                 prefix_kv, chunk_kvs = self._fill_missing(seq)
+                assert lookup.prefix_key is not None  # looked up: not full mode, not a program's turn
                 shared = self._share_prefix(lookup.prefix_key, prefix_kv)
                 seq.prefill = place_prompt(
                     self.stack,
@@ -438,6 +448,7 @@ class BlendEngine:
         """The prompt's prefix and chunk KV, the missing ones computed now (each distinct one once), stored later."""
         started = time.perf_counter()
         lookup, parts = seq.lookup, seq.parts
+        assert lookup.prefix_key is not None  # only a looked-up prompt (not full, not a program's turn) is filled
         missing = lookup.missing(parts.chunk_ids)
         computed = self._compute(lookup.prefix_key, parts.prefix_ids, lookup.prefix_kv, missing)
         if computed:
@@ -521,3 +532,7 @@ def _eos_ids(loaded: LoadedModel) -> set[int]:
     configured = getattr(loaded.model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}
+
+
+if TYPE_CHECKING:  # the type checker holds BlendEngine to the Engine contract
+    _engine: type[Engine] = BlendEngine

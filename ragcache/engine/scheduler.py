@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ragcache.engine.sequence import SeqState, Sequence
 
@@ -63,7 +63,12 @@ class SchedulerConfig:
 
 
 class AdmissionOrder(Protocol):
-    """Which waiting sequence is admitted next. Called on the engine thread only."""
+    """Which waiting sequence is admitted next. Called on the engine thread only.
+
+    waiting is the scheduler's own list of live waiting sequences (never a background one),
+    lent: an order reads it, never adds to it or removes from it. An order may read and set a
+    sequence's ticket (Sequence.ticket), as the agents' program-level FCFS does
+    (ragcache.agents.scheduler.ProgramScheduler: pick is generic over what it is given)."""
 
     def pick(self, waiting: list[Sequence]) -> Sequence:
         """One of waiting (never empty); not yet removed from it."""
@@ -86,6 +91,10 @@ class FcfsOrder:
 
     def dropped(self, seq: Sequence) -> None:
         pass
+
+
+if TYPE_CHECKING:  # the type checker holds FcfsOrder to the AdmissionOrder contract
+    _fcfs_order: type[AdmissionOrder] = FcfsOrder
 
 
 @dataclass
@@ -183,7 +192,7 @@ class Scheduler:
         self._drop_cancelled(plan)
         live = self.has_live
         self._plan_decodes(plan, live)
-        budget = (self.config.step_tokens if live else self.config.background_step_tokens) - len(plan.decodes)
+        budget: float = (self.config.step_tokens if live else self.config.background_step_tokens) - len(plan.decodes)
         prefilling = [s for s in self.running if s.state is SeqState.PREFILL and (not live or not s.background)]
         budget = self._plan_prefills(plan, prefilling, budget)
         self._admit(plan, budget, live)
@@ -244,6 +253,7 @@ class Scheduler:
         for seq in seqs:
             if budget <= 0 and plan.prefills:
                 break
+            assert seq.progress is not None  # set by submit() before the sequence reaches the scheduler
             tokens, cost = seq.progress.take(max(budget, 0.0))
             plan.prefills.append((seq, tokens))
             budget -= cost

@@ -48,7 +48,8 @@ def sink_indices(chunk_lens: Sequence[int], sink_tokens: int, count: int) -> lis
     if not chunk_lens or sink_tokens <= 0:
         return []
     per_chunk = min(sink_tokens, count // len(chunk_lens))
-    indices, start = [], 0
+    indices: list[int] = []
+    start = 0
     for length in chunk_lens:
         indices.extend(range(start, start + min(per_chunk, length)))
         start += length

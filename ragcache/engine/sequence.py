@@ -165,6 +165,7 @@ class Sequence:
             return
         if piece:
             self.sink.on_text(piece)
+        assert self.prefill is not None  # a sampled token: the sequence is running, its working KV placed
         fed = self.prefill.buffer.length
         if len(self.stream.tokens) >= self.sampling.max_tokens or fed >= context_len:
             self._finish("length", self.stream.flush())
@@ -211,3 +212,7 @@ class BlockingSink:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+if TYPE_CHECKING:  # the type checker holds BlockingSink to the GenerationSink contract
+    _blocking_sink: type[GenerationSink] = BlockingSink

@@ -8,28 +8,63 @@ buffer. tests/test_stack.py holds this against the model's own forward.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, cast
+
 import torch
 import torch.nn.functional as F
 
 from ragcache.kernels.rope import apply_rope
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# The Llama-shaped modules the stack drives (loader.SUPPORTED_MODEL_TYPES: Llama, Mistral, Qwen2), as
+# the stack uses them. nn.Module's __getattr__ types every submodule as `Tensor | Module`; these say
+# what the model's attributes are. Calling a module returns Any (nn.Module.__call__).
+
+
+class _Attention(Protocol):
+    q_proj: torch.nn.Module
+    k_proj: torch.nn.Module
+    v_proj: torch.nn.Module
+    o_proj: torch.nn.Module
+    scaling: float  # head_dim ** -0.5
+
+
+class _DecoderLayer(Protocol):
+    self_attn: _Attention
+    input_layernorm: torch.nn.Module
+    post_attention_layernorm: torch.nn.Module
+    mlp: torch.nn.Module
+
+
+class _Backbone(Protocol):
+    """The causal LM's inner model (LlamaModel and its kin)."""
+
+    layers: Sequence[_DecoderLayer]  # an nn.ModuleList
+    embed_tokens: torch.nn.Embedding
+    norm: torch.nn.Module
+    rotary_emb: torch.nn.Module  # (x, positions (1, tokens)) -> cos, sin (1, tokens, head_dim)
+
 
 class DecoderStack:
-    def __init__(self, model: torch.nn.Module) -> None:
-        config = model.config
+    def __init__(self, model: PreTrainedModel) -> None:
+        config = model.config  # its fields (PreTrainedConfig's __getattribute__) are Any
+        backbone = cast(_Backbone, model.model)
         self.model = model
-        self.layers = model.model.layers
-        self.embed_tokens = model.model.embed_tokens
-        self.norm = model.model.norm
-        self.rotary = model.model.rotary_emb
-        self.lm_head = model.lm_head
-        self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.layers = backbone.layers
+        self.embed_tokens = backbone.embed_tokens
+        self.norm = backbone.norm
+        self.rotary = backbone.rotary_emb
+        self.lm_head = cast(torch.nn.Module, model.lm_head)
+        self.num_layers: int = config.num_hidden_layers
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.windows = layer_windows(config)
-        self.device = self.embed_tokens.weight.device
-        self.dtype = self.embed_tokens.weight.dtype
+        self.device: torch.device = self.embed_tokens.weight.device
+        self.dtype: torch.dtype = self.embed_tokens.weight.dtype
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids)  # (tokens, hidden)
@@ -84,11 +119,13 @@ class DecoderStack:
         grouped = q.reshape(self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         scores = torch.cat([(grouped @ keys.transpose(1, 2)).float() for keys, _ in parts], dim=-1) * scale
         probs = scores.softmax(-1).to(q.dtype)  # (kv_heads, group, slots of every part)
-        out, start = None, 0
+        out: torch.Tensor | None = None
+        start = 0
         for _, values in parts:
             piece = probs[..., start : start + values.shape[1]] @ values
             out = piece if out is None else out + piece
             start += values.shape[1]
+        assert out is not None  # parts is never empty: there is at least the sequence's own slots
         return out.reshape(1, self.num_heads * self.head_dim)
 
     def output_and_mlp(self, layer: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,11 @@ from ragcache.engine.stack import DecoderStack
 
 def run_step(stack: DecoderStack, plan: StepPlan) -> list[tuple[Sequence, int]]:
     """Compute the plan's tokens; returns (sequence, sampled token) for each sequence that produced one."""
-    items, owners, pieces = [], [], []
+    items: list[BatchItem] = []
+    owners: list[Sequence] = []
+    pieces: list[int | None] = []  # prompt tokens of each item, None for a decode
     for seq in plan.decodes:
+        assert seq.prefill is not None  # a planned sequence is admitted: its working KV is placed
         buffer = seq.prefill.buffer
         slot = buffer.length
         buffer.length += 1
@@ -37,6 +40,7 @@ def run_step(stack: DecoderStack, plan: StepPlan) -> list[tuple[Sequence, int]]:
         owners.append(seq)
         pieces.append(None)
     for seq, tokens in plan.prefills:
+        assert seq.prefill is not None and seq.progress is not None  # admitted (prefill), submitted (progress)
         items.append(piece_item(seq.prefill, seq.progress, tokens, seq.scan, stack.num_layers))
         owners.append(seq)
         pieces.append(tokens)
@@ -44,9 +48,10 @@ def run_step(stack: DecoderStack, plan: StepPlan) -> list[tuple[Sequence, int]]:
         return []
     outputs = run_batch(stack, items)
     sampling, last_rows = [], []
-    for seq, out, tokens in zip(owners, outputs, pieces):
-        if tokens is not None:
-            seq.token_layers += after_piece(seq.progress, tokens, seq.scan, out, seq.prefill.buffer)
+    for seq, out, piece in zip(owners, outputs, pieces):
+        if piece is not None:
+            assert seq.prefill is not None and seq.progress is not None  # as above: a prefill item's sequence
+            seq.token_layers += after_piece(seq.progress, piece, seq.scan, out, seq.prefill.buffer)
             if not seq.progress.done:
                 continue
             seq.state = SeqState.DECODE

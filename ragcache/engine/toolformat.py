@@ -258,6 +258,7 @@ class CallStream:
     def _arguments(self, events: list, text: str) -> None:
         if not text:
             return
+        assert self.current is not None  # in_arguments: the call's name was read
         self.current[1] += text
         if self.released:
             events.append(("arguments", len(self.calls), text))
@@ -265,11 +266,13 @@ class CallStream:
             self._release_if_new(events)
 
     def _release_if_new(self, events: list) -> None:
+        assert self.current is not None  # called while a call is being read
         name, arguments = self.current
         if not any(n == name and a.startswith(arguments) for n, a in self.calls):
             self._release(events)
 
     def _release(self, events: list) -> None:
+        assert self.current is not None  # called while a call is being read
         name, arguments = self.current
         events.append(("call", len(self.calls), name))
         if arguments:
@@ -277,7 +280,9 @@ class CallStream:
         self.released = True
 
     def _end_call(self, events: list) -> None:
-        call = tuple(self.current)
+        assert self.current is not None  # the end of the call being read
+        name, arguments = self.current
+        call = (name, arguments)
         if not self.released and call not in self.calls:
             self._release(events)
         if self.released:

@@ -33,6 +33,8 @@ Document = str | tuple[str, str] | Mapping[str, Any] | DocumentIn
 Messages = str | Iterable[Mapping[str, Any] | ChatMessage]
 # The header alias of the program_id extension; a program's turns send both.
 PROGRAM_HEADER = "X-Session-ID"
+# What POST /v1/programs/{id}/events says happened.
+ProgramEventType = Literal["tool_start", "tool_end", "end"]
 
 
 class RagOptions(TypedDict, total=False):
@@ -142,7 +144,8 @@ def chat(messages: Messages, documents: Iterable[Document] | None, stream: bool,
         documents=documents_in(documents),
         stream=stream,
         stream_options=StreamOptions(include_usage=True) if stream else None,
-        **options,
+        # tools, tool_choice and response_format stay the caller's dicts: _compact sends them as given
+        **options,  # type: ignore[arg-type]  # OpenAI-shaped dicts, not converted to structs; the server validates them
     )
     return Call("POST", "/v1/chat/completions", _decoder(ChatCompletion), _compact(body), stream=stream)
 
@@ -163,11 +166,12 @@ def program_chat(
     if system_prompt is not None and not (turn and turn[0].role == "system"):
         turn = [ChatMessage("system", system_prompt), *turn]
     call = chat(turn, documents, stream, {**options, "program_id": program_id})
+    assert call.body is not None  # chat() always sends a body
     body = {**call.body, "is_last_step": True} if is_last_step else call.body
     return call._replace(body=body, headers={PROGRAM_HEADER: program_id})
 
 
-def program_event(program_id: str, type: Literal["tool_start", "tool_end", "end"], tool: str | None = None) -> Call:
+def program_event(program_id: str, type: ProgramEventType, tool: str | None = None) -> Call:
     """POST /v1/programs/{id}/events with {"type", "tool"}: a tool started or ended, or the program ended (204)."""
     body = {"type": type} if tool is None else {"type": type, "tool": tool}
     return Call("POST", f"/v1/programs/{quote(program_id, safe='')}/events", _nothing, body)

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
 
 from ragcache.sdk import calls
-from ragcache.sdk.calls import Document, Messages
+from ragcache.sdk.calls import Document, Messages, ProgramEventType
 from ragcache.sdk.errors import NotFoundError
 from ragcache.sdk.stream import AsyncChatStream, ChatStream
 
@@ -106,7 +106,7 @@ class Program(_ProgramBase):
     def __exit__(self, *_) -> None:
         self.end()
 
-    def _event(self, type: str, tool: str | None = None) -> None:
+    def _event(self, type: ProgramEventType, tool: str | None = None) -> None:
         if not self._events:
             return
         try:
@@ -159,7 +159,7 @@ class AsyncProgram(_ProgramBase):
     async def __aexit__(self, *_) -> None:
         await self.end()
 
-    async def _event(self, type: str, tool: str | None = None) -> None:
+    async def _event(self, type: ProgramEventType, tool: str | None = None) -> None:
         if not self._events:
             return
         try:

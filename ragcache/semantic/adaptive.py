@@ -85,15 +85,19 @@ class ThresholdController:
 
     def threshold(self, tenant: str, category: str, policy: CategoryPolicy) -> float:
         """policy.threshold, raised by false-hit reports, relaxed by load; within the policy's bounds."""
+        # CategoryPolicy.__post_init__ fills every None bound
+        assert policy.min_threshold is not None and policy.max_threshold is not None
         relaxed = self.pressure() * (policy.threshold - policy.min_threshold)
         with self._lock:
             offset = self._offsets.get((tenant, category), 0.0)
         return min(policy.max_threshold, max(policy.min_threshold, policy.threshold + offset - relaxed))
 
     def ttl_s(self, policy: CategoryPolicy) -> float:
+        assert policy.max_ttl_s is not None  # CategoryPolicy.__post_init__ fills every None bound
         return policy.ttl_s + self.pressure() * (policy.max_ttl_s - policy.ttl_s)
 
     def report_false_hit(self, tenant: str, category: str, policy: CategoryPolicy) -> None:
+        assert policy.max_threshold is not None  # CategoryPolicy.__post_init__ fills every None bound
         with self._lock:
             room = policy.max_threshold - policy.threshold
             self._offsets[(tenant, category)] = min(

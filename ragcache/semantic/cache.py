@@ -393,7 +393,6 @@ class SemanticCache:
         return None, rejections
 
     def _candidate(self, tenant: str, prepared: _Prepared, entry: Entry, similarity: float) -> Candidate:
-        both = prepared.context is not None and entry.context is not None
         return Candidate(
             tenant,
             prepared.category,
@@ -407,7 +406,9 @@ class SemanticCache:
             similarity,
             prepared.context,
             entry.context,
-            float(prepared.context.vector @ entry.context.vector) if both else None,
+            float(prepared.context.vector @ entry.context.vector)
+            if prepared.context is not None and entry.context is not None
+            else None,
         )
 
     def _verifiers(self, category: str) -> tuple[Verifier, ...]:
@@ -436,6 +437,7 @@ class SemanticCache:
         )
 
     def _floor(self, policy: CategoryPolicy) -> float:
+        assert policy.min_threshold is not None  # CategoryPolicy.__post_init__ fills every None bound
         return self.config.learned.floor if self.config.learned.floor is not None else policy.min_threshold
 
     def _index(self, record: AnswerRecord, prepared: _Prepared) -> None:

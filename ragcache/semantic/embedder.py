@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -106,3 +106,7 @@ def _load(path: str, device: str):
 
             _MODELS[(path, device)] = SentenceTransformer(path, device=device, local_files_only=True)
         return _MODELS[(path, device)]
+
+
+if TYPE_CHECKING:  # the type checker holds SentenceTransformerEmbedder to the Embedder contract
+    _embedder: type[Embedder] = SentenceTransformerEmbedder

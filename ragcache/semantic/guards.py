@@ -31,9 +31,14 @@ to 2.7%, at a cost of 91% -> 72% of should-hit pairs served (`ragcache bench sem
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ragcache.semantic.conversation import ContextKey
 from ragcache.semantic.lexicon import NEGATING_PREFIXES, OPPOSITES
 from ragcache.semantic.text import TextFeatures, stem, typo_equal
+
+if TYPE_CHECKING:
+    from ragcache.semantic.verify import Candidate, Verifier
 
 REASONS = ("negation", "number", "date", "entity", "order", "scope", "context")
 
@@ -236,7 +241,7 @@ class GuardVerifier:
     def __init__(self, config) -> None:
         self.config = config  # a GuardConfig
 
-    def reject_reason(self, candidate) -> str | None:
+    def reject_reason(self, candidate: Candidate) -> str | None:
         reason = self._question_reason(candidate)
         new, cached = candidate.new_context, candidate.cached_context
         if reason is not None or (new is None and cached is None):
@@ -265,3 +270,8 @@ class FactVerifier(GuardVerifier):
 
     def _question_reason(self, candidate) -> str | None:
         return check_facts(candidate.new_features, candidate.cached_features)
+
+
+if TYPE_CHECKING:  # the type checker holds the guard verifiers to the Verifier contract
+    _guards: type[Verifier] = GuardVerifier
+    _facts: type[Verifier] = FactVerifier

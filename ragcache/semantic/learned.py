@@ -32,9 +32,12 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ragcache.checks.estimate import wilson_interval
+
+if TYPE_CHECKING:
+    from ragcache.semantic.verify import Candidate, Verifier
 
 SIMILARITY_SLACK = 1e-6  # cosines of identical texts come out a hair under 1.0
 
@@ -302,5 +305,9 @@ class LearnedVerifier:
     def __init__(self, threshold_of) -> None:
         self._threshold_of = threshold_of
 
-    def reject_reason(self, candidate) -> str | None:
+    def reject_reason(self, candidate: Candidate) -> str | None:
         return None if similarity_passes(candidate.similarity, self._threshold_of(candidate)) else "threshold"
+
+
+if TYPE_CHECKING:  # the type checker holds LearnedVerifier to the Verifier contract
+    _verifier: type[Verifier] = LearnedVerifier

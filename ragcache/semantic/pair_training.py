@@ -130,8 +130,8 @@ def musique_texts(path: str = MUSIQUE, num_sentences: int = 1000, seed: int = 0)
     with open(path) as handle:
         items = json.load(handle)
     questions = [item["question"] for item in items]
-    sentences = {s.strip() for item in items for ctx in item["ctxs"] for s in re.split(r"(?<=[.!?])\s+", ctx["text"])}
-    sentences = sorted(s for s in sentences if 6 <= len(s.split()) <= 30 and s[:1].isalpha())
+    unique = {s.strip() for item in items for ctx in item["ctxs"] for s in re.split(r"(?<=[.!?])\s+", ctx["text"])}
+    sentences = sorted(s for s in unique if 6 <= len(s.split()) <= 30 and s[:1].isalpha())
     return questions, random.Random(seed).sample(sentences, min(num_sentences, len(sentences)))
 
 
@@ -261,8 +261,9 @@ def _name_spans(words: list[str]) -> list[tuple[int, int]]:
 
 def _respell(into: list[str], source: list[str]) -> list[str]:
     """source's words with into's leading and trailing punctuation."""
-    lead = re.match(r"^\W*", into[0]).group(0)
-    trail = re.search(r"\W*$", into[-1]).group(0)
+    lead_match, trail_match = re.match(r"^\W*", into[0]), re.search(r"\W*$", into[-1])
+    assert lead_match is not None and trail_match is not None  # \W* matches even the empty string
+    lead, trail = lead_match.group(0), trail_match.group(0)
     cores = [re.sub(r"^\W+|\W+$", "", w) for w in source]
     cores[0] = lead + cores[0]
     cores[-1] = cores[-1] + trail

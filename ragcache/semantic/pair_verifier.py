@@ -23,12 +23,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from ragcache.semantic.text import typo_equal
-from ragcache.semantic.verify import Candidate
+from ragcache.semantic.verify import Candidate, Verifier
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "pair_verifier.npz")
 
@@ -79,9 +79,9 @@ def token_view(pieces: Sequence[str], word_ids: Sequence[int | None], hidden: np
     """
     sentence = hidden.mean(axis=0)
     groups: dict[int, list[int]] = {}
-    for position, word in enumerate(word_ids):
-        if word is not None:
-            groups.setdefault(word, []).append(position)
+    for position, word_id in enumerate(word_ids):
+        if word_id is not None:
+            groups.setdefault(word_id, []).append(position)
     words, rows = [], []
     for positions in groups.values():
         word = "".join(pieces[i].removeprefix("##") for i in positions)
@@ -299,3 +299,7 @@ class PairVerifier:
             return np.zeros(0)
         features = np.stack([pair_features(views[2 * i], views[2 * i + 1]) for i in range(len(pairs))])
         return self.model.probability(features)
+
+
+if TYPE_CHECKING:  # the type checker holds PairVerifier to the Verifier contract
+    _verifier: type[Verifier] = PairVerifier

@@ -60,20 +60,20 @@ class CategoryPolicy:
     delta: float = 0.05
 
     def __post_init__(self) -> None:
-        for name, default in (
-            ("min_threshold", self.threshold),
-            ("max_threshold", self.threshold),
-            ("max_ttl_s", self.ttl_s),
-        ):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, default)
-        if not 0.0 < self.min_threshold <= self.threshold <= self.max_threshold <= 1.0:
+        # a None bound is filled in here: once made, a policy's bounds are floats
+        min_threshold = self.threshold if self.min_threshold is None else self.min_threshold
+        max_threshold = self.threshold if self.max_threshold is None else self.max_threshold
+        max_ttl_s = self.ttl_s if self.max_ttl_s is None else self.max_ttl_s
+        object.__setattr__(self, "min_threshold", min_threshold)
+        object.__setattr__(self, "max_threshold", max_threshold)
+        object.__setattr__(self, "max_ttl_s", max_ttl_s)
+        if not 0.0 < min_threshold <= self.threshold <= max_threshold <= 1.0:
             raise ValueError(
                 f"need 0 < min_threshold <= threshold <= max_threshold <= 1, got "
-                f"{self.min_threshold} / {self.threshold} / {self.max_threshold}"
+                f"{min_threshold} / {self.threshold} / {max_threshold}"
             )
-        if not 0.0 < self.ttl_s <= self.max_ttl_s:
-            raise ValueError(f"need 0 < ttl_s <= max_ttl_s, got {self.ttl_s} / {self.max_ttl_s}")
+        if not 0.0 < self.ttl_s <= max_ttl_s:
+            raise ValueError(f"need 0 < ttl_s <= max_ttl_s, got {self.ttl_s} / {max_ttl_s}")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if self.max_entries <= 0:

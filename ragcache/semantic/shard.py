@@ -69,6 +69,7 @@ class Shard:
     def remove(self, entry_id: str) -> Entry | None:
         entry = self.entries.pop(entry_id, None)
         if entry is not None:
+            assert self.index is not None  # entries exist only after insert() made the index
             self.index.remove(entry.label)
             del self.by_label[entry.label]
         return entry

@@ -7,7 +7,7 @@ per stored entry; the guards then compare two of these without touching the text
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from ragcache.semantic.lexicon import (
@@ -255,7 +255,7 @@ def _entities(text: str) -> set[str]:
     return found
 
 
-def _roles(words: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+def _roles(words: Sequence[str]) -> dict[str, tuple[str, ...]]:
     roles: dict[str, list[str]] = {}
     for i, word in enumerate(words):
         role = ROLE_PREPOSITIONS.get(word)

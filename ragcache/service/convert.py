@@ -152,6 +152,8 @@ def chat_request(
 
 def chat_turn(message: ChatMessage, text: str, index: int) -> ChatTurn:
     """One non-system message as the engine's ChatTurn; tool calls' arguments must be JSON objects."""
+    role = message.role
+    assert role in ("user", "assistant", "tool")  # chat_request keeps system and developer messages out
     calls = []
     for number, call in enumerate(message.tool_calls or ()):
         if message.role != "assistant":
@@ -170,7 +172,7 @@ def chat_turn(message: ChatMessage, text: str, index: int) -> ChatTurn:
     if message.role != "tool" and not text.strip() and not calls:
         raise InvalidRequestError(f"messages[{index}].content must not be empty")
     return ChatTurn(
-        message.role,
+        role,
         text,
         tuple(calls),
         message.tool_call_id if message.role == "tool" else None,

@@ -7,6 +7,7 @@ import logging
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
+from litestar.types import ExceptionHandlersMap
 
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.registry import RegistryUnavailableError
@@ -37,14 +38,14 @@ _PLAIN = {  # msgspec's words for our patterns
 }
 
 
+def _plain(message: object) -> object:
+    return _PLAIN.get(message, message) if isinstance(message, str) else message
+
+
 def on_validation(_: Request, exc: ValidationException) -> Response:
     details = exc.extra if isinstance(exc.extra, list) else []
     fields = [str(d.get("key")) for d in details if isinstance(d, dict) and d.get("key")]
-    reasons = "; ".join(
-        f"{d.get('key') or 'body'}: {_PLAIN.get(d.get('message'), d.get('message'))}"
-        for d in details
-        if isinstance(d, dict)
-    )
+    reasons = "; ".join(f"{d.get('key') or 'body'}: {_plain(d.get('message'))}" for d in details if isinstance(d, dict))
     return error_response(400, reasons or exc.detail, fields[0] if fields else None)
 
 
@@ -89,7 +90,7 @@ def responses(*statuses: int) -> dict[int, ResponseSpec]:
     return {status: ResponseSpec(ErrorResponse, description=_DESCRIPTIONS[status]) for status in statuses}
 
 
-HANDLERS = {
+HANDLERS: ExceptionHandlersMap = {
     ValidationException: on_validation,
     HTTPException: on_http,
     InvalidRequestError: on_invalid,

@@ -14,13 +14,23 @@ request the server will take from one it will refuse.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import msgspec
 import numpy as np
 from litestar import Request
 from litestar.exceptions import ClientException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
-from litestar.openapi.spec import OpenAPI, OpenAPIResponse, OpenAPIType, Operation, Reference, Schema, SecurityScheme
+from litestar.openapi.spec import (
+    OpenAPI,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Parameter,
+    Reference,
+    Schema,
+    SecurityScheme,
+)
 
 from ragcache import schemas
 from ragcache.config import Settings
@@ -112,10 +122,12 @@ def state_limits(spec: OpenAPI, settings: Settings, tier_names: list[str], categ
         for name in ("ChatCompletionRequest", "RagRequestBody"):
             _bound(wire[name]["properties"]["category"], "enum", list(categories))
     spec.components.schemas.update(wire)  # plain JSON Schema dicts are served as they are
-    _enum_parameter(spec.paths["/admin/flush"].post, "tier", tier_names)
+    paths = spec.paths
+    assert paths is not None  # the app's routes: the generated spec always has paths
+    _enum_parameter(paths["/admin/flush"].post, "tier", tier_names)
     if categories is not None:
-        _enum_parameter(spec.paths["/admin/semantic"].delete, "category", categories)
-        _enum_parameter(spec.paths["/admin/semantic/categories/{name}"].put, "name", categories)
+        _enum_parameter(paths["/admin/semantic"].delete, "category", categories)
+        _enum_parameter(paths["/admin/semantic/categories/{name}"].put, "name", categories)
     for operation in _operations(spec):
         _errors_are_ours(operation)
     if settings.api_keys:
@@ -154,7 +166,7 @@ def _bound(prop: dict, keyword: str, value: int | list[str]) -> None:
 
 def _enum_parameter(operation: Operation | None, name: str, values: list[str]) -> None:
     for parameter in (operation.parameters if operation is not None else None) or []:
-        if parameter.name == name:
+        if isinstance(parameter, Parameter) and parameter.name == name:  # Litestar's parameters are never references
             parameter.schema = Schema(type=OpenAPIType.STRING, enum=list(values))
 
 
@@ -166,8 +178,8 @@ def _errors_are_ours(operation: Operation) -> None:
             media.schema = Reference("#/components/schemas/ErrorResponse")
 
 
-def _operations(spec: OpenAPI):
-    for item in spec.paths.values():
+def _operations(spec: OpenAPI) -> Iterator[Operation]:
+    for item in (spec.paths or {}).values():
         yield from (op for op in (item.get, item.put, item.post, item.delete, item.patch) if op is not None)
 
 

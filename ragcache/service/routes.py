@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -102,7 +104,8 @@ async def chat_completions(
                 await answer.aclose()
             raise
         calls = parses_tool_calls(rag)
-        return ServerSentEvent(_sse(runtime.model_name, firsts, answers, include_usage, calls, token_texts))
+        events = ServerSentEvent(_sse(runtime.model_name, firsts, answers, include_usage, calls, token_texts))
+        return events  # type: ignore[return-value]  # stream: true answers events; the annotation is the spec's 200
     results = await asyncio.gather(*(_last_item(answer) for answer in answers))
     if isinstance(results[0], CachedAnswer):
         report = semantic.hit_report(results[0])
@@ -163,7 +166,7 @@ def _deltas(events: list[tuple]) -> list[Delta]:
     return deltas
 
 
-async def _merged(answers):
+async def _merged(answers: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
     """(choice index, item) from n answers as they come; the answers run as tasks, cancelled if we stop early."""
     if len(answers) == 1:
         async for item in answers[0]:
@@ -325,7 +328,9 @@ async def delete_document(doc_id: FromPath[str], runtime: RuntimeDep, tenant: Te
 async def program_event(
     program_id: FromPath[str], data: JSONBody[ProgramEvent], runtime: RuntimeDep, tenant: TenantDep
 ) -> None:
-    runtime.program_event(tenant, program_id, type(data).__struct_config__.tag, data.tool)
+    kind = type(data).__struct_config__.tag
+    assert isinstance(kind, str)  # every ProgramEvent struct is tagged with a string
+    runtime.program_event(tenant, program_id, kind, data.tool)
 
 
 ROUTES = [list_models, chat_completions, rag_answer, add_documents, delete_document, program_event]

@@ -18,7 +18,7 @@ import hashlib
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 
 import msgspec
@@ -159,7 +159,7 @@ class Runtime:
         query: SemanticQueryIn | None = None,
         is_last_step: bool = False,
         conversation: bool = True,
-    ) -> AsyncIterator[Accepted | str | Generation | CachedAnswer]:
+    ) -> AsyncGenerator[Accepted | str | Generation | CachedAnswer, None]:
         """Accepted, text pieces as they are generated, then the Generation; or one CachedAnswer from the
         semantic cache. Bad input and a full queue raise before Accepted.
 
@@ -192,10 +192,12 @@ class Runtime:
                     self._label_rejected(tenant, outcome, item)
                 yield item
         finally:
-            if checked and served is not None:
-                self.shadow.check_blend(tenant, category, setting.name, request, served)
-            elif checked:
-                self.shadow.abandon()
+            if checked:
+                assert self.shadow is not None and setting is not None  # checked says both are there
+                if served is not None:
+                    self.shadow.check_blend(tenant, category, setting.name, request, served)
+                else:
+                    self.shadow.abandon()
 
     async def _generate(
         self, tenant: str, request: RagRequest, is_last_step: bool, return_logprobs: bool = False
@@ -216,6 +218,7 @@ class Runtime:
                 )
             except BaseException:
                 if ticket is not None:
+                    assert self.coordinator is not None  # only a coordinator hands out tickets
                     self.coordinator.abandon(ticket)
                 raise
             yield Accepted()
@@ -334,7 +337,7 @@ class Runtime:
         missing = [doc_id for doc_id, record in zip(ids, found) if record is None]
         if missing:
             raise UnknownDocumentError(f"unknown document id(s): {missing}")
-        return [record.text for record in found]
+        return [record.text for record in found if record is not None]  # none is: missing is empty
 
     async def delete_document(self, tenant: str, doc_id: str) -> None:
         record = await asyncio.to_thread(self.documents.delete, tenant, doc_id)

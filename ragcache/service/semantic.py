@@ -86,7 +86,10 @@ async def invalidate(
     category: FromQuery[str | None] = None,
     entry_id: FromQuery[str | None] = None,
 ) -> dict:
-    dropped = await asyncio.to_thread(_require_semantic(runtime).invalidate, of_tenant, category, entry_id)
+    semantic = _require_semantic(runtime)
+    if category is not None and category not in semantic.policies():
+        raise InvalidRequestError(f"unknown category {category!r}; known: {', '.join(sorted(semantic.policies()))}")
+    dropped = await asyncio.to_thread(semantic.invalidate, of_tenant, category, entry_id)
     return {"dropped": dropped}
 
 

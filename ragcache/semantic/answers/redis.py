@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from urllib.parse import quote, unquote
 
 import numpy as np
+from redis.typing import EncodableT, FieldT
 
 from ragcache.semantic.answers.base import AnswerRecord, AnswerStore, AnswerStoreStats, AnswerStoreUnavailable
 from ragcache.semantic.conversation import Message
@@ -111,8 +112,8 @@ class RedisAnswerStore(AnswerStore):
             return fallback
 
 
-def _encode(record: AnswerRecord) -> dict[str, bytes | str | float | int]:
-    fields: dict[str, bytes | str | float | int] = {
+def _encode(record: AnswerRecord) -> dict[FieldT, EncodableT]:
+    fields: dict[FieldT, EncodableT] = {
         "answer": record.answer,
         "text": record.text,
         "history": json.dumps([[m.role, m.content] for m in record.history]),

@@ -67,7 +67,7 @@ class FaissIndex(VectorIndex):
             fetch = min(k + self._tombstones(), len(self._slot_labels), _MAX_GPU_K)
             similarities, slots = self._index.search(query, fetch)
         else:
-            params = self._faiss.SearchParametersHNSW(
+            params = self._faiss.SearchParametersHNSW(  # type: ignore[attr-defined]  # faiss-cpu's stub lacks it; swigfaiss has it
                 sel=self._live_selector(), efSearch=max(self._config.ef_search, k)
             )
             similarities, slots = self._index.search(query, k, params=params)
