@@ -161,3 +161,25 @@ def test_a_sampled_semantic_hit_is_checked_against_a_fresh_engine_answer(tokeniz
         row = next(c for c in runtime.semantic.stats().categories if c.tenant == "default" and c.checks)
         assert (row.checks, row.checks_wrong) == (1, 1)
         assert runtime.engine.stats()["background"]["steps"] > 0  # it ran as background work
+
+
+def test_the_served_spec_names_the_categories_and_other_names_are_refused(server):
+    url, runtime = server
+    known = sorted(runtime.semantic.policies())
+    spec = httpx.get(f"{url}/schema/openapi.json").json()
+    for schema in ("RagRequestBody", "ChatCompletionRequest"):
+        arms = spec["components"]["schemas"][schema]["properties"]["category"]["anyOf"]
+        assert {"type": "string", "enum": known} in arms
+    empty = httpx.post(f"{url}/v1/rag", json={"question": "Where is Lake Baikal?", "category": ""}, timeout=30)
+    assert empty.status_code == 400 and "unknown category ''" in empty.text
+    assert httpx.put(f"{url}/admin/semantic/categories/made-up", json={"threshold": 0.9, "ttl_s": 60,
+                                                                        "max_entries": 10}).status_code == 404
+    assert httpx.delete(f"{url}/admin/semantic", params={"tenant": "default", "category": ""}).status_code == 400
+
+
+def test_text_only_modalities_are_taken_and_others_refused(server):
+    url, _ = server
+    for modalities in ([], ["text"]):
+        assert chat(url, "Where is the Danube?", modalities=modalities, cache=False).status_code == 200
+    refused = chat(url, "Where is the Danube?", modalities=["audio"], cache=False)
+    assert refused.status_code == 400 and "modalities" in refused.text
