@@ -11,10 +11,20 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ragcache.engine.runner import DocumentInfo, RagRequest
+    from ragcache.engine.request import DocumentInfo, RagRequest
     from ragcache.engine.scheduler import AdmissionOrder
-    from ragcache.engine.sequence import GenerationSink, Sequence
+    from ragcache.engine.sequence import GenerationSink
     from ragcache.kv import ChunkKey
+
+
+class Submitted(Protocol):
+    """What submit() hands back: the one thing a caller may do with a queued request besides reading
+    its sink. (BlendEngine returns its Sequence, which is this and much more; callers of the seam see
+    only this, so an engine whose requests live elsewhere, on a model server, can stand behind it.)"""
+
+    def cancel(self) -> None:
+        """The client went away: stop generating and free what the request holds, as soon as the engine
+        can (a no-op once it finished). Any thread; never blocks."""
 
 
 class Engine(Protocol):
@@ -49,11 +59,11 @@ class Engine(Protocol):
         ticket: object = None,
         return_logprobs: bool = False,
         background: bool = False,
-    ) -> Sequence:
+    ) -> Submitted:
         """Queue a request; its text and its Generation reach sink from engine threads.
 
         Blocks for tokenising and store lookups (call it off the event loop); raises
-        InvalidRequestError for a request that can never be served. Sequence.cancel()
+        InvalidRequestError for a request that can never be served. cancel() on what it returns
         frees it at the next step. ticket: the admission order's (agents) for this turn.
         background: run it on spare capacity only, never delaying a live request (shadow checks);
         it never enters the admission order."""
