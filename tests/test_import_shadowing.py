@@ -19,20 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs in a fresh interpreter with the repository root first on sys.path. Prints, as JSON, each
 # module that resolved (or whose import failed) inside the repository, and how many were tried.
 _PROBE = r"""
-import importlib, importlib.metadata as md, importlib.util, json, sys, traceback
+import importlib, importlib.metadata as md, importlib.util, json, os, sys, traceback
 from pathlib import Path
 from packaging.requirements import Requirement
 
 root = Path(sys.argv[1]).resolve()
 sys.path.insert(0, str(root))
-# ragcache itself, and the virtual environment when it lies inside the repository (.venv)
-allowed = [root / "ragcache", Path(sys.prefix).resolve()]
+# ragcache itself (ragcache/kernels and ragcache/storage included: paths are compared as imported,
+# symlinks not followed), and the virtual environment when it lies inside the repository (.venv)
+allowed = [root / "ragcache", Path(os.path.abspath(sys.prefix))]
 
 
 def in_repo(path):
     if not path or not Path(path).is_absolute():  # "<frozen importlib._bootstrap>", "<string>"
         return False
-    p = Path(path).resolve()
+    p = Path(os.path.abspath(path))
     return p.is_relative_to(root) and not any(p.is_relative_to(a) for a in allowed)
 
 
