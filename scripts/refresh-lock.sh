@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Refresh the locks to the newest releases pyproject.toml allows, and keep them only if the
-# README's two commands and the lint pass on them in a fresh virtual environment.
+# Refresh the locks to the newest releases pyproject.toml allows, and keep them only if .ci/run
+# (the README's two commands and the lint, in a fresh virtual environment) passes on them.
 #   scripts/refresh-lock.sh              every package to its newest allowed release
 #   scripts/refresh-lock.sh PKG [PKG..]  only these (the rest stay where the locks have them)
 # On any failure the previous locks are put back. Commit requirements/*.lock afterwards.
@@ -28,12 +28,6 @@ compile "${upgrade[@]}" --extra dev -c requirements/pins.txt -o requirements/dev
 compile -c requirements/dev.lock -o requirements/base.lock
 git --no-pager diff --stat -- requirements/
 
-python3 -m venv "$work/venv"
-# shellcheck disable=SC1091
-source "$work/venv/bin/activate"
-while IFS= read -r command; do
-    echo "refresh-lock: $command"
-    bash -c "$command"
-done < <(scripts/readme-commands.sh)
-scripts/lint.sh
-echo "refresh-lock: the suite passed on the refreshed locks; commit requirements/*.lock"
+# what CI does: a fresh venv, the README's two commands, ruff and mypy
+.ci/run
+echo "refresh-lock: CI passed on the refreshed locks; commit requirements/*.lock"
