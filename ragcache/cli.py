@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", default=None)
     serve.add_argument("--data-dir", default=None, help="folder of the embedded (sqlite) registry")
     serve.add_argument("--registry", default=None, choices=["auto", "redis", "sqlite", "memory"])
+    serve.add_argument(
+        "--engine",
+        default=None,
+        choices=["own", "vllm"],
+        help="own: ragcache's engine; vllm: vLLM servers at --vllm-url",
+    )
+    serve.add_argument(
+        "--vllm-url", dest="vllm_urls", default=None, help="vLLM OpenAI server URL(s), comma-separated (--engine vllm)"
+    )
     sem = suites.add_parser("semantic", help="semantic cache on fow-cache's labelled pairs, and lookup latency")
     sem.add_argument("--datasets", default="questions,conversations")
     sem.add_argument("--sizes", default="1000,10000,100000", help="index sizes for the latency runs ('' skips them)")
@@ -416,7 +425,18 @@ def _serve(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {
         name: getattr(args, name)
-        for name in ("host", "port", "model", "device", "dtype", "redis_url", "data_dir", "registry")
+        for name in (
+            "host",
+            "port",
+            "model",
+            "device",
+            "dtype",
+            "redis_url",
+            "data_dir",
+            "registry",
+            "engine",
+            "vllm_urls",
+        )
     }
     serve(load_settings(args.config, os.environ, flags))
 

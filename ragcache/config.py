@@ -26,6 +26,10 @@ class SettingsError(ValueError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
+    # model runner: "own" (ragcache's engine, in this process) or "vllm" (vLLM OpenAI servers at vllm_urls,
+    # serving the model at `model`, whose tokenizer ragcache renders prompts with)
+    engine: str = "own"
+    vllm_urls: str | None = None  # comma-separated http(s):// URLs of vLLM servers of one model
     # model
     model: str | None = None  # directory or .gguf; None: the default SmolLM2-135M-Instruct
     device: str = "cpu"
@@ -82,6 +86,15 @@ class Settings:
     def __post_init__(self) -> None:
         checks = [
             (0 < self.port < 65536, "port must be in 1..65535"),
+            (self.engine in ("own", "vllm"), "engine must be own or vllm"),
+            (
+                self.engine != "vllm" or bool(self.vllm_url_list),
+                "engine vllm needs vllm_urls (--vllm-url URL[,URL...])",
+            ),
+            (
+                all(url.startswith(("http://", "https://")) for url in self.vllm_url_list),
+                "vllm_urls must be http(s):// URLs, comma-separated",
+            ),
             (0.0 <= self.blend_ratio <= 1.0, "blend_ratio must be in [0, 1]"),
             (0.0 < self.blend_epsilon < 1.0, "blend_epsilon must be in (0, 1)"),
             (self.sink_tokens >= 0, "sink_tokens must be >= 0"),
@@ -123,6 +136,10 @@ class Settings:
             raise SettingsError(f"blend_ladder: {exc}") from None
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise SettingsError("admin_key must differ from every tenant API key")
+
+    @property
+    def vllm_url_list(self) -> list[str]:
+        return [url.strip() for url in (self.vllm_urls or "").split(",") if url.strip()]
 
     @property
     def data_path(self) -> Path:

@@ -1,7 +1,8 @@
 """The Engine seam: what the service runtime needs from a model runner.
 
-Today's implementation is BlendEngine (runner.py: in-process, batched, blending); a vLLM +
-LMCache runner can stand behind the same Protocol without the service changing.
+Two implementations: BlendEngine (runner.py: in-process, batched, blending) and VLLMEngine
+(ragcache/vllm/engine.py: vLLM OpenAI servers over HTTP, their prefix cache and ragcache's KV
+connector inside them). The service runtime, shadow checks and agents see only this Protocol.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ class Engine(Protocol):
 
     def store_stats(self) -> dict:
         """The KV store's snapshot (KVStore.stats())."""
+
+    def upstream_health(self) -> list[dict]:
+        """The model servers the engine sends requests to, each with url and up (True / False) and its
+        load; [] for an engine that runs the model in this process."""
 
     def close(self) -> None:
         """Finish queued and running sequences, stop, write hot KV through and close the store."""

@@ -11,3 +11,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class InvalidRequestError(ValueError):
     """The request cannot be served as given: empty or over-long documents, bad parameters."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine cannot serve anything now (every model server it sends to is down): retry later (503)."""

@@ -183,7 +183,28 @@ def _allow(bitmask: torch.Tensor, row: int, token_ids: Sequence[int]) -> None:
         bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32: bit 31 is the sign
 
 
-def _compile_tool_calls(compiler: xgr.GrammarCompiler, constraint: OutputConstraint) -> xgr.CompiledGrammar:
+def grammar_text(constraint: OutputConstraint) -> str:
+    """The constraint as xgrammar EBNF: what a model server with xgrammar (vLLM's structured outputs,
+    `grammar`) is given to constrain the same way. InvalidRequestError as compile() for a bad schema."""
+    import xgrammar as xgr
+
+    if constraint.kind == "json":
+        parsed = _json_schema(constraint.schema)
+        try:
+            grammar = xgr.Grammar.from_json_schema(
+                json.dumps(parsed), any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidRequestError(f"response_format.json_schema: {_reason(exc)}") from exc
+        return str(grammar)
+    try:
+        return str(xgr.Grammar.from_structural_tag(_tool_call_tag(constraint)))
+    except (RuntimeError, ValueError) as exc:
+        raise _tool_error(constraint, exc, lambda schema: xgr.Grammar.from_json_schema(json.dumps(schema))) from exc
+
+
+def _tool_call_tag(constraint: OutputConstraint) -> Any:
+    """toolformat.py's call format over the constraint's tools, as an xgrammar structural tag."""
     from xgrammar.structural_tag import (
         JSONSchemaFormat,
         StructuralTag,
@@ -209,31 +230,45 @@ def _compile_tool_calls(compiler: xgr.GrammarCompiler, constraint: OutputConstra
         )
     else:  # free text; a call starts at the trigger and must then be a valid call
         tag_format = TriggeredTagsFormat(triggers=[CALL_TRIGGER], tags=tags, at_least_one=False, stop_after_first=once)
+    return StructuralTag(format=tag_format)
+
+
+def _tool_error(constraint: OutputConstraint, exc: BaseException, compile_schema: Any) -> InvalidRequestError:
+    """Which tool's schema xgrammar refused (each compiled alone), or the whole grammar's reason."""
+    for tool in constraint.tools:
+        try:
+            compile_schema(tool.parameters)
+        except (RuntimeError, ValueError) as tool_exc:
+            return InvalidRequestError(f"{_tool_field(tool)}: {_reason(tool_exc)}")
+    return InvalidRequestError(f"tools: the tool-call grammar cannot be compiled: {_reason(exc)}")
+
+
+def _compile_tool_calls(compiler: xgr.GrammarCompiler, constraint: OutputConstraint) -> xgr.CompiledGrammar:
+    tag = _tool_call_tag(constraint)
     try:
-        return compiler.compile_structural_tag(StructuralTag(format=tag_format))
+        return compiler.compile_structural_tag(tag)
     except (RuntimeError, ValueError) as exc:
-        for tool in constraint.tools:  # which tool's schema xgrammar refused: compile each alone
-            try:
-                compiler.compile_json_schema(tool.parameters)
-            except (RuntimeError, ValueError) as tool_exc:
-                raise InvalidRequestError(f"{_tool_field(tool)}: {_reason(tool_exc)}") from tool_exc
-        raise InvalidRequestError(f"tools: the tool-call grammar cannot be compiled: {_reason(exc)}") from exc
+        raise _tool_error(constraint, exc, compiler.compile_json_schema) from exc
+
+
+def _json_schema(schema: str | None) -> Any:
+    """The parsed schema (None: any object, OpenAI's json_object); InvalidRequestError naming the field."""
+    if schema is None:
+        return {"type": "object"}  # json_object: any object, not any JSON value
+    try:
+        parsed = json.loads(schema)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"response_format.json_schema: not valid JSON ({exc})") from exc
+    _check_schema(parsed, "response_format.json_schema")
+    return parsed
 
 
 def _compile_json(compiler: xgr.GrammarCompiler, schema: str | None) -> xgr.CompiledGrammar:
-    field = "response_format.json_schema"
-    if schema is None:
-        parsed: Any = {"type": "object"}  # json_object: any object, not any JSON value
-    else:
-        try:
-            parsed = json.loads(schema)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(f"{field}: not valid JSON ({exc})") from exc
-        _check_schema(parsed, field)
+    parsed = _json_schema(schema)
     try:
         return compiler.compile_json_schema(json.dumps(parsed), any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE)
     except (RuntimeError, ValueError) as exc:
-        raise InvalidRequestError(f"{field}: {_reason(exc)}") from exc
+        raise InvalidRequestError(f"response_format.json_schema: {_reason(exc)}") from exc
 
 
 def _check_schema(schema: Any, field: str) -> None:

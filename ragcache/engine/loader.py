@@ -91,23 +91,9 @@ def load_model(spec: ModelSpec = ModelSpec()) -> LoadedModel:
 
 
 def _load(spec: ModelSpec) -> LoadedModel:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub at run time
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(spec.path) if spec.path else default_model_file()
-    extra: dict[str, str | bool]  # from_pretrained's keyword arguments
-    if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"{str(path)!r} is a file but not a .gguf; pass a .gguf file or a model directory")
-        folder, extra = str(path.parent), {"gguf_file": path.name}
-    else:
-        if not (path / "config.json").exists():
-            raise ModelLoadError(
-                f"{str(path)!r} has no config.json; pass a Hugging Face model directory or a .gguf file"
-            )
-        folder, extra = str(path), {"local_files_only": True}
+    path, folder, extra = _located(spec.path)
     dtype = DTYPES[spec.dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
@@ -120,6 +106,33 @@ def _load(spec: ModelSpec) -> LoadedModel:
     # function of the wrapped one's parameters (self included): the bound call reads as missing self
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]  # functools.wraps hides the bound self
     return LoadedModel(model, tokenizer, model_fingerprint(model, tokenizer), path.stem, device, dtype)
+
+
+def load_tokenizer(path: str | None = None):
+    """The tokenizer and config of the model at path (None: the default), without its weights: what a
+    client of a model server (VLLMEngine) needs to render prompts as the server's model reads them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    located, folder, extra = _located(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **extra), AutoConfig.from_pretrained(folder, **extra)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {str(located)!r}: {exc}") from exc
+
+
+def _located(spec_path: str | None) -> tuple[Path, str, dict[str, str | bool]]:
+    """(path, folder for from_pretrained, its keyword arguments) of a model directory or .gguf file."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub at run time
+    path = Path(spec_path) if spec_path else default_model_file()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{str(path)!r} is a file but not a .gguf; pass a .gguf file or a model directory")
+        return path, str(path.parent), {"gguf_file": path.name}
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{str(path)!r} has no config.json; pass a Hugging Face model directory or a .gguf file")
+    return path, str(path), {"local_files_only": True}
 
 
 def rope_type(config) -> str:

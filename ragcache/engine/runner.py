@@ -293,6 +293,9 @@ class BlendEngine:
     def store_stats(self) -> dict:
         return self.store.stats()
 
+    def upstream_health(self) -> list[dict]:
+        return []  # the model runs here
+
     def stats(self) -> dict:
         """Running / waiting / swapped sequences, working-KV bytes, tokens per step; the store's own stats."""
         scheduler = self.scheduler

@@ -59,19 +59,25 @@ async def health() -> dict:
 
 @get("/ready", operation_id="ready", summary="Model loaded; Redis and the registry reachable, or degraded")
 async def ready(runtime: RuntimeDep) -> Response[dict]:
-    """Always 200 once the model is loaded: a replica with Redis down still answers (misses,
-    recomputation), so it stays in the load balancer; `status` says degraded."""
+    """200 once the model is loaded: a replica with Redis down, or with some of its vLLM servers down,
+    still answers (misses, recomputation, the other servers), so it stays in the load balancer;
+    `status` says degraded. 503 when every vLLM server is down."""
     redis = [t for t in runtime.engine.store_stats()["tiers"] if hasattr(t, "available")]
     redis_down = any(not t.available for t in redis)
     registry = runtime.documents.registry.stats()  # not runtime.stats(): no per-tenant registry reads per probe
-    degraded = redis_down or not registry.available
-    body = {
-        "status": "degraded" if degraded else "ready",
+    upstreams = runtime.engine.upstream_health()
+    up = [server for server in upstreams if server["up"]]
+    degraded = redis_down or not registry.available or len(up) < len(upstreams)
+    body: dict[str, object] = {
+        "status": "unavailable" if upstreams and not up else "degraded" if degraded else "ready",
         "model": runtime.model_name,
         "redis": None if not redis else ("unreachable" if redis_down else "ok"),
         "registry": f"{registry.kind} " + ("ok" if registry.available else "unreachable"),
     }
-    return Response(body, status_code=200)
+    if upstreams:  # --engine vllm: each server; a down one is skipped (and probed) until it is back
+        body["upstreams"] = [{"url": s["url"], "up": s["up"], "last_error": s["last_error"]} for s in upstreams]
+    # no model server up: nothing can be answered but semantic hits, so leave the load balancer
+    return Response(body, status_code=503 if upstreams and not up else 200)
 
 
 @get(

@@ -9,7 +9,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from ragcache.engine.errors import InvalidRequestError
+from ragcache.engine.errors import EngineUnavailableError, InvalidRequestError
 from ragcache.registry import RegistryUnavailableError
 from ragcache.schemas import DOCUMENT_ID, NON_BLANK, ErrorBody, ErrorResponse
 from ragcache.service.runtime import QueueFullError, UnknownDocumentError
@@ -69,6 +69,10 @@ def on_registry_unavailable(_: Request, exc: RegistryUnavailableError) -> Respon
     return error_response(503, str(exc), headers={"retry-after": "1"})
 
 
+def on_engine_unavailable(_: Request, exc: EngineUnavailableError) -> Response:
+    return error_response(503, str(exc), headers={"retry-after": "1"})
+
+
 def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; the server log has the details")
@@ -81,7 +85,7 @@ _DESCRIPTIONS = {
     404: "Unknown document id or semantic-cache entry (or another tenant's), or a cache this server runs without",
     413: "The request body is over max_body_bytes (refused before it is read)",
     429: "The request queue is full; retry after Retry-After seconds",
-    503: "The registry (Redis) cannot be reached to store or resolve this; retry after Retry-After seconds",
+    503: "The registry (Redis) or every model server cannot be reached; retry after Retry-After seconds",
 }
 
 
@@ -97,5 +101,6 @@ HANDLERS: ExceptionHandlersMap = {
     UnknownDocumentError: on_unknown_document,
     QueueFullError: on_queue_full,
     RegistryUnavailableError: on_registry_unavailable,
+    EngineUnavailableError: on_engine_unavailable,
     Exception: on_unexpected,
 }

@@ -26,20 +26,10 @@ log = logging.getLogger("ragcache.service")
 
 def build_runtime(settings: Settings) -> Runtime:
     """Load the model (once per process) and wire engine, store and runtime as settings say."""
+    if settings.engine == "vllm":
+        return _vllm_runtime(settings)
     loaded = load_model(ModelSpec(settings.model, settings.device, settings.dtype))
-    store = make_store(
-        StoreConfig(
-            device_max_bytes=int(settings.device_cache_gb * GiB),
-            cpu_max_bytes=int(settings.cpu_cache_gb * GiB),
-            redis_url=settings.redis_url,
-            redis_codec=settings.codec,
-            redis_ttl_s=settings.redis_ttl_s,
-            eviction=settings.eviction,
-            write_backlog_bytes=int(settings.write_backlog_mb * (1 << 20)),
-        ),
-        settings.device,
-        loaded.fingerprint,
-    )
+    store = make_store(_store_config(settings), settings.device, loaded.fingerprint)
     store.start_sweeper()
     config = EngineConfig(
         blend=BlendConfig(settings.check_layer, settings.deviation, settings.sink_tokens),
@@ -65,6 +55,57 @@ def build_runtime(settings: Settings) -> Runtime:
         *answer_checks(settings, engine, semantic),
         conversations=settings.conversation_kv,
         documents=DocumentRegistry(registry),
+    )
+
+
+def _vllm_runtime(settings: Settings) -> Runtime:
+    """ragcache in front of vLLM servers: the same semantic cache, registries, tenants, tools, programs and
+    admin; vLLM prefills and decodes (its prefix cache, and ragcache's connector in it, keep the KV).
+    No blending, so no blend error budget and no blend shadow checks; semantic shadow checks stay."""
+    from dataclasses import replace
+
+    from ragcache.agents.profile import measure_prefill_profile
+    from ragcache.vllm.engine import make_vllm_engine
+
+    store = make_store(_store_config(settings), "cpu", "vllm")  # program records and pins; the prompt KV is vLLM's
+    store.start_sweeper()
+    engine = make_vllm_engine(
+        settings.vllm_url_list, settings.model, store, settings.max_documents, settings.max_document_tokens
+    )
+    engine.start()
+    registry = make_registry(settings.registry_kind, settings.redis_url, settings.data_path)
+    coordinator = None
+    try:  # a program's reload cost on these servers: their prefill time, measured now (a few seconds)
+        profile = measure_prefill_profile(engine.prefill_seconds, (64, 256, 1024), repeats=1)
+        pins = PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s)
+        coordinator = ProgramCoordinator(store, profile, AgentConfig(pins=pins))
+        engine.use_admission_order(coordinator.scheduler)
+    except Exception as exc:  # no server up yet: programs are served, without pins or program-level order
+        log.warning("vLLM prefill not measured (%s): agent programs run without pins", exc)
+    semantic = _semantic_cache(settings)
+    budget, shadow = answer_checks(replace(settings, shadow_fraction=0.0), engine, semantic)
+    del budget  # nothing is blended
+    return Runtime(
+        engine,
+        settings.max_queue,
+        semantic,
+        coordinator,
+        None,
+        shadow,
+        conversations=False,  # vLLM's prefix cache continues a conversation by itself
+        documents=DocumentRegistry(registry),
+    )
+
+
+def _store_config(settings: Settings) -> StoreConfig:
+    return StoreConfig(
+        device_max_bytes=int(settings.device_cache_gb * GiB),
+        cpu_max_bytes=int(settings.cpu_cache_gb * GiB),
+        redis_url=settings.redis_url,
+        redis_codec=settings.codec,
+        redis_ttl_s=settings.redis_ttl_s,
+        eviction=settings.eviction,
+        write_backlog_bytes=int(settings.write_backlog_mb * (1 << 20)),
     )
 
 
