@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("--json", type=Path, default=None, help="write the summary here")
     rag.add_argument("--roundtrip-codec", default=None, help="serve cached KV as it comes back through this codec")
     rag.add_argument(
+        "--kinds",
+        default=None,
+        help="time to first token per prompt kind instead of the mode comparison: cold,reordered,repeat,cross_replica",
+    )
+    rag.add_argument("--engine", default="own", help="with --kinds: own, vllm or own,vllm")
+    rag.add_argument("--kind-modes", default="full,blend@0.15", help="with --kinds: the own engine's modes")
+    rag.add_argument(
+        "--vllm-url", dest="vllm_urls", default=None, help="with --engine vllm: vLLM server(s); two for cross_replica"
+    )
+    rag.add_argument(
         "--selections",
         default="default",
         help="blend selections per ratio: default, value, key, attention, epic<k>, <deviation>+epic<k>",
@@ -160,8 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument(
         "--peer",
         default="auto",
-        choices=["auto", "llamacpp", "none"],
-        help="llama.cpp's server on the same GGUF (auto: when llama-cpp-python is installed)",
+        choices=["auto", "llamacpp", "vllm", "none"],
+        help="llama.cpp's server on the same GGUF (auto: when llama-cpp-python is installed), or vLLM at --vllm-url",
+    )
+    serve_bench.add_argument(
+        "--engine",
+        default="own",
+        choices=["own", "vllm"],
+        help="vllm: also measure `ragcache serve --engine vllm` in front of --vllm-url",
+    )
+    serve_bench.add_argument(
+        "--vllm-url",
+        dest="vllm_urls",
+        default=None,
+        help="running vLLM server(s), comma-separated (scripts/vllm-serve.sh)",
     )
     serve_bench.add_argument("--peer-url", default=None, help="a running llama.cpp server (default: start one)")
     serve_bench.add_argument("--peer-model", default=None, help="the peer's GGUF (default: --model's, or the default)")
@@ -236,7 +258,9 @@ def _bench_rag(args) -> None:
     options = BenchOptions(args.limit, args.docs, args.ratios, args.max_tokens, args.roundtrip_codec, selections)
     gate = _gate_options(args)
     examples = load_examples(args.dataset, options)
-    if gate is None:
+    if args.kinds is not None:
+        summary = _prompt_kinds(args, examples)
+    elif gate is None:
         summary = run_rag_bench(_engine(args), examples, options)
         print(format_table(summary))
     else:
@@ -246,6 +270,47 @@ def _bench_rag(args) -> None:
         print(format_table(summary | {"codec": {"name": "none", "compression_ratio": None}}))
         print(format_gate(summary))
     _write_json(args.json, summary)
+
+
+def _prompt_kinds(args, examples) -> dict:
+    from ragcache.bench.prompt_kinds import format_kinds_table, parse_kinds, run_prompt_kinds
+    from ragcache.bench.rag import request_for
+
+    kinds = parse_kinds(args.kinds)
+    names = [name.strip() for name in args.engine.split(",") if name.strip()]
+    if not names or any(name not in ("own", "vllm") for name in names):
+        raise ValueError(f"--engine: own, vllm or own,vllm, got {args.engine!r}")
+    urls = [url.strip() for url in (args.vllm_urls or "").split(",") if url.strip()]
+    if ("vllm" in names or "cross_replica" in kinds) and not urls:
+        raise ValueError("--engine vllm and --kinds cross_replica need --vllm-url (scripts/vllm-serve.sh starts one)")
+    if "cross_replica" in kinds and len(urls) < 2:
+        raise ValueError("--kinds cross_replica needs two vLLM servers with RagcacheConnector: --vllm-url A,B")
+    engines: dict = {}
+    if "own" in names:
+        engine = _engine(args)
+        for example in examples:  # registered, as a warm deployment has them
+            engine.add_documents(list(example.documents))
+        engine.generate(request_for(examples[0], "full", 2))  # first-call allocations are not timed
+        modes = [mode.strip() for mode in args.kind_modes.split(",") if mode.strip()]
+        engines["ragcache"] = (engine.generate, modes)
+    vllm = [_vllm_engine(args, [url]) for url in urls[:2]]
+    if "vllm" in names:
+        engines["vllm"] = (vllm[0].generate, ["full"])
+    replicas = (vllm[0].generate, vllm[1].generate) if len(vllm) == 2 else None
+    summary = run_prompt_kinds(engines, examples, kinds, args.max_tokens, replicas)
+    summary["machine"] = {"engines": names, "vllm_urls": urls}
+    print(format_kinds_table(summary))
+    return summary
+
+
+def _vllm_engine(args, urls: list[str]):
+    from ragcache.storage.cpu import CpuTier
+    from ragcache.storage.tiered import TieredStore
+    from ragcache.vllm.engine import make_vllm_engine
+
+    engine = make_vllm_engine(urls, args.model, TieredStore([CpuTier(64 << 20)]))
+    engine.start()
+    return engine
 
 
 def _gate_options(args):
@@ -369,6 +434,8 @@ def _bench_serve(args) -> None:
         "peer_model",
         "peer_threads",
         "start_timeout_s",
+        "engine",
+        "vllm_urls",
     )
     servers = ServerOptions(**{name: getattr(args, name) for name in server_flags})
     if args.plot is not None:

