@@ -292,10 +292,10 @@ def _prompt_kinds(args, examples) -> dict:
             engine.add_documents(list(example.documents))
         engine.generate(request_for(examples[0], "full", 2))  # first-call allocations are not timed
         modes = [mode.strip() for mode in args.kind_modes.split(",") if mode.strip()]
-        engines["ragcache"] = (engine.generate, modes)
+        engines["ragcache"] = (engine.generate, modes, False)
     vllm = [_vllm_engine(args, [url]) for url in urls[:2]]
     if "vllm" in names:
-        engines["vllm"] = (vllm[0].generate, ["full"])
+        engines["vllm"] = (vllm[0].generate, ["full"], True)
     replicas = (vllm[0].generate, vllm[1].generate) if len(vllm) == 2 else None
     summary = run_prompt_kinds(engines, examples, kinds, args.max_tokens, replicas)
     summary["machine"] = {"engines": names, "vllm_urls": urls}

@@ -6,7 +6,8 @@ import json
 from importlib import resources
 
 from ragcache.engine.generate import SamplingParams
-from ragcache.engine.runner import BlendEngine, Generation, RagRequest
+from ragcache.engine.request import Generation, RagRequest
+from ragcache.engine.runner import BlendEngine
 
 
 def demo_example() -> tuple[str, tuple[str, ...]]:

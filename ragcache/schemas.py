@@ -24,7 +24,7 @@ Seed = Annotated[
 PositiveInt = Annotated[int, Meta(ge=1, le=2**63 - 1)]  # msgspec's int is 64-bit
 StopText = Annotated[str, Meta(min_length=1)]
 Stops = Annotated[list[StopText], Meta(max_length=16)]  # SamplingParams: at most 16 non-empty strings
-Mode = Literal["full", "prefix", "reuse", "blend"]  # engine.blend.MODES
+Mode = Literal["full", "prefix", "reuse", "blend"]  # engine.request.MODES
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 NON_BLANK = r"\S"  # a character that is not whitespace: the engine refuses blank questions and documents
 NonBlank = Annotated[str, Meta(pattern=NON_BLANK)]

@@ -292,3 +292,107 @@ def test_concurrent_requests_spread_over_both_servers(ragcache_url, replicas):
         assert list(pool.map(ask, range(12))) == [200] * 12
     after = [server.metric("vllm:request_success_total") for server in replicas]
     assert all(a > b for a, b in zip(after, before))  # documents hash to both servers
+
+
+# one conformance suite: the same requests to ragcache over its own engine and over vLLM, the same wire
+
+
+@pytest.fixture(scope="module")
+def own_url(real_model):
+    from ragcache.engine.runner import BlendEngine
+    from ragcache.storage.cpu import CpuTier
+    from ragcache.storage.tiered import TieredStore
+    from service_server import running_server
+
+    engine = BlendEngine(real_model, TieredStore([CpuTier(1 << 30)]))
+    with running_server(engine) as (url, runtime):
+        runtime.start()
+        yield url
+        runtime.close()
+
+
+@pytest.fixture(params=["own", "vllm"])
+def served(request) -> str:
+    """ragcache's base URL over each engine in turn."""
+    return request.getfixturevalue("own_url" if request.param == "own" else "ragcache_url")
+
+
+def chat(url: str, **body) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "Where is the Eiffel Tower?"}], "max_tokens": 16,
+            "temperature": 0, "documents": DOCS, "cache": False, **body}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_conformance_a_plain_answer(served):
+    answer = chat(served).json()
+    assert answer["object"] == "chat.completion" and answer["id"]
+    (choice,) = answer["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["prompt_tokens"] > 30
+    assert answer["ragcache"]["mode"] in ("full", "blend", "prefix", "reuse")
+
+
+def test_conformance_a_streamed_answer_is_the_plain_one(served):
+    plain = chat(served).json()["choices"][0]["message"]["content"]
+    chunks = []
+    body = {"messages": [{"role": "user", "content": "Where is the Eiffel Tower?"}], "max_tokens": 16, "temperature": 0,
+            "documents": DOCS, "cache": False, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{served}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == plain
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_conformance_stop_strings_n_and_logprobs(served):
+    answer = chat(served, stop=["Paris"], n=2, logprobs=True, top_logprobs=2, max_tokens=24).json()
+    assert len(answer["choices"]) == 2
+    for choice in answer["choices"]:
+        assert "Paris" not in choice["message"]["content"]
+        tokens = choice["logprobs"]["content"]
+        assert tokens and all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in tokens)
+
+
+def test_conformance_json_object_output(served):
+    answer = chat(served, response_format={"type": "json_object"}, max_tokens=48).json()
+    choice = answer["choices"][0]
+    if choice["finish_reason"] == "stop":
+        assert isinstance(json.loads(choice["message"]["content"]), dict)
+    else:  # cut by max_tokens: a prefix of a JSON object
+        assert choice["message"]["content"].lstrip().startswith("{")
+
+
+@pytest.mark.parametrize(("body", "field"), [({"max_tokens": 0}, "max_tokens"), ({"temperature": 5}, "temperature"),
+                                            ({"messages": []}, "messages"), ({"documents": [{"txt": "x"}]}, "documents")])
+def test_conformance_bad_input_is_a_400_naming_the_field(served, body, field):
+    response = chat(served, **body)
+    assert response.status_code == 400
+    assert field in response.text
+
+
+def test_conformance_an_unknown_document_id_is_a_404(served):
+    response = chat(served, documents=None, document_ids=["no-such-document"])
+    assert response.status_code == 404
+
+
+def test_a_programs_turns_stay_on_one_server_and_admin_lists_it(ragcache_url, replicas):
+    before = [server.metric("vllm:request_success_total") for server in replicas]
+    for turn in range(3):
+        body = {"messages": [{"role": "user", "content": f"Turn {turn}: what next?"}], "program_id": "agent-7",
+                "max_tokens": 4, "cache": False,
+                "documents": [{"text": f"Step {turn} of the plan."}]}  # other documents each turn: no hash affinity
+        assert httpx.post(f"{ragcache_url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+    served = [server.metric("vllm:request_success_total") - b for server, b in zip(replicas, before)]
+    assert sorted(served) == [0, 3]
+    programs = httpx.get(f"{ragcache_url}/admin/programs", timeout=5).json()["programs"]
+    (record,) = [p for p in programs if p["program_id"] == "agent-7"]
+    assert record["tokens"] > 20

@@ -16,6 +16,7 @@ time; each kind's time to first token is summarised per engine and mode over the
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from ragcache.bench.rag import RagExample, request_for
 from ragcache.engine.request import Generation, RagRequest
+from ragcache.kv import DEFAULT_NAMESPACE
 
 KINDS = ("cold", "reordered", "repeat", "cross_replica")
 
@@ -38,23 +40,26 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 
 def run_prompt_kinds(
-    engines: dict[str, tuple[Generate, Sequence[str]]],
+    engines: dict[str, tuple[Generate, Sequence[str], bool]],
     examples: Sequence[RagExample],
     kinds: Sequence[str],
     max_tokens: int,
     replicas: tuple[Generate, Generate] | None = None,
 ) -> dict:
-    """engines: name -> (generate, modes); replicas: (A, B) generate functions for cross_replica."""
+    """engines: name -> (generate, modes, fresh): fresh gives every question a tenant of its own, so a
+    server's prefix cache holds nothing of it before (vLLM); otherwise the default tenant, whose
+    documents the caller registered (ragcache's own engine). replicas: (A, B) for cross_replica."""
     ttft: dict[str, dict[str, dict[str, list[float]]]] = {}
     local = [kind for kind in kinds if kind != "cross_replica"]
-    total = sum(len(modes) for _, modes in engines.values()) * len(examples) * len(local)
+    total = sum(len(modes) for _, modes, _ in engines.values()) * len(examples) * len(local)
     with tqdm(total=total, desc="prompt kinds", unit="req") as progress:
-        for name, (generate, modes) in engines.items():
+        for name, (generate, modes, fresh) in engines.items():
             per_mode = ttft.setdefault(name, {})
             for mode in modes:
                 per_kind = per_mode.setdefault(mode, {kind: [] for kind in local})
                 for index, example in enumerate(examples):
-                    cold = _request(example, mode, max_tokens, f"kinds-{name}-{mode}-{index}")
+                    namespace = f"kinds-{name}-{mode}-{index}-{time.time_ns()}" if fresh else DEFAULT_NAMESPACE
+                    cold = _request(example, mode, max_tokens, namespace)
                     for kind in local:
                         request = (
                             replace(cold, documents=tuple(reversed(cold.documents))) if kind == "reordered" else cold
@@ -76,10 +81,10 @@ def _cross_replica(replicas: tuple[Generate, Generate], examples: Sequence[RagEx
     runs: dict[str, list[float]] = {"computed_on_a": [], "loaded_on_b": [], "computed_on_b": []}
     same_first_token = 0
     for index, example in enumerate(tqdm(examples, desc="cross replica", unit="question")):
-        request = _request(example, "full", max_tokens, f"cross-{index}")
+        request = _request(example, "full", max_tokens, f"cross-{index}-{time.time_ns()}")
         on_a = a(request)
         on_b = b(request)
-        missed = b(replace(request, namespace=f"cross-miss-{index}"))
+        missed = b(replace(request, namespace=f"{request.namespace}-miss"))
         runs["computed_on_a"].append(on_a.timings.ttft_s)
         runs["loaded_on_b"].append(on_b.timings.ttft_s)
         runs["computed_on_b"].append(missed.timings.ttft_s)
@@ -92,7 +97,7 @@ def _cross_replica(replicas: tuple[Generate, Generate], examples: Sequence[RagEx
 
 
 def _request(example: RagExample, mode: str, max_tokens: int, namespace: str) -> RagRequest:
-    """Greedy, in its own namespace (tenant): nothing another run of the bench left is reused."""
+    """Greedy, in the given namespace (tenant)."""
     return replace(request_for(example, mode, max_tokens), namespace=namespace)
 
 

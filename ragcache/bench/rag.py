@@ -27,7 +27,8 @@ from tqdm import tqdm
 from ragcache.bench.metrics import best_f1, kl_divergence, percentile, token_f1
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
-from ragcache.engine.runner import BlendEngine, Generation, RagRequest
+from ragcache.engine.request import Generation, RagRequest
+from ragcache.engine.runner import BlendEngine
 from ragcache.engine.selection import parse_selection as engine_selection
 
 

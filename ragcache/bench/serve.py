@@ -182,7 +182,7 @@ def _config(examples: Sequence[RagExample], options: ServeBenchOptions, servers:
 def format_serve_table(summary: dict) -> str:
     config, machine = summary["config"], summary["machine"]
     header = (
-        f"{'engine':<9} {'mode':<11} {'load':<12} {'reqs':>5} {'err':>4} {'req/s':>7} {'out tok/s':>9} "
+        f"{'engine':<14} {'mode':<11} {'load':<12} {'reqs':>5} {'err':>4} {'req/s':>7} {'out tok/s':>9} "
         f"{'TTFT p50 s':>10} {'p99 s':>7} {'TPOT p50 ms':>11} {'p99 ms':>7}"
     )
     lines = [
@@ -198,7 +198,7 @@ def format_serve_table(summary: dict) -> str:
             levels += [(f"rate={row['rate']:g}/s", row) for row in runs["open"]]
             for load, row in levels:
                 lines.append(
-                    f"{engine:<9} {mode:<11} {load:<12} {row['requests']:>5} {row['errors']:>4} "
+                    f"{engine:<14} {mode:<11} {load:<12} {row['requests']:>5} {row['errors']:>4} "
                     f"{row['requests_per_s']:>7.2f} {row['output_tokens_per_s']:>9.1f} {_s(row['ttft_p50_s']):>10} "
                     f"{_s(row['ttft_p99_s']):>7} {_ms(row['tpot_p50_s']):>11} {_ms(row['tpot_p99_s']):>7}"
                 )

@@ -33,8 +33,8 @@ import torch
 from ragcache.bench.metrics import percentile
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.loader import LoadedModel
-from ragcache.engine.request import Generation
-from ragcache.engine.runner import BlendEngine, RagRequest
+from ragcache.engine.request import Generation, RagRequest
+from ragcache.engine.runner import BlendEngine
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.base import KVTier
 from ragcache.storage.codec import CODECS, decode_chunk, encode_chunk

@@ -35,8 +35,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from ragcache.checks.estimate import Tally, wilson_interval
-from ragcache.engine.blend import MODES
-from ragcache.engine.request import RagRequest
+from ragcache.engine.request import MODES, RagRequest
 from ragcache.engine.selection import parse_selection
 
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ragcache.engine.request import DocumentInfo, RagRequest
     from ragcache.engine.scheduler import AdmissionOrder
     from ragcache.engine.sequence import GenerationSink
-    from ragcache.kv import ChunkKey
+    from ragcache.storage.base import KVStore
 
 
 class Submitted(Protocol):
@@ -32,13 +32,20 @@ class Engine(Protocol):
     model_name: str
     kv_bytes_per_token: int  # working KV of one token, every layer
 
+    @property
+    def store(self) -> KVStore:
+        """The KV store the engine reads and writes (chunks, program KV, pins): the service reports,
+        flushes and deletes from it directly, the agents pin in it; the engine passes none of that through."""
+
     def start(self) -> None:
         """Start serving submitted sequences (the step loop's thread); a no-op once claim_loop() was called."""
 
     def use_admission_order(self, order: AdmissionOrder) -> None:
         """Admit waiting requests in this order (the agents layer's program-level FCFS) instead of first come,
-        first served. Called once, before start() / claim_loop(); raises RuntimeError after. The order's
-        methods are then called on the step loop's thread only, with the tickets given to submit()."""
+        first served. Called once, before the first submit(); an engine with a step loop raises RuntimeError
+        once the loop runs (start() / claim_loop()). The order's methods are then called on the engine's
+        own threads, with the tickets given to submit() (an engine whose server admits requests itself, as
+        vLLM does, only tells the order each turn it sends: admitted(), never pick())."""
 
     def claim_loop(self) -> None:
         """The calling thread will drive the step loop (run_loop()); start() becomes a no-op.
@@ -84,26 +91,14 @@ class Engine(Protocol):
     ) -> list[DocumentInfo]:
         """Compute and store documents' KV ahead of queries (blocking)."""
 
-    def forget_chunk(self, key: ChunkKey) -> bool:
-        """Drop a chunk's KV from every tier."""
-
     def forget_program(self, namespace: str, program_id: str) -> bool:
         """The program ended: forget it and drop its KV."""
 
     def program_records(self) -> list[tuple[str, str, int]]:
         """(tenant, program id, tokens of its stored KV) of every known program."""
 
-    @property
-    def tier_names(self) -> list[str]: ...
-
-    def flush(self, tier: str | None = None, keys: list[ChunkKey] | None = None) -> int:
-        """Drop cached KV from every tier or one, every key or the given ones; entries dropped."""
-
     def stats(self) -> dict:
         """The scheduler's figures: running, waiting, swapped, working-KV bytes, tokens per step."""
-
-    def store_stats(self) -> dict:
-        """The KV store's snapshot (KVStore.stats())."""
 
     def upstream_health(self) -> list[dict]:
         """The model servers the engine sends requests to, each with url and up (True / False) and its

@@ -35,12 +35,10 @@ import torch
 from ragcache.engine.forward import Selector, TokenRun, run_tokens
 from ragcache.engine.kvbuffer import KVBuffer, SharedPrefix
 from ragcache.engine.prompt import PromptParts
+from ragcache.engine.request import MODES
 from ragcache.engine.selection import DEVIATION_NAMES, choose_candidates, recompute_count
 from ragcache.engine.stack import DecoderStack
 from ragcache.kv import KVChunk
-
-MODES = ("full", "prefix", "reuse", "blend")
-
 
 DEVIATIONS = DEVIATION_NAMES
 

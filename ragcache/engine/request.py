@@ -1,4 +1,8 @@
-"""What crosses the engine's seam: its config, a request, the finished generation, a document's info."""
+"""What crosses the engine's seam (base.py): a request, the finished generation, a document's info.
+
+The bottom of ragcache/engine/: value types only, importing nothing of the engine's machinery (no
+blending, scheduling or model code), so every Engine implementation and every caller of the seam
+(service, checks, agents, benchmarks) shares them without pulling in BlendEngine's."""
 
 from __future__ import annotations
 
@@ -6,30 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ragcache.engine.blend import DEVIATIONS, MODES, BlendConfig
 from ragcache.engine.chat import ChatTurn, OutputConstraint, ToolSpec
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
-from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, PromptLimits
-from ragcache.engine.scheduler import SchedulerConfig
+from ragcache.engine.selection import DEVIATION_NAMES as DEVIATIONS
 from ragcache.engine.toolformat import ParsedCall
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    blend: BlendConfig = BlendConfig()
-    default_ratio: float = 0.15
-    limits: PromptLimits = PromptLimits()
-    max_pack_tokens: int = 4096
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    scheduler: SchedulerConfig = SchedulerConfig()
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.default_ratio <= 1.0:
-            raise ValueError(f"default_ratio must be in [0, 1], got {self.default_ratio}")
-        if self.max_pack_tokens <= 0:
-            raise ValueError(f"max_pack_tokens must be positive, got {self.max_pack_tokens}")
+MODES = ("full", "prefix", "reuse", "blend")  # how a request's prompt KV is obtained (blend.py)
 
 
 @dataclass(frozen=True)

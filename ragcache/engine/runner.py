@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -38,9 +38,16 @@ from ragcache.engine.lookup import look_up
 from ragcache.engine.postprocess import generation_of, program_entry
 from ragcache.engine.prefill import BlendScan, PrefillProgress
 from ragcache.engine.programs import ProgramIndex, ProgramRecord, place_program
-from ragcache.engine.prompt import build_rag_prompt, encode, encode_documents, split_template
-from ragcache.engine.request import DocumentInfo, EngineConfig, Generation, RagRequest, SequenceCancelled
-from ragcache.engine.scheduler import AdmissionOrder, Scheduler
+from ragcache.engine.prompt import (
+    DEFAULT_SYSTEM_PROMPT,
+    PromptLimits,
+    build_rag_prompt,
+    encode,
+    encode_documents,
+    split_template,
+)
+from ragcache.engine.request import DocumentInfo, Generation, RagRequest, SequenceCancelled
+from ragcache.engine.scheduler import AdmissionOrder, Scheduler, SchedulerConfig
 from ragcache.engine.sequence import BlockingSink, GenerationSink, SeqState, Sequence
 from ragcache.engine.stack import DecoderStack
 from ragcache.engine.step import run_step
@@ -52,6 +59,22 @@ if TYPE_CHECKING:
     from ragcache.engine.base import Engine
 
 log = logging.getLogger("ragcache.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    blend: BlendConfig = BlendConfig()
+    default_ratio: float = 0.15
+    limits: PromptLimits = PromptLimits()
+    max_pack_tokens: int = 4096
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.default_ratio <= 1.0:
+            raise ValueError(f"default_ratio must be in [0, 1], got {self.default_ratio}")
+        if self.max_pack_tokens <= 0:
+            raise ValueError(f"max_pack_tokens must be positive, got {self.max_pack_tokens}")
 
 
 class BlendEngine:
@@ -279,19 +302,6 @@ class BlendEngine:
 
     def program_records(self) -> list[tuple[str, str, int]]:
         return [(ns, pid, len(record.token_ids)) for ns, pid, record in self.programs.programs()]
-
-    def forget_chunk(self, key: ChunkKey) -> bool:
-        return self.store.delete(key)
-
-    @property
-    def tier_names(self) -> list[str]:
-        return self.store.tier_names
-
-    def flush(self, tier: str | None = None, keys: list[ChunkKey] | None = None) -> int:
-        return self.store.flush(tier, keys)
-
-    def store_stats(self) -> dict:
-        return self.store.stats()
 
     def upstream_health(self) -> list[dict]:
         return []  # the model runs here

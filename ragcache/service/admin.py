@@ -62,7 +62,7 @@ async def ready(runtime: RuntimeDep) -> Response[dict]:
     """200 once the model is loaded: a replica with Redis down, or with some of its vLLM servers down,
     still answers (misses, recomputation, the other servers), so it stays in the load balancer;
     `status` says degraded. 503 when every vLLM server is down."""
-    redis = [t for t in runtime.engine.store_stats()["tiers"] if hasattr(t, "available")]
+    redis = [t for t in runtime.engine.store.stats()["tiers"] if hasattr(t, "available")]
     redis_down = any(not t.available for t in redis)
     registry = runtime.documents.registry.stats()  # not runtime.stats(): no per-tenant registry reads per probe
     upstreams = runtime.engine.upstream_health()

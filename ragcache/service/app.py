@@ -46,5 +46,5 @@ def create_app(settings: Settings, runtime: Runtime) -> Litestar:
         openapi_config=OpenAPIConfig(title="ragcache", version=__version__, path="/schema"),
     )
     categories = sorted(runtime.semantic.policies()) if runtime.semantic is not None else None
-    state_limits(app.openapi_schema, settings, runtime.engine.tier_names, categories)
+    state_limits(app.openapi_schema, settings, runtime.engine.store.tier_names, categories)
     return app

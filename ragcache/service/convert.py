@@ -12,7 +12,7 @@ from dataclasses import replace
 from ragcache.engine.chat import ChatTurn, OutputConstraint, ToolCall, ToolSpec
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import SamplingParams
-from ragcache.engine.runner import Generation, RagRequest
+from ragcache.engine.request import Generation, RagRequest
 from ragcache.schemas import (
     UNSUPPORTED,
     AssistantMessage,

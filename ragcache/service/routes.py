@@ -15,7 +15,7 @@ from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_204_NO_CONTENT
 
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine.runner import Generation, RagRequest
+from ragcache.engine.request import Generation, RagRequest
 from ragcache.engine.toolformat import CallStream, parses_tool_calls
 from ragcache.schemas import (
     AddDocumentsRequest,

@@ -30,7 +30,7 @@ from ragcache.checks.shadow import ShadowChecks
 from ragcache.engine.base import Engine
 from ragcache.engine.chat import ChatTurn
 from ragcache.engine.errors import InvalidRequestError
-from ragcache.engine.runner import Generation, RagRequest
+from ragcache.engine.request import Generation, RagRequest
 from ragcache.registry import MemoryRegistry
 from ragcache.registry.documents import DocumentRegistry, StoredDocument
 
@@ -353,7 +353,7 @@ class Runtime:
         live = {record.text for record in await asyncio.to_thread(self.documents.all, tenant)}
         gone = [record for record in gone if record.text not in live]
         for record in gone:
-            await asyncio.to_thread(self.engine.forget_chunk, record.key)
+            await asyncio.to_thread(self.engine.store.delete, record.key)
         if self.semantic is not None and gone:
             from ragcache.semantic.types import document_digest
 
@@ -365,15 +365,15 @@ class Runtime:
     async def flush(self, tier: str | None, tenant: str | None) -> int:
         """Drop cached chunk KV: every tier or one, every tenant's documents or one's. Returns entries dropped.
         The documents stay registered (their KV is computed again on next use)."""
-        if tier is not None and tier not in self.engine.tier_names:
-            raise InvalidRequestError(f"tier must be one of {self.engine.tier_names}, got {tier!r}")
+        if tier is not None and tier not in self.engine.store.tier_names:
+            raise InvalidRequestError(f"tier must be one of {self.engine.store.tier_names}, got {tier!r}")
         keys = None
         if tenant is not None:
             keys = [record.key for record in await asyncio.to_thread(self.documents.all, tenant)]
-        return await asyncio.to_thread(self.engine.flush, tier, keys)
+        return await asyncio.to_thread(self.engine.store.flush, tier, keys)
 
     def stats(self) -> dict:
-        store = self.engine.store_stats()
+        store = self.engine.store.stats()
         engine = self.engine.stats()
         return {
             "model": self.model_name,

@@ -23,6 +23,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -31,10 +32,16 @@ import httpx
 
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.grammar import grammar_text
-from ragcache.engine.prompt import PromptLimits, build_rag_prompt, encode, encode_documents, split_template
+from ragcache.engine.prompt import (
+    DEFAULT_SYSTEM_PROMPT,
+    PromptLimits,
+    build_rag_prompt,
+    encode,
+    encode_documents,
+    split_template,
+)
 from ragcache.engine.request import (
     DocumentInfo,
-    EngineConfig,
     Generation,
     PhaseTimings,
     RagRequest,
@@ -42,8 +49,8 @@ from ragcache.engine.request import (
     TokenLogprob,
 )
 from ragcache.engine.toolformat import with_tool_calls
-from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey, chunk_key
-from ragcache.vllm.upstreams import NoUpstreamError, Upstream, Upstreams
+from ragcache.kv import DEFAULT_NAMESPACE, chunk_key
+from ragcache.vllm.upstreams import MAX_PROGRAMS, NoUpstreamError, Upstream, Upstreams
 
 if TYPE_CHECKING:
     from ragcache.engine.base import Engine
@@ -55,6 +62,12 @@ log = logging.getLogger("ragcache.vllm")
 
 _CONNECT_S = 5.0
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+@dataclass(frozen=True)
+class VLLMEngineConfig:
+    limits: PromptLimits = PromptLimits()
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
 
 @dataclass
@@ -88,7 +101,7 @@ class VLLMEngine:
         tokenizer,
         model_config,
         store: TieredStore,
-        config: EngineConfig = EngineConfig(),
+        config: VLLMEngineConfig = VLLMEngineConfig(),
         *,
         served_model: str | None = None,
         upstreams: Upstreams | None = None,
@@ -116,6 +129,7 @@ class VLLMEngine:
         self._counters = {"served": 0, "cancelled": 0, "failed_over": 0, "upstream_errors": 0}
         self._closed = threading.Event()
         self._started = False
+        self._programs: OrderedDict[tuple[str, str], int] = OrderedDict()  # (tenant, program) -> last turn's tokens
 
     # lifecycle
 
@@ -133,9 +147,8 @@ class VLLMEngine:
 
     def use_admission_order(self, order: AdmissionOrder) -> None:
         """vLLM admits requests itself; the order is told of each turn as it is sent (its counters and
-        program bookkeeping stay right), it does not reorder them."""
-        if self._started:
-            raise RuntimeError("the admission order is set before the engine starts")
+        program bookkeeping stay right), it does not reorder them. There is no step loop to race with,
+        so it may be set after start(), before the first submit()."""
         self._order = order
 
     def claim_loop(self) -> None:
@@ -234,22 +247,17 @@ class VLLMEngine:
             infos.append(DocumentInfo(key, len(ids), False))
         return infos
 
-    def forget_chunk(self, key: ChunkKey) -> bool:
-        return False  # vLLM evicts its own blocks; ragcache holds no document KV for it
-
     def forget_program(self, namespace: str, program_id: str) -> bool:
+        """The program ended: its turns no longer go to one server. Its blocks stay in vLLM's cache and
+        Redis, shared prefix blocks with them, until evicted (or their ttl_s): there is nothing of its own to drop."""
         self.upstreams.forget_program(namespace, program_id)
-        return False
+        with self._lock:
+            return self._programs.pop((namespace, program_id), None) is not None
 
     def program_records(self) -> list[tuple[str, str, int]]:
-        return []
-
-    @property
-    def tier_names(self) -> list[str]:
-        return self.store.tier_names
-
-    def flush(self, tier: str | None = None, keys: list[ChunkKey] | None = None) -> int:
-        return self.store.flush(tier, keys)
+        """(tenant, program, tokens of its last turn's prompt and answer), the KV its next turn starts from."""
+        with self._lock:
+            return [(ns, pid, tokens) for (ns, pid), tokens in self._programs.items()]
 
     def stats(self) -> dict:
         with self._lock:
@@ -265,9 +273,6 @@ class VLLMEngine:
             "upstreams": self.upstreams.snapshot(),
             **counters,
         }
-
-    def store_stats(self) -> dict:
-        return self.store.stats()
 
     def prefill_seconds(self, num_tokens: int) -> float:
         """Prefill num_tokens new tokens on a server (one generated; a fresh cache_salt, so nothing is
@@ -377,6 +382,8 @@ class VLLMEngine:
         error: str | None = None
         try:
             for chunk in _events(response):
+                if call.cancelled:  # cancel() came before the stream was handed over: stop reading
+                    break
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or ():
@@ -421,6 +428,12 @@ class VLLMEngine:
             mode="full",
             token_logprobs=tuple(logprobs),
         )
+        if call.request.program_id is not None:
+            with self._lock:
+                self._programs[(call.request.namespace, call.request.program_id)] = prompt + len(token_ids)
+                self._programs.move_to_end((call.request.namespace, call.request.program_id))
+                while len(self._programs) > MAX_PROGRAMS:
+                    self._programs.popitem(last=False)
         try:
             sink.on_finish(with_tool_calls(result, call.request))
         except Exception as exc:  # the sink's own failure: the client sees an error, never a hang
@@ -506,7 +519,7 @@ def make_vllm_engine(
 
     tokenizer, model_config = load_tokenizer(model)
     limits = PromptLimits(max_documents, max_document_tokens, model_config.max_position_embeddings)
-    return VLLMEngine(urls, tokenizer, model_config, store, EngineConfig(limits=limits), served_model=served_model)
+    return VLLMEngine(urls, tokenizer, model_config, store, VLLMEngineConfig(limits), served_model=served_model)
 
 
 if TYPE_CHECKING:  # the type checker holds VLLMEngine to the Engine contract
