@@ -57,7 +57,12 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@get("/ready", operation_id="ready", summary="Model loaded; Redis and the registry reachable, or degraded")
+@get(
+    "/ready",
+    operation_id="ready",
+    summary="Model loaded; Redis, the registry and the model servers reachable, or degraded",
+    responses=responses(503),
+)
 async def ready(runtime: RuntimeDep) -> Response[dict]:
     """200 once the model is loaded: a replica with Redis down, or with some of its vLLM servers down,
     still answers (misses, recomputation, the other servers), so it stays in the load balancer;
