@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument(
         "--kinds",
         default=None,
-        help="time to first token per prompt kind instead of the mode comparison: cold,reordered,repeat,cross_replica",
+        help="time to first token per prompt kind instead of the mode comparison: cold,reordered,repeat,followup,"
+        "cross_replica",
     )
     rag.add_argument("--engine", default="own", help="with --kinds: own, vllm or own,vllm")
     rag.add_argument("--kind-modes", default="full,blend@0.15", help="with --kinds: the own engine's modes")

@@ -80,3 +80,38 @@ def test_missing_model_path_exits_2(tmp_path, capsys):
     dataset = write_dataset(tmp_path / "data.json", [{"question": "q", "answers": ["a"], "ctxs": [{"text": "t"}]}])
     assert main(["bench", "rag", str(dataset), "--model", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_rag_kinds_times_each_kind_per_mode(tmp_path, tiny_model_dir, capsys):
+    rows = [
+        {"question": "Which river reaches the Atlantic?", "answers": ["Amazon"], "ctxs": [{"text": d} for d in DOCUMENTS]},
+        {"question": "How high is Kilimanjaro?", "answers": ["5,895 metres"], "ctxs": [{"text": d} for d in DOCUMENTS]},
+    ]
+    dataset = write_dataset(tmp_path / "data.json", rows)
+    out = tmp_path / "kinds.json"
+    args = ["bench", "rag", str(dataset), "--docs", "3", "--max-tokens", "2", "--kinds", "cold,reordered,repeat,followup",
+            "--kind-modes", "full,blend@0.15", "--model", str(tiny_model_dir), "--json", str(out)]
+    assert main(args) == 0
+    summary = json.loads(out.read_text())
+    modes = summary["kinds"]["ragcache"]
+    assert list(modes) == ["full", "blend@0.15"]
+    for kinds in modes.values():
+        assert list(kinds) == ["cold", "reordered", "repeat", "followup"]
+        assert all(k["n"] == 2 and 0 < k["p50_s"] <= k["p90_s"] for k in kinds.values())
+    assert "cross_replica" not in summary
+    assert "followup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kinds", "cold,warm"], "--kinds"),
+        (["--kinds", "cold", "--engine", "llama"], "--engine"),
+        (["--kinds", "cold", "--engine", "vllm"], "--vllm-url"),
+        (["--kinds", "cross_replica", "--vllm-url", "http://127.0.0.1:9"], "two vLLM servers"),
+    ],
+)
+def test_bench_rag_kinds_bad_flags_exit_2_naming_them(tmp_path, tiny_model_dir, capsys, extra, message):
+    dataset = write_dataset(tmp_path / "data.json", [{"question": "q", "answers": ["a"], "ctxs": [{"text": "t"}]}])
+    assert main(["bench", "rag", str(dataset), "--model", str(tiny_model_dir), *extra]) == 2
+    assert message in capsys.readouterr().err

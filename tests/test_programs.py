@@ -72,3 +72,16 @@ def test_a_program_resumes_after_its_kv_moved_to_redis(make_engine, redis_url, r
     second = engine.generate(turn("Thanks.", history))
     assert second.program_reused_tokens >= first.prompt_tokens
     assert engine.store.stats()["tiers"][2].hits >= 1
+
+
+def test_prefetching_a_program_brings_its_kv_back_to_the_top_tier(make_engine):
+    engine = make_engine()
+    engine.store = TieredStore([GpuTier(64 << 20, device="cpu"), CpuTier(64 << 20)])
+    first = engine.generate(turn("List the files in /tmp."))
+    top, cpu = engine.store.local
+    cpu.put(first.program_key, top.get(first.program_key))  # as if demoted to the CPU tier while a tool ran
+    top.delete(first.program_key)
+    assert not top.contains(first.program_key) and cpu.contains(first.program_key)
+    assert engine.prefetch_program("default", "prog-1")
+    assert top.contains(first.program_key)
+    assert not engine.prefetch_program("default", "no-such-program")

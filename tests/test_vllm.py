@@ -50,7 +50,7 @@ def replicas(vllm_model, kv_redis, tmp_path_factory):
     logs = tmp_path_factory.mktemp("vllm-logs")
     servers = [
         VLLMServer(env, vllm_model, free_port(), kv_redis.url, logs / f"{name}.log", VLLM_DTYPE="float32",
-                   VLLM_CPU_KVCACHE_SPACE="1")
+                   VLLM_CPU_KVCACHE_SPACE="1", VLLM_SERVER_DEV_MODE="1")  # dev mode: POST /reset_prefix_cache
         for name in ("a", "b")
     ]
     for server in servers:
@@ -396,3 +396,17 @@ def test_a_programs_turns_stay_on_one_server_and_admin_lists_it(ragcache_url, re
     programs = httpx.get(f"{ragcache_url}/admin/programs", timeout=5).json()["programs"]
     (record,) = [p for p in programs if p["program_id"] == "agent-7"]
     assert record["tokens"] > 20
+
+
+def test_tool_end_brings_a_programs_kv_back_to_its_server(ragcache_url, replicas):
+    before = [server.metric("vllm:request_success_total") for server in replicas]
+    body = {"messages": [{"role": "user", "content": "Which step comes first?"}], "program_id": "agent-prefetch",
+            "max_tokens": 8, "cache": False, "documents": [{"text": "The plan has many careful steps. " * 80}]}
+    assert httpx.post(f"{ragcache_url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+    (server,) = [s for s, b in zip(replicas, before) if s.metric("vllm:request_success_total") > b]
+    httpx.post(f"{server.url}/reset_prefix_cache", timeout=30).raise_for_status()  # as if evicted during the tool
+    loaded = server.metric(EXTERNAL_HITS)
+    event = httpx.post(f"{ragcache_url}/v1/programs/agent-prefetch/events", json={"type": "tool_end"}, timeout=30)
+    assert event.status_code in (200, 204)
+    # the prefetch re-sends the last prompt and answer: the connector loads its blocks (at least 4 of 128)
+    wait_until(lambda: server.metric(EXTERNAL_HITS) - loaded >= 4 * BLOCK, timeout_s=60, poll_s=0.5)

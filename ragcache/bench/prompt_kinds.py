@@ -4,6 +4,8 @@
                    warm deployment has them; vLLM: nothing of it computed before)
     reordered      the same passages in another order (reversed)
     repeat         the identical prompt again
+    followup       the same passages with another question (the next question of the dataset): a chat's
+                   follow-up over the same documents
     cross_replica  vLLM with RagcacheConnector: a prompt computed on server A, then sent to server B
                    (its prefix loaded from Redis); beside it, cross_replica_miss: the same prompt under
                    another tenant's cache_salt on B, which no server has computed, so B prefills it,
@@ -26,7 +28,7 @@ from ragcache.bench.rag import RagExample, request_for
 from ragcache.engine.request import Generation, RagRequest
 from ragcache.kv import DEFAULT_NAMESPACE
 
-KINDS = ("cold", "reordered", "repeat", "cross_replica")
+KINDS = ("cold", "reordered", "repeat", "followup", "cross_replica")
 
 Generate = Callable[[RagRequest], Generation]
 
@@ -94,6 +96,14 @@ def _cross_replica(replicas: tuple[Generate, Generate], examples: Sequence[RagEx
     figures["loaded_over_computed"] = _stats(ratio)
     figures["same_first_token"] = f"{same_first_token}/{len(examples)}"
     return figures
+
+
+def _variant(cold: RagRequest, kind: str, other_question: str) -> RagRequest:
+    if kind == "reordered":
+        return replace(cold, documents=tuple(reversed(cold.documents)))
+    if kind == "followup":
+        return replace(cold, question=other_question)
+    return cold
 
 
 def _request(example: RagExample, mode: str, max_tokens: int, namespace: str) -> RagRequest:

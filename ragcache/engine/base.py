@@ -94,6 +94,11 @@ class Engine(Protocol):
     def forget_program(self, namespace: str, program_id: str) -> bool:
         """The program ended: forget it and drop its KV."""
 
+    def prefetch_program(self, namespace: str, program_id: str) -> bool:
+        """The program's tool returned: bring its KV to where its next turn will run (KVFlow's observation:
+        an agent's next step is predictable), so the turn finds it there. Blocks for the store or server
+        round trip (call it off the event loop); False when nothing of the program is known."""
+
     def program_records(self) -> list[tuple[str, str, int]]:
         """(tenant, program id, tokens of its stored KV) of every known program."""
 

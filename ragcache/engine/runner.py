@@ -300,6 +300,11 @@ class BlendEngine:
         record = self.programs.forget(namespace, program_id)
         return record is not None and self.store.delete(record.key)
 
+    def prefetch_program(self, namespace: str, program_id: str) -> bool:
+        """Read the program's KV entry once: a hit in CPU or Redis is promoted to the device tier."""
+        record = self.programs.latest(namespace, program_id)
+        return record is not None and self.store.get(record.key) is not None
+
     def program_records(self) -> list[tuple[str, str, int]]:
         return [(ns, pid, len(record.token_ids)) for ns, pid, record in self.programs.programs()]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict, deque
@@ -313,6 +314,10 @@ class Runtime:
             raise InvalidRequestError(str(exc)) from None
         if kind == "end":
             self.engine.forget_program(tenant, program_id)
+        elif kind == "tool_end":  # the next turn comes now: its KV to where it will run, meanwhile
+            threading.Thread(
+                target=self.engine.prefetch_program, args=(tenant, program_id), name="ragcache-prefetch", daemon=True
+            ).start()
 
     # documents
 

@@ -23,6 +23,7 @@ import json
 import logging
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from ragcache.engine.request import (
 )
 from ragcache.engine.toolformat import with_tool_calls
 from ragcache.kv import DEFAULT_NAMESPACE, chunk_key
-from ragcache.vllm.upstreams import MAX_PROGRAMS, NoUpstreamError, Upstream, Upstreams
+from ragcache.vllm.upstreams import NoUpstreamError, Upstream, Upstreams
 
 if TYPE_CHECKING:
     from ragcache.engine.base import Engine
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ragcache.vllm")
 
 _CONNECT_S = 5.0
+MAX_PREFETCH_PROGRAMS = 4096  # programs whose last turn's token ids are kept (4 bytes a token)
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
@@ -126,10 +128,13 @@ class VLLMEngine:
         self._order: AdmissionOrder | None = None
         self._lock = threading.Lock()
         self._running = 0
-        self._counters = {"served": 0, "cancelled": 0, "failed_over": 0, "upstream_errors": 0}
+        self._counters = dict.fromkeys(
+            ("served", "cancelled", "failed_over", "upstream_errors", "prefetches", "prefetched_tokens"), 0
+        )
         self._closed = threading.Event()
         self._started = False
-        self._programs: OrderedDict[tuple[str, str], int] = OrderedDict()  # (tenant, program) -> last turn's tokens
+        # (tenant, program) -> its last turn's prompt and answer token ids
+        self._programs: OrderedDict[tuple[str, str], array] = OrderedDict()
 
     # lifecycle
 
@@ -197,7 +202,7 @@ class VLLMEngine:
             self._running += 1
         threading.Thread(
             target=self._read,
-            args=(call, server, response, sink, len(ids), started),
+            args=(call, server, response, sink, ids, started),
             name="ragcache-vllm-stream",
             daemon=True,
         ).start()
@@ -257,7 +262,34 @@ class VLLMEngine:
     def program_records(self) -> list[tuple[str, str, int]]:
         """(tenant, program, tokens of its last turn's prompt and answer), the KV its next turn starts from."""
         with self._lock:
-            return [(ns, pid, tokens) for (ns, pid), tokens in self._programs.items()]
+            return [(ns, pid, len(tokens)) for (ns, pid), tokens in self._programs.items()]
+
+    def prefetch_program(self, namespace: str, program_id: str) -> bool:
+        """Send the program's last prompt and answer, for one token, to the server its next turn goes to:
+        vLLM finds the blocks in its cache, or its RagcacheConnector loads them from Redis (the server
+        evicted them while the tool ran), so the turn's prefix is in the server's cache when it comes.
+        vLLM has no call that loads KV without computing: this computes the last token only."""
+        with self._lock:
+            tokens = self._programs.get((namespace, program_id))
+        if tokens is None or len(tokens) < 2:
+            return False
+        body = {"model": self.model_name, "prompt": list(tokens[:-1]), "max_tokens": 1, "stream": False}
+        body["cache_salt"] = _salt(namespace)
+        try:
+            server, response = self._send(body, RagRequest(question="-", namespace=namespace, program_id=program_id))
+        except (InvalidRequestError, NoUpstreamError) as exc:
+            log.warning("prefetching program %s/%s failed: %s", namespace, program_id, exc)
+            return False
+        try:
+            usage = json.loads(response.read()).get("usage") or {}
+        finally:
+            response.close()
+            self.upstreams.release(server)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        with self._lock:
+            self._counters["prefetches"] += 1
+            self._counters["prefetched_tokens"] += cached
+        return True
 
     def stats(self) -> dict:
         with self._lock:
@@ -372,7 +404,7 @@ class VLLMEngine:
         server: Upstream,
         response: httpx.Response,
         sink: GenerationSink,
-        prompt_tokens: int,
+        prompt_ids: list[int],
         started: float,
     ) -> None:
         text: list[str] = []
@@ -412,7 +444,7 @@ class VLLMEngine:
             return
         now = time.perf_counter()
         cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        prompt = (usage or {}).get("prompt_tokens") or prompt_tokens
+        prompt = (usage or {}).get("prompt_tokens") or len(prompt_ids)
         first = first_s if first_s is not None else now
         result = Generation(
             text="".join(text),
@@ -430,9 +462,10 @@ class VLLMEngine:
         )
         if call.request.program_id is not None:
             with self._lock:
-                self._programs[(call.request.namespace, call.request.program_id)] = prompt + len(token_ids)
-                self._programs.move_to_end((call.request.namespace, call.request.program_id))
-                while len(self._programs) > MAX_PROGRAMS:
+                ref = (call.request.namespace, call.request.program_id)
+                self._programs[ref] = array("i", [*prompt_ids, *token_ids])
+                self._programs.move_to_end(ref)
+                while len(self._programs) > MAX_PREFETCH_PROGRAMS:
                     self._programs.popitem(last=False)
         try:
             sink.on_finish(with_tool_calls(result, call.request))
