@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ragcache.vllm")
 
 _CONNECT_S = 5.0
+_READ_S = 600.0  # the longest silence in a stream (a first-sight prefill on a slow CPU took 2 minutes)
 MAX_PREFETCH_PROGRAMS = 4096  # programs whose last turn's token ids are kept (4 bytes a token)
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
@@ -110,7 +111,9 @@ class VLLMEngine:
     ) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.store = store  # program KV records and pins (the agents layer); vLLM keeps the prompt KV
+        # the agents layer's store, admin's flush and stats; vLLM and its connector keep the prompt KV, so
+        # pins made here hold nothing of vLLM's (README, "Agent programs on vLLM")
+        self.store = store
         self.upstreams = upstreams or Upstreams(urls)
         self.context_len: int = model_config.max_position_embeddings
         layers, heads = model_config.num_hidden_layers, model_config.num_key_value_heads
@@ -123,7 +126,7 @@ class VLLMEngine:
         self._fingerprint = hashlib.sha256(f"vllm:{self.model_name}".encode()).hexdigest()[:16]
         self._tokenizer_lock = threading.Lock()
         self._client = httpx.Client(
-            timeout=httpx.Timeout(_CONNECT_S, read=None), limits=httpx.Limits(max_connections=512)
+            timeout=httpx.Timeout(_CONNECT_S, read=_READ_S), limits=httpx.Limits(max_connections=512)
         )
         self._order: AdmissionOrder | None = None
         self._lock = threading.Lock()
@@ -240,15 +243,7 @@ class VLLMEngine:
         infos = []
         for ids in chunk_ids:
             key = chunk_key(self._fingerprint, ids, prefix_key, namespace)
-            body = {"prompt": [*prefix_ids, *ids], "max_tokens": 1, "stream": False, "cache_salt": _salt(namespace)}
-            body["model"] = self.model_name
-            request = RagRequest(question="-", documents=(), namespace=namespace)
-            server, response = self._send(body, request, affinity=key)
-            try:
-                response.read()
-            finally:
-                response.close()
-                self.upstreams.release(server)
+            self._complete_once([*prefix_ids, *ids], _salt(namespace), RagRequest("-", namespace=namespace), key)
             infos.append(DocumentInfo(key, len(ids), False))
         return infos
 
@@ -273,18 +268,12 @@ class VLLMEngine:
             tokens = self._programs.get((namespace, program_id))
         if tokens is None or len(tokens) < 2:
             return False
-        body = {"model": self.model_name, "prompt": list(tokens[:-1]), "max_tokens": 1, "stream": False}
-        body["cache_salt"] = _salt(namespace)
+        request = RagRequest("-", namespace=namespace, program_id=program_id)
         try:
-            server, response = self._send(body, RagRequest(question="-", namespace=namespace, program_id=program_id))
-        except (InvalidRequestError, NoUpstreamError) as exc:
+            usage = self._complete_once(list(tokens[:-1]), _salt(namespace), request).get("usage") or {}
+        except (InvalidRequestError, NoUpstreamError, httpx.HTTPError, ValueError) as exc:
             log.warning("prefetching program %s/%s failed: %s", namespace, program_id, exc)
             return False
-        try:
-            usage = json.loads(response.read()).get("usage") or {}
-        finally:
-            response.close()
-            self.upstreams.release(server)
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         with self._lock:
             self._counters["prefetches"] += 1
@@ -312,14 +301,8 @@ class VLLMEngine:
         self.start()
         salt = f"ragcache-probe:{time.time_ns()}"
         ids = [(i * 7919) % 1000 + 1000 for i in range(num_tokens)]
-        body = {"model": self.model_name, "prompt": ids, "max_tokens": 1, "stream": False, "cache_salt": salt}
         started = time.perf_counter()
-        server, response = self._send(body, RagRequest(question="-"), affinity=salt)
-        try:
-            response.read()
-        finally:
-            response.close()
-            self.upstreams.release(server)
+        self._complete_once(ids, salt, RagRequest("-"), salt)
         return time.perf_counter() - started
 
     def upstream_health(self) -> list[dict]:
@@ -391,6 +374,16 @@ class VLLMEngine:
                 continue
             self.upstreams.release(server)
             raise InvalidRequestError(f"vLLM refused the request: {detail}")
+
+    def _complete_once(self, ids: list[int], salt: str, request: RagRequest, affinity: str | None = None) -> dict:
+        """One token after ids, not streamed (prefills that warm a server's cache); vLLM's JSON answer."""
+        body = {"model": self.model_name, "prompt": ids, "max_tokens": 1, "stream": False, "cache_salt": salt}
+        server, response = self._send(body, request, affinity)
+        try:
+            return json.loads(response.read())
+        finally:
+            response.close()
+            self.upstreams.release(server)
 
     def _failed(self, server: Upstream, error: str) -> None:
         log.warning("vLLM server %s failed: %s; trying the next", server.url, error)
