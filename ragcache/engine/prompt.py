@@ -54,6 +54,14 @@ class PromptParts:
         return sum(len(chunk) for chunk in self.chunk_ids)
 
 
+def check_fits_context(prompt_tokens: int, max_tokens: int, context_len: int) -> None:
+    """InvalidRequestError unless the prompt and the longest answer asked for fit the model's context."""
+    if prompt_tokens + max_tokens > context_len:
+        raise InvalidRequestError(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {context_len}"
+        )
+
+
 def document_text(document: str) -> str:
     """How a document appears in the prompt: stripped, followed by a blank line."""
     return document.strip() + "\n\n"

@@ -42,6 +42,7 @@ from ragcache.engine.prompt import (
     DEFAULT_SYSTEM_PROMPT,
     PromptLimits,
     build_rag_prompt,
+    check_fits_context,
     encode,
     encode_documents,
     split_template,
@@ -147,11 +148,7 @@ class BlendEngine:
         Raises InvalidRequestError at once for a request that can never be served."""
         started = time.perf_counter()
         parts = self._prompt(request)
-        if parts.num_tokens + request.sampling.max_tokens > self.context_len:
-            raise InvalidRequestError(
-                f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) "
-                f"exceeds the model's context of {self.context_len}"
-            )
+        check_fits_context(parts.num_tokens, request.sampling.max_tokens, self.context_len)
         too_big = self.scheduler.budget_error(parts.num_tokens + request.sampling.max_tokens)
         if too_big is not None:
             raise InvalidRequestError(

@@ -37,6 +37,7 @@ from ragcache.engine.prompt import (
     DEFAULT_SYSTEM_PROMPT,
     PromptLimits,
     build_rag_prompt,
+    check_fits_context,
     encode,
     encode_documents,
     split_template,
@@ -190,11 +191,7 @@ class VLLMEngine:
         self.start()
         _refuse_blending(request, return_logprobs)
         ids = self._prompt_ids(request)
-        if len(ids) + request.sampling.max_tokens > self.context_len:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) "
-                f"exceeds the model's context of {self.context_len}"
-            )
+        check_fits_context(len(ids), request.sampling.max_tokens, self.context_len)
         body = self._body(request, ids)
         call = VLLMCall(request, ticket, started, background)
         server, response = self._send(body, request)
