@@ -215,7 +215,8 @@ class CacheReport(msgspec.Struct):
     recomputed_fraction: float
     timings: Timings
     semantic_hit: bool = False
-    program_reused_tokens: int = 0  # agent programs: prompt tokens reused from the program's previous turn
+    prefix_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (an earlier request's)
+    program_reused_tokens: int = 0  # the same figure, under its earlier name (agent programs' previous turns)
     semantic_similarity: float | None = None  # set on a semantic hit
     semantic_entry_id: str | None = None  # the entry served (report a bad one to /v1/feedback)
 

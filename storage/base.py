@@ -1,14 +1,18 @@
-"""The two storage contracts: KVTier, what one tier does (GPU, CPU, Redis), and KVStore,
-what the engine and the service call (TieredStore composes tiers into one)."""
+"""The storage contracts: KVTier, what one tier does (GPU, CPU, Redis); KVStore, what the engine
+and the service call (TieredStore composes tiers into one); PrefixCache, every request's KV as
+paths of blocks in a KVStore (prefix.py), what the engine, the agents layer and admin use."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ragcache.kv import ChunkKey, KVChunk
+
+if TYPE_CHECKING:
+    from ragcache.storage.prefix import CachedPath, PathPin, PrefixHit
 
 
 class TierUsage(NamedTuple):
@@ -16,6 +20,14 @@ class TierUsage(NamedTuple):
     entries: int
     used_bytes: int
     max_bytes: int
+
+
+class TierRoom(NamedTuple):
+    """A local tier's byte budget and what pins hold of it: what pin budgets are computed from."""
+
+    name: str
+    max_bytes: int
+    pinned_bytes: int
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,19 @@ class KVStore(Protocol):
     def unpin(self, handle: PinHandle) -> bool:
         """Release one pin; False if it was already released, expired or its entry deleted."""
 
+    def release_expired(self) -> int:
+        """Release pins past their expiry (an entry left unpinned is demoted one tier down); how many."""
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock pin expiries are on."""
+
+    def below_top(self, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
+        """The keys the top tier does not hold (what a prefetch would move); not a use."""
+
+    def local_room(self) -> list[TierRoom]:
+        """Each local tier, fastest first: its byte budget and the bytes pins hold in it."""
+
     def usage(self) -> TierUsage:
         """Entries and bytes summed over every tier (a key held in two tiers counts twice)."""
 
@@ -134,3 +159,73 @@ class KVStore(Protocol):
         """Shut down: stop background work, then, with a remote tier, write_back() so hot local
         entries outlive the process, then close every tier. Calling it again is a no-op; the
         store is unusable afterwards."""
+
+
+class PrefixCache(Protocol):
+    """Every request's KV as a path of blocks in a per-tenant radix tree over token ids (prefix.py).
+
+    Thread-safe. Lookups and writes do store I/O (off the step loop); the rest is bookkeeping.
+    variant names what produced the KV ("exact" for full prefill's): paths of different variants
+    never share blocks."""
+
+    block_tokens: int
+    reclaimer: Callable[[int, str], int] | None  # set by the agents layer: reclaim(nbytes, tier) -> pins released
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock pin expiries are on."""
+
+    def block_keys(self, namespace: str, variant: str, ids: Sequence[int], blocks: int | None = None) -> list[ChunkKey]:
+        """The chained keys of ids' leading whole blocks."""
+
+    def match(self, namespace: str, variant: str, ids: Sequence[int]) -> PrefixHit:
+        """The longest run of ids' whole blocks held anywhere in the store (another replica's included)."""
+
+    def known(self, namespace: str, variant: str, ids: Sequence[int]) -> int:
+        """Leading whole blocks of ids this process knows are stored (no I/O)."""
+
+    def insert(
+        self, namespace: str, variant: str, ids: Sequence[int], start_block: int, blocks: Sequence[KVChunk]
+    ) -> CachedPath:
+        """Store the KV of ids' whole blocks from start_block on; the path of all of ids' whole blocks."""
+
+    def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
+        """The tenant's blocks this process knows of."""
+
+    def label(self, namespace: str, program_id: str, path: CachedPath) -> None:
+        """path is the program's latest."""
+
+    def label_prompt(self, namespace: str, program_id: str, prompt_ids: Sequence[int]) -> list[tuple[str, str]]:
+        """An implicit program's latest prompt; the (tenant, program) pairs forgotten to make room."""
+
+    def continued(self, namespace: str, ids: Sequence[int]) -> str | None:
+        """The implicit program whose latest prompt ids wholly extends, if any."""
+
+    def program_path(self, namespace: str, program_id: str) -> CachedPath | None: ...
+
+    def forget(self, namespace: str, program_id: str) -> bool:
+        """The program ended: drop its label and conversation; its blocks age out."""
+
+    def programs(self) -> list[tuple[str, str, int]]:
+        """(tenant, program id, tokens of its latest path)."""
+
+    def pin_path(self, path: CachedPath, ttl_s: float) -> PathPin | None:
+        """Every block promoted to the top tier and pinned for ttl_s; None when a block is gone."""
+
+    def unpin_path(self, pin: PathPin) -> bool:
+        """Release; True if every block's pin still held."""
+
+    def extend_pin(self, pin: PathPin, ttl_s: float) -> PathPin | None:
+        """The path pinned again for ttl_s from now, the old pin released; None if it cannot be."""
+
+    def promote(self, path: CachedPath) -> int:
+        """Prefetch the path's blocks to the top tier; the tokens that moved."""
+
+    def release_expired(self) -> int:
+        """Let the store release pins past their expiry."""
+
+    def room(self) -> list[TierRoom]:
+        """Each local tier, fastest first: bytes and pinned bytes."""
+
+    def stats(self) -> dict:
+        """nodes, cached tokens and bytes, lookups, hit tokens, hit rate, evictions, pins, prefetches."""

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.backlog import WriteBacklog
-from ragcache.storage.base import KVStore, KVTier, PinHandle, TierUsage
+from ragcache.storage.base import KVStore, KVTier, PinHandle, TierRoom, TierUsage
 from ragcache.storage.memory import MemoryTier
 
 __all__ = ["PinHandle", "StoreCounters", "TieredStore"]
@@ -88,7 +88,7 @@ class TieredStore:
         if self.tiers[: len(self.local)] != self.local:
             raise ValueError("local (memory) tiers must come before remote ones")
         self.write_through = write_through
-        self.clock = clock
+        self._clock = clock
         self.counters = StoreCounters()
         self._pins: dict[int, PinHandle] = {}
         self._pin_ids = itertools.count(1)
@@ -100,6 +100,11 @@ class TieredStore:
         self._closed = threading.Event()
         for depth, tier in enumerate(self.local):
             tier.on_evict = partial(self._demote, depth + 1)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock pin expiries are on (given at construction)."""
+        return self._clock
 
     @property
     def tier_names(self) -> list[str]:
@@ -239,7 +244,7 @@ class TieredStore:
         with self._lock:
             for tier in self.local:
                 if tier.pin(key):
-                    handle = PinHandle(next(self._pin_ids), key, tier.name, self.clock() + ttl_s)
+                    handle = PinHandle(next(self._pin_ids), key, tier.name, self._clock() + ttl_s)
                     self._pins[handle.id] = handle
                     self.counters.pins += 1
                     return handle
@@ -282,6 +287,16 @@ class TieredStore:
         self.write_back()
         for tier in self.tiers:
             tier.close()
+
+    def below_top(self, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
+        """The keys the top tier does not hold (a prefetch's work); not a use."""
+        with self._lock:
+            return [key for key in keys if not self.local[0].contains(key)] if self.local else list(keys)
+
+    def local_room(self) -> list[TierRoom]:
+        """Each local tier, fastest first: its byte budget and the bytes pins hold in it."""
+        with self._lock:
+            return [TierRoom(tier.name, tier.max_bytes, tier.stats().pinned_bytes) for tier in self.local]
 
     # accounting
 
@@ -358,7 +373,7 @@ class TieredStore:
         return tier.get(key) if tier is not None else None
 
     def _release_expired(self) -> int:
-        now = self.clock()
+        now = self._clock()
         expired = [h for h in self._pins.values() if h.expires_s <= now]
         for handle in expired:
             del self._pins[handle.id]

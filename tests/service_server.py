@@ -48,7 +48,7 @@ def running_server(engine: BlendEngine, semantic=None, agents: AgentConfig = Age
     """Yield (base_url, runtime) while a ragcache server runs over engine (no shadow checks unless asked:
     a test's answers must not depend on which of them were drawn for a check)."""
     settings = Settings(port=free_port(), **{"shadow_fraction": 0.0, "semantic_shadow_fraction": 0.0, **settings})
-    coordinator = ProgramCoordinator.measured(engine.store, engine.stack, agents)
+    coordinator = ProgramCoordinator.measured(engine.prefix, engine.stack, agents)
     engine.use_admission_order(coordinator.scheduler)
     runtime = Runtime(engine, settings.max_queue, semantic, coordinator, *answer_checks(settings, engine, semantic),
                       documents=documents)

@@ -8,6 +8,7 @@ from ragcache.agents import AgentConfig, PinConfig, PrefillProfile, ProgramCoord
 from ragcache.kv import ChunkKey
 from ragcache.storage.cpu import CpuTier
 from ragcache.storage.gpu import GpuTier
+from ragcache.storage.prefix import CachedPath, RadixPrefixCache
 from ragcache.storage.tiered import TieredStore
 
 from conftest import ManualClock as Clock
@@ -32,7 +33,7 @@ def make_store():
 
 def make_coordinator(reload_s=10.0):
     store, device, clock = make_store()
-    coordinator = ProgramCoordinator(store, PrefillProfile(((4, reload_s),)), AgentConfig(pins=PinConfig()), clock)
+    coordinator = ProgramCoordinator(RadixPrefixCache(store, "fp"), PrefillProfile(((4, reload_s),)), AgentConfig(pins=PinConfig()), clock)
     return coordinator, store, device, clock
 
 
@@ -47,7 +48,7 @@ def run_turn(coordinator, store, ticket, tool=None, last=False):
     """The engine's work for an admitted turn (storing the program's KV), then finish."""
     key = ChunkKey(f"{ticket.tenant}-{ticket.program_id}")
     store.put(key, chunk())
-    return coordinator.finish(ticket, key, SIZE, 4, tool=tool, is_last_step=last)
+    return coordinator.finish(ticket, CachedPath(ticket.tenant, (key,), 4, SIZE), SIZE, 4, tool=tool, is_last_step=last)
 
 
 def turn(coordinator, store, program, tool=None, tenant="t", last=False):
@@ -164,7 +165,7 @@ def test_reclaim_releases_pinned_room_and_close_releases_all():
 
 def test_a_measured_coordinator_profiles_the_model_stack(stack):
     store, _, _ = make_store()
-    coordinator = ProgramCoordinator.measured(store, stack)
+    coordinator = ProgramCoordinator.measured(RadixPrefixCache(store, "fp"), stack)
     points = coordinator.pins.profile.points
     assert [n for n, _ in points] == [64, 256, 1024]
     assert all(b >= a >= 0 for (_, a), (_, b) in zip(points, points[1:]))  # made non-decreasing

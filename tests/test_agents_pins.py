@@ -8,6 +8,7 @@ from ragcache.agents.profile import PrefillProfile
 from ragcache.kv import ChunkKey
 from ragcache.storage.cpu import CpuTier
 from ragcache.storage.gpu import GpuTier
+from ragcache.storage.prefix import CachedPath, RadixPrefixCache
 from ragcache.storage.tiered import TieredStore
 
 from conftest import ManualClock as Clock
@@ -22,7 +23,7 @@ def make_pins(profile=SLOW_PREFILL, device_entries=4, cpu_entries=16, **config):
     device, cpu = GpuTier(device_entries * SIZE, device="cpu"), CpuTier(cpu_entries * SIZE)
     device.clock = cpu.clock = clock
     store = TieredStore([device, cpu], clock=clock)
-    pins = ProgramPins(store, ToolDurationPredictor(PredictorConfig(min_samples=3)), profile, PinConfig(**config))
+    pins = ProgramPins(RadixPrefixCache(store, "fp"), ToolDurationPredictor(PredictorConfig(min_samples=3)), profile, PinConfig(**config))
     return pins, store, device, cpu, clock
 
 
@@ -33,7 +34,12 @@ def stored(store, name, tokens=4) -> ChunkKey:
 
 def finish(pins, store, program, tool, tenant="t", name=None, tokens=4):
     key = stored(store, name or f"{tenant}-{program}", tokens)
-    return pins.turn_finished(tenant, program, key, chunk(tokens).nbytes, tokens, tool=tool)
+    return pins.turn_finished(tenant, program, path(key, tokens), chunk(tokens).nbytes, tokens, tool=tool)
+
+
+def path(key, tokens=4) -> CachedPath:
+    """A one-block path (the pins see paths; how many blocks one has is the prefix cache's business)."""
+    return CachedPath("t", (key,), tokens, chunk(tokens).nbytes)
 
 
 def teach(pins, tool, durations, tenant="t"):
@@ -102,16 +108,16 @@ def test_a_pin_larger_than_the_budget_is_refused():
     assert device.stats().pinned_bytes == 0
 
 
-def test_the_pin_goes_to_the_fastest_tier_holding_the_kv_within_that_tiers_budget():
+def test_a_pin_brings_the_path_up_to_the_top_tier_and_holds_it_there_within_that_tiers_budget():
     pins, store, device, cpu, _ = make_pins()
     key = stored(store, "old")
     for name in "abcd":
         stored(store, name)  # "old" is demoted to the cpu tier
     assert cpu.contains(key) and not device.contains(key)
-    decision = pins.turn_finished("t", "p1", key, SIZE, 4, tool="search")
-    assert (decision.pinned, decision.tier) == (True, "cpu") and cpu.is_pinned(key)
-    assert pins.stats()["budget"]["cpu"] == {"budget_bytes": 8 * SIZE, "pinned_bytes": SIZE,
-                                             "pinned_bytes_max": SIZE, "max_bytes": 16 * SIZE}
+    decision = pins.turn_finished("t", "p1", path(key), SIZE, 4, tool="search")
+    assert (decision.pinned, decision.tier) == (True, "device") and device.is_pinned(key)
+    assert pins.stats()["budget"]["device"] == {"budget_bytes": 2 * SIZE, "pinned_bytes": SIZE,
+                                                "pinned_bytes_max": SIZE, "max_bytes": 4 * SIZE}
 
 
 def test_no_pin_when_waiting_never_pays_or_the_kv_is_not_local():
@@ -120,7 +126,7 @@ def test_no_pin_when_waiting_never_pays_or_the_kv_is_not_local():
     assert (decision.pinned, decision.reason, decision.ttl_s) == (False, "not_worth_it", 0.0)
     assert device.stats().pinned_bytes == 0
     pins, *_ = make_pins()
-    gone = pins.turn_finished("t", "p2", ChunkKey("never-stored"), SIZE, 4, tool="search")
+    gone = pins.turn_finished("t", "p2", path(ChunkKey("never-stored")), SIZE, 4, tool="search")
     assert (gone.pinned, gone.reason) == (False, "not_local")
     assert pins.turn_arrived("t", "p1") == Arrival(False, False, None, None)  # unknown here: nothing to do
 
@@ -177,7 +183,7 @@ def test_a_new_tool_call_supersedes_the_programs_pin():
 def test_the_last_step_releases_and_forgets_the_program():
     pins, store, device, _, _ = make_pins()
     finish(pins, store, "p1", "search")
-    assert pins.turn_finished("t", "p1", ChunkKey("t-p1"), SIZE, 4, is_last_step=True) is None
+    assert pins.turn_finished("t", "p1", path(ChunkKey("t-p1")), SIZE, 4, is_last_step=True) is None
     assert device.stats().pinned_bytes == 0 and pins.stats()["programs"] == 0
 
 

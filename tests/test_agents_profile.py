@@ -82,11 +82,11 @@ def test_stack_prefill_measures_the_real_layer_loop(stack, make_engine):
     profile = measure_prefill_profile(stack_prefill_fn(stack), (16, 64), repeats=1)
     assert [n for n, _ in profile.points] == [16, 64]
     assert 0 < profile.points[0][1] <= profile.points[1][1]
-    # a program's stored KV is exactly its tokens times kv_bytes_per_token
+    # a program's stored path is exactly its tokens times kv_bytes_per_token
     from ragcache.engine.generate import SamplingParams
     from ragcache.engine.runner import RagRequest
 
     engine = make_engine()
     result = engine.generate(RagRequest("Ping?", program_id="p", sampling=SamplingParams(max_tokens=3)))
-    kv = engine.store.get(result.program_key)
-    assert kv.nbytes == kv_bytes_per_token(engine.stack) * kv.num_tokens
+    path = result.prefix_path
+    assert path.num_tokens > 0 and path.nbytes == kv_bytes_per_token(engine.stack) * path.num_tokens

@@ -207,4 +207,4 @@ def test_an_agent_runs_end_to_end_against_a_live_ragcache_server(tokenizer):
                     messages.append({"role": "user", "content": f"Tool ls returned: a{turn}.txt"})
     assert reused[0][1] == 0
     for (previous_prompt, _), (_, now_reused) in zip(reused, reused[1:]):
-        assert now_reused >= previous_prompt  # the whole previous prompt came from the program's KV
+        assert now_reused >= previous_prompt // 16 * 16  # the previous prompt's whole blocks came from the prefix cache

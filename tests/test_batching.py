@@ -15,7 +15,7 @@ from ragcache.engine.runner import BlockingSink, RagRequest, SequenceCancelled
 from ragcache.engine.scheduler import SchedulerConfig
 from ragcache.kv import chunk_key
 
-from conftest import DOCUMENTS, QUESTION
+from conftest import DOCUMENTS, QUESTION, tiny_model
 
 LONG_QUESTION = " ".join(["Which of these rivers and mountains is the oldest, and why would it be so?"] * 6)
 TOLERANCE = 1e-4
@@ -39,6 +39,18 @@ def run_together(engine, requests, after_step=None):
     return [sink.wait() for sink in sinks]
 
 
+def each_alone(make_engine, model, requests, documents=()):
+    """Each request on its own fresh engine (documents added first): nothing another request left in the
+    prefix cache changes what it reuses."""
+    results = []
+    for req in requests:
+        engine = make_engine(model=model)
+        if documents:
+            engine.add_documents(list(documents))
+        results.append(engine.generate(req, return_logprobs=True))
+    return results
+
+
 def assert_same(alone, batched):
     assert batched.token_ids == alone.token_ids and batched.text == alone.text
     assert torch.allclose(batched.first_token_logprobs, alone.first_token_logprobs, atol=TOLERANCE)
@@ -46,11 +58,15 @@ def assert_same(alone, batched):
 
 
 def test_every_mode_and_a_program_turn_in_one_batch_give_what_they_give_alone(make_engine):
-    engine = make_engine()
-    engine.add_documents(list(DOCUMENTS))
-    for tenant in ("alone", "batch"):  # the same program's first turn under two tenants: same KV, own entries
-        engine.generate(request(documents=DOCUMENTS[:2], namespace=tenant, program_id="agent"))
-    first = engine.generate(request(documents=DOCUMENTS[:2], namespace="alone", program_id="probe"))
+    model = tiny_model()
+
+    def warmed():  # documents stored, the program's first turn done
+        engine = make_engine(model=model)
+        engine.add_documents(list(DOCUMENTS))
+        engine.generate(request(documents=DOCUMENTS[:2], program_id="agent"))
+        return engine
+
+    first = warmed().generate(request(documents=DOCUMENTS[:2], program_id="probe"))
     history = (("user", QUESTION), ("assistant", first.text.strip() or "ok"))
     mixes = [
         request(mode="full", max_tokens=6),
@@ -60,21 +76,14 @@ def test_every_mode_and_a_program_turn_in_one_batch_give_what_they_give_alone(ma
         request(mode="blend", documents=DOCUMENTS[:1], question="Where?", max_tokens=3),
         request(documents=DOCUMENTS[:2], program_id="agent", question="And the longest?", history=history),
     ]
-    alone = [engine.generate(r if r.program_id is None else _tenant(r, "alone"), return_logprobs=True) for r in mixes]
+    alone = [warmed().generate(r, return_logprobs=True) for r in mixes]
     running = []
-    batched = run_together(engine, [r if r.program_id is None else _tenant(r, "batch") for r in mixes],
-                           after_step=lambda e: running.append(len(e.scheduler.running)))
+    batched = run_together(warmed(), mixes, after_step=lambda e: running.append(len(e.scheduler.running)))
     assert max(running) == len(mixes)  # all of them in the same steps
     assert len({a.prompt_tokens for a in alone}) == len(mixes)  # prompts of different lengths
-    assert batched[-1].program_reused_tokens == alone[-1].program_reused_tokens > 0
+    assert batched[-1].prefix_cached_tokens == alone[-1].prefix_cached_tokens > 0
     for a, b in zip(alone, batched):
         assert_same(a, b)
-
-
-def _tenant(req: RagRequest, tenant: str) -> RagRequest:
-    from dataclasses import replace
-
-    return replace(req, namespace=tenant)
 
 
 def one_pass_reference(engine, tokenizer, question, mode, ratio, max_tokens, config=None):
@@ -160,7 +169,7 @@ def test_preempted_sequences_resume_with_the_same_answer_and_the_budget_holds(ma
     probe.add_documents(list(DOCUMENTS))
     reqs = [request(mode=mode, max_tokens=24, question=q, documents=DOCUMENTS[:2],
                     sampling={"temperature": 0.8, "seed": 7}) for q in (QUESTION, "Which mountain is highest?")]
-    alone = [probe.generate(r, return_logprobs=True) for r in reqs]
+    alone = each_alone(make_engine, probe.loaded.model, reqs, DOCUMENTS)
     per_token = probe.kv_bytes_per_token
     assert all(len(a.token_ids) == 24 for a in alone)
     both_admitted = sum(a.prompt_tokens + 4 for a in alone)
@@ -223,7 +232,7 @@ def test_a_sequence_preempted_mid_prefill_resumes_with_room_for_its_whole_prompt
     short = request(mode="full", question="Where?", documents=(), max_tokens=40, sampling={"stop": ("never",)})
     long = request(mode="full", question=" ".join([QUESTION] * 8), max_tokens=4)
     probe = make_engine()
-    alone = [probe.generate(r, return_logprobs=True) for r in (short, long)]
+    alone = each_alone(make_engine, probe.loaded.model, (short, long))
     per_token = probe.kv_bytes_per_token
     # the short one's prompt + a block and the long one's prompt + a block fit; the short one's next block does not
     budget = (alone[0].prompt_tokens + 4 + alone[1].prompt_tokens + 4 + 2) * per_token
@@ -265,7 +274,7 @@ def test_sequences_with_the_same_system_prefix_hold_its_kv_once(make_engine):
     engine = make_engine()
     engine.add_documents(list(DOCUMENTS))
     reqs = [request(mode="blend", documents=DOCUMENTS[i:i + 2], max_tokens=6) for i in range(3)]
-    alone = [engine.generate(r, return_logprobs=True) for r in reqs]
+    alone = each_alone(make_engine, engine.loaded.model, reqs, DOCUMENTS)
     seen = []
 
     def check(engine):

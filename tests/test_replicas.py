@@ -58,7 +58,7 @@ def test_documents_programs_and_answers_are_shared_by_replicas_and_survive_resta
         again = one.post("/v1/rag", {"question": "How do I reset my Tunely password?", "document_ids": ["guide"],
                                      "max_tokens": 4})
         assert again.status_code == 200, again.text
-        assert again.json()["ragcache"]["chunk_hits"] == 1
+        assert again.json()["ragcache"]["cached_tokens"] > 0  # the chunk's KV, or the prefix cache's, from Redis
     finally:
         one.stop()
         two.stop()

@@ -9,6 +9,7 @@ import pytest
 
 from ragcache.storage.cpu import CpuTier
 from ragcache.storage.gpu import GpuTier
+from ragcache.storage.prefix import DEFAULT_BLOCK_TOKENS
 from ragcache.storage.tiered import TieredStore
 
 from service_server import running_server
@@ -117,12 +118,16 @@ def test_a_plain_agent_loop_is_found_by_its_prefix_and_reuses_its_kv(server):
     programs = {p["program_id"] for p in httpx.get(f"{url}/admin/programs").json()["programs"]}
     follow = [ASK, {"role": "assistant", "content": answer}, {"role": "user", "content": "And tomorrow?"}]
     second = post(url, messages=follow, tools=[WEATHER], tool_choice="none").json()
-    assert second["ragcache"]["program_reused_tokens"] >= first["usage"]["prompt_tokens"]
+    whole_blocks = first["usage"]["prompt_tokens"] // DEFAULT_BLOCK_TOKENS * DEFAULT_BLOCK_TOKENS
+    assert second["ragcache"]["prefix_cached_tokens"] >= whole_blocks  # the first prompt's whole blocks
     after = {p["program_id"] for p in httpx.get(f"{url}/admin/programs").json()["programs"]}
     assert len(after - programs) == 0 and any(p.startswith("conv-") for p in after)  # the same program, moved on
     unrelated = post(url, messages=[{"role": "user", "content": "Tell me a joke."}], tools=[WEATHER],
                      tool_choice="none").json()
-    assert unrelated["ragcache"]["program_reused_tokens"] == 0
+    # only the system prompt and tool list it shares with the others: a new conversation
+    assert unrelated["ragcache"]["prefix_cached_tokens"] < whole_blocks
+    latest = {p["program_id"] for p in httpx.get(f"{url}/admin/programs").json()["programs"]}
+    assert len(latest - after) == 1
 
 
 def test_a_single_question_without_tools_is_not_kept_as_a_conversation(server):

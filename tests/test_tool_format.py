@@ -1,9 +1,9 @@
-"""The tool-call text format (toolformat.py) and the conversation prefix index (conversations.py)."""
+"""The tool-call text format (toolformat.py) and the conversation prefix index (storage/labels.py)."""
 
 import pytest
 
 from ragcache.engine.chat import ChatTurn, ToolCall, ToolSpec
-from ragcache.engine.conversations import ConversationIndex
+from ragcache.storage.labels import PromptLabels
 from ragcache.engine.prompt import build_rag_prompt, split_template, template_knows_tools
 from ragcache.engine.toolformat import CallStream, parse_tool_calls, render_call, turn_text
 
@@ -100,7 +100,7 @@ def test_a_template_that_knows_tools_renders_them_itself(tokenizer):
 
 
 def test_the_conversation_index_finds_the_longest_whole_prompt_a_new_prompt_extends():
-    index = ConversationIndex()
+    index = PromptLabels()
     index.index("t", "a", [1, 2, 3, 4])
     index.index("t", "b", [1, 2, 5])
     assert index.match("t", [1, 2, 3, 4, 9]) == ("a", 4)
@@ -114,7 +114,7 @@ def test_the_conversation_index_finds_the_longest_whole_prompt_a_new_prompt_exte
 
 
 def test_the_conversation_index_forgets_the_least_recently_indexed_past_its_bound():
-    index = ConversationIndex(max_conversations=2)
+    index = PromptLabels(max_conversations=2)
     assert index.index("t", "a", [1]) == [] and index.index("t", "b", [2]) == []
     assert index.index("t", "c", [3]) == [("t", "a")]
     assert index.match("t", [1, 0]) is None and index.match("t", [3, 0]) == ("c", 1)
@@ -148,10 +148,10 @@ def test_a_repeat_cut_short_by_max_tokens_is_never_streamed():
 
 
 def test_a_turn_is_indexed_without_its_generation_prompt_so_a_merged_boundary_still_matches():
-    from ragcache.engine.conversations import BOUNDARY_TOKENS, indexed_prompt
+    from ragcache.storage.labels import BOUNDARY_TOKENS, indexed_prompt
 
     prompt = list(range(100, 120))
-    index = ConversationIndex()
+    index = PromptLabels()
     index.index("t", "a", indexed_prompt(prompt))
     retokenized = prompt[:-1] + [999, 5, 6]  # the last prompt token merged with the answer's first
     assert index.match("t", retokenized) == ("a", len(prompt) - BOUNDARY_TOKENS)

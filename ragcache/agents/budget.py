@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 from ragcache.agents.predictor import ToolDurationPredictor
 
 if TYPE_CHECKING:
-    from ragcache.storage.memory import MemoryTier
-    from ragcache.storage.tiered import PinHandle
+    from collections.abc import Callable
+
+    from ragcache.storage.base import TierRoom
+    from ragcache.storage.prefix import PathPin
 
 ProgramRef = tuple[str, str]  # (tenant, program id): the same id in two tenants is two programs
 
@@ -31,7 +33,7 @@ class HeldPin:
     tenant: str
     program_id: str
     tool: str
-    handle: PinHandle
+    handle: PathPin
     nbytes: int
     ttl_s: float
     pinned_s: float  # on the store's clock, as handle.expires_s
@@ -44,8 +46,10 @@ class HeldPin:
 
 
 class PinBudget:
-    def __init__(self, tiers: list[MemoryTier], predictor: ToolDurationPredictor, share: float) -> None:
-        self.tiers = {tier.name: tier for tier in tiers}
+    def __init__(self, room: Callable[[], list[TierRoom]], predictor: ToolDurationPredictor, share: float) -> None:
+        """room: the local tiers' bytes and pinned bytes now (PrefixCache.room)."""
+        self.room = room
+        self.tiers = [tier.name for tier in room()]
         self.predictor = predictor
         self.share = share
         self.held: dict[ProgramRef, HeldPin] = {}
@@ -59,6 +63,11 @@ class PinBudget:
 
     def budget_bytes(self, tier: str) -> int:
         return int(self.share * self.tier(tier).max_bytes)
+
+    def unpinned_bytes(self, tier: str) -> int:
+        """The tier's bytes no pin holds (the store's count: pins of every kind)."""
+        room = self.tier(tier)
+        return room.max_bytes - room.pinned_bytes
 
     def pinned_bytes(self, tier: str) -> int:
         return sum(pin.nbytes for pin in self.held.values() if pin.handle.tier == tier)
@@ -99,10 +108,11 @@ class PinBudget:
             del self.held[pin.ref]
         return gone
 
-    def tier(self, name: str) -> MemoryTier:
-        if name not in self.tiers:
-            raise ValueError(f"no local tier named {name!r}; local tiers: {list(self.tiers)}")
-        return self.tiers[name]
+    def tier(self, name: str) -> TierRoom:
+        for room in self.room():
+            if room.name == name:
+                return room
+        raise ValueError(f"no local tier named {name!r}; local tiers: {self.tiers}")
 
     def describe(self, now: float) -> list[dict]:
         """The active pins for stats: program, tool, tier, TTL, age, bytes, value now."""
@@ -129,5 +139,5 @@ class PinBudget:
                 "pinned_bytes_max": self.pinned_bytes_max[name],
                 "max_bytes": tier.max_bytes,
             }
-            for name, tier in self.tiers.items()
+            for name, tier in ((room.name, room) for room in self.room())
         }

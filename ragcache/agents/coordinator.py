@@ -1,11 +1,12 @@
 """ProgramCoordinator: the agents layer as the service runtime calls it, in four places.
 
-    coordinator = ProgramCoordinator(store, profile, AgentConfig())
-    engine = BlendEngine(loaded, store, config, order=coordinator.scheduler)   # admission order
+    engine = BlendEngine(loaded, store, config)
+    coordinator = ProgramCoordinator(engine.prefix, profile, AgentConfig())
+    engine.use_admission_order(coordinator.scheduler)                # admission order
 
     ticket = coordinator.arrive(tenant, program_id)                  # every generation request
     result = await the engine (submit(request, sink, ticket=ticket))
-    coordinator.finish(ticket, result.program_key, nbytes, num_tokens,
+    coordinator.finish(ticket, result.prefix_path, nbytes, num_tokens,
                        tool=called_tool, is_last_step=last)          # after a program's turn
     coordinator.event(tenant, program_id, "tool_start", "search")    # POST /v1/programs/{id}/events
     coordinator.close()                                              # at shutdown
@@ -13,11 +14,13 @@
 arrive() does the arrival bookkeeping (the tool's duration ends when the next request
 arrives, not when it is admitted; the pin is released then) and takes the turn's ticket
 in the program-level FCFS order the engine admits by. Everything here is synchronous and
-quick, and safe from any thread.
+quick, and safe from any thread. One daemon thread prefetches the paths of programs whose
+tool is about to return (pins.py), off every request's path; close() stops it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +32,8 @@ from ragcache.agents.profile import PrefillProfile
 from ragcache.agents.scheduler import ProgramScheduler, SchedulerConfig, Ticket
 
 if TYPE_CHECKING:
-    from ragcache.kv import ChunkKey
-    from ragcache.storage.tiered import TieredStore
+    from ragcache.storage.base import PrefixCache
+    from ragcache.storage.prefix import CachedPath
 
 EVENT_TYPES = ("tool_start", "tool_end", "end")
 
@@ -45,24 +48,32 @@ class AgentConfig:
 class ProgramCoordinator:
     def __init__(
         self,
-        store: TieredStore,
+        cache: PrefixCache,
         profile: PrefillProfile,
         config: AgentConfig = AgentConfig(),
         clock: Callable[[], float] = time.monotonic,
+        prefetch_interval_s: float = 0.05,
     ) -> None:
-        """clock: the scheduler's (waits); pins run on the store's clock, as its pin expiries do."""
+        """cache: the prefix cache whose paths are pinned (the engine's); clock: the scheduler's (waits);
+        pins run on the store's clock, as its pin expiries do."""
         self.config = config
         self.predictor = ToolDurationPredictor(config.predictor)
-        self.pins = ProgramPins(store, self.predictor, profile, config.pins)
+        self.pins = ProgramPins(cache, self.predictor, profile, config.pins)
         self.scheduler = ProgramScheduler(config.scheduler, clock)
+        cache.reclaimer = self.pins.reclaim  # a live request that needs pinned room gets it
+        self._closed = threading.Event()
+        self._prefetcher = threading.Thread(
+            target=self._prefetch_loop, args=(prefetch_interval_s,), name="ragcache-agent-prefetch", daemon=True
+        )
+        self._prefetcher.start()
 
     @classmethod
-    def measured(cls, store: TieredStore, stack, config: AgentConfig = AgentConfig()) -> ProgramCoordinator:
+    def measured(cls, cache: PrefixCache, stack, config: AgentConfig = AgentConfig()) -> ProgramCoordinator:
         """A coordinator whose reload-cost profile is measured now on the model's decoder stack (about 1 s)."""
         from ragcache.agents.profile import measure_prefill_profile, stack_prefill_fn
 
         profile = measure_prefill_profile(stack_prefill_fn(stack), (64, 256, 1024), repeats=1)
-        return cls(store, profile, config)
+        return cls(cache, profile, config)
 
     def arrive(self, tenant: str, program_id: str | None) -> Ticket:
         """A generation request arrived: record its tool's duration, release its pin, take its ticket."""
@@ -78,23 +89,23 @@ class ProgramCoordinator:
     def finish(
         self,
         ticket: Ticket,
-        key: ChunkKey | None,
+        path: CachedPath | None,
         nbytes: int,
         num_tokens: int,
         tool: str | None = None,
         is_last_step: bool = False,
     ) -> PinDecision | None:
-        """A turn is done. For a program's turn, its KV is stored under key (Generation.program_key),
+        """A turn is done. For a program's turn, its KV is stored as path (Generation.prefix_path),
         nbytes for num_tokens; tool: the tool its answer called (finish_reason "tool_calls"), which
         pins the KV for that tool's TTL; is_last_step: the program is over, release and forget.
         A returning program whose KV was not held feeds its queueing delay to the TTL model."""
         arrival = ticket.arrival
         if arrival is not None and arrival.returning and not arrival.pin_held and ticket.waited_s is not None:
             self.pins.observe_queue_delay(ticket.waited_s)
-        if ticket.program_id is None or key is None:
+        if ticket.program_id is None or path is None:
             return None
         decision = self.pins.turn_finished(
-            ticket.tenant, ticket.program_id, key, nbytes, num_tokens, tool, is_last_step
+            ticket.tenant, ticket.program_id, path, nbytes, num_tokens, tool, is_last_step
         )
         if is_last_step:
             self.scheduler.forget(ticket.tenant, ticket.program_id)
@@ -125,5 +136,12 @@ class ProgramCoordinator:
         return {"scheduler": self.scheduler.stats(), "pins": self.pins.stats()}
 
     def close(self) -> int:
-        """Release every pin; returns how many still held."""
+        """Stop prefetching, release every pin; returns how many still held."""
+        self._closed.set()
+        self._prefetcher.join()
         return self.pins.close()
+
+    def _prefetch_loop(self, interval_s: float) -> None:
+        while not self._closed.wait(interval_s):
+            for path in self.pins.due_prefetches():
+                self.pins.prefetch(path)

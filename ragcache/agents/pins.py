@@ -1,9 +1,10 @@
-"""ProgramPins: each agent program's KV pinned in the store while its tool runs, within a budget.
+"""ProgramPins: each agent program's path in the prefix cache pinned while its tool runs, within a budget.
 
 A program between two turns, as this class sees it (one record per (tenant, program id)):
 
-    turn_finished(key, tool)  the turn's KV is stored under key and it ended in a call to tool:
-                              pin_for_tool pins key for τ* (the predictor) if that pays and fits
+    turn_finished(path, tool) the turn's KV is stored as path (storage/prefix.py) and it ended in a
+                              call to tool: pin_for_tool pins the path for τ* (the predictor) if
+                              that pays and fits
     tool_started(tool)        a client event: the same, for a turn that did not end in a tool call
     tool_ended()              a client event: the tool's duration is recorded; the pin stays (at
                               least resume_grace_s more) for the next turn, which is on its way
@@ -20,17 +21,25 @@ Policies (PinConfig.policy), what pin_for_tool does with a tool call:
                 that does not fit is refused and displaces nothing (there is no value to rank by)
     none        never pin: the store's eviction policy alone decides (durations are still recorded)
 
-Budget (budget.py): program pins hold at most budget_share of each local tier's bytes. A
-pin that does not fit displaces held pins in its tier, least valuable per byte first, only
-if it is worth more than all of them together; a displaced pin is unpinned, so the store
-may evict or demote it as it would any entry.
+Budget (budget.py): program pins hold at most budget_share of each local tier's bytes,
+enforced by reclaim(): a pin that does not fit force-releases held pins in its tier, least
+valuable per byte first, only if it is worth more than all of them together (counted as
+reclaimed, and as displaced); a released path is unpinned, so the store may evict or
+demote its blocks as it would any entry. The prefix cache calls reclaim() too, when a live
+request's new blocks need more of the top tier than pins leave unpinned (its reclaimer).
 
 Deadlock freedom: budget_share < 1 leaves every local tier (1 − share) of its bytes that
-pins never hold, and reclaim() force-releases pins, least valuable first, when the head of
-the queue needs more room than is unpinned.
+pins never hold, and reclaim() force-releases pins, least valuable first, when a live
+request needs more room than is unpinned.
 
-Expiry is the store's: TieredStore.release_expired demotes an expired pin's entry one tier
-down; this class notices a handle past its expires_s and counts the pin as expired.
+Prefetch (KVFlow: an agent's next step is predictable): a program whose path is not held
+while its tool runs (not worth pinning, over budget, or its pin expired) has its path
+brought back to the top tier from CPU or Redis once the tool has run its predicted median
+duration, less prefetch_lead_s, so the next turn finds it there; prefetched_tokens counts
+the tokens that had to move.
+
+Expiry is the store's: release_expired demotes an expired pin's blocks one tier down; this
+class notices a pin past its expires_s and counts it as expired.
 """
 
 from __future__ import annotations
@@ -45,8 +54,8 @@ from ragcache.agents.predictor import ToolDurationPredictor, TTLChoice
 from ragcache.agents.profile import PrefillProfile
 
 if TYPE_CHECKING:
-    from ragcache.kv import ChunkKey
-    from ragcache.storage.tiered import TieredStore
+    from ragcache.storage.base import PrefixCache
+    from ragcache.storage.prefix import CachedPath
 
 
 POLICIES = ("tool_ttl", "fixed_ttl", "none")
@@ -64,6 +73,8 @@ class PinConfig:
     max_programs: int = 10_000  # programs remembered between turns; the least recently active go first
     policy: str = "tool_ttl"  # one of POLICIES (see the module docstring)
     fixed_ttl_s: float = 2.0  # the pin of every tool call under policy "fixed_ttl"
+    prefetch: bool = True  # bring an unheld path back before its tool's predicted return
+    prefetch_lead_s: float = 0.2  # how long before the predicted return
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -115,27 +126,30 @@ class PinCounters:
     returned_lost: int = 0  # it arrived after the pin expired, was displaced or was reclaimed
     returned_unpinned: int = 0  # it followed a tool call that was never pinned
     expired: int = 0
-    displaced: int = 0
-    reclaimed: int = 0
+    displaced: int = 0  # force-released for a more valuable pin (also counted in reclaimed)
+    reclaimed: int = 0  # force-released by reclaim(): the pin budget or a live request needed the room
     released: int = 0  # by end, is_last_step, a newer tool call, forgetting or shutdown
     not_worth_it: int = 0
     not_local: int = 0
     over_budget: int = 0
     extended: int = 0  # pins held on past tool_end for the next turn
     off: int = 0  # tool calls not pinned because the policy is "none"
+    prefetches: int = 0  # paths brought back to the top tier before their tool's predicted return
+    prefetched_tokens: int = 0  # tokens those prefetches moved up (already-resident blocks not counted)
 
 
 @dataclass
 class _Program:
     """A program between turns (internal, mutable under the lock)."""
 
-    key: ChunkKey | None = None
+    path: CachedPath | None = None
     nbytes: int = 0
     num_tokens: int = 0
     tool: str | None = None  # the last tool call since the program's last turn
     tool_started_s: float | None = None  # None once the tool returned
     predicted_ttl_s: float | None = None
     pinned: bool = False  # a pin was made for this tool call (it may be gone since)
+    prefetch_at_s: float | None = None  # when to bring the path back, if it is not held then
 
 
 class ProgramPins:
@@ -143,21 +157,21 @@ class ProgramPins:
 
     def __init__(
         self,
-        store: TieredStore,
+        cache: PrefixCache,
         predictor: ToolDurationPredictor,
         profile: PrefillProfile,
         config: PinConfig = PinConfig(),
     ) -> None:
-        if not store.local:
+        if not cache.room():
             raise ValueError("program pins need a store with at least one local (memory) tier")
-        self.store = store
+        self.cache = cache
         self.predictor = predictor
         self.profile = profile
         self.config = config
-        self.clock = store.clock  # pin expiries are on the store's clock
+        self.clock = cache.clock  # pin expiries are on the store's clock
         self.counters = PinCounters()
         self._programs: OrderedDict[ProgramRef, _Program] = OrderedDict()
-        self.budget = PinBudget(store.local, predictor, config.budget_share)
+        self.budget = PinBudget(cache.room, predictor, config.budget_share)
         self._delays: deque[float] = deque(maxlen=config.delay_window)
         self._sizes: deque[int] = deque(maxlen=config.size_window)
         self._lock = threading.RLock()
@@ -180,26 +194,26 @@ class ProgramPins:
                 self.counters.returned_lost += 1
             elif tool is not None:
                 self.counters.returned_unpinned += 1
-            program.tool, program.pinned, program.predicted_ttl_s = None, False, None
+            program.tool, program.pinned, program.predicted_ttl_s, program.prefetch_at_s = None, False, None, None
             return Arrival(tool is not None, held, tool, duration)
 
     def turn_finished(
         self,
         tenant: str,
         program_id: str,
-        key: ChunkKey,
+        path: CachedPath,
         nbytes: int,
         num_tokens: int,
         tool: str | None = None,
         is_last_step: bool = False,
     ) -> PinDecision | None:
-        """The turn's KV is stored under key; tool: the tool it called (finish_reason "tool_calls"), if any."""
+        """The turn's KV is stored as path; tool: the tool it called (finish_reason "tool_calls"), if any."""
         with self._lock:
             if is_last_step:
                 self.end(tenant, program_id)
                 return None
-            self._set_kv(self._program((tenant, program_id)), key, nbytes, num_tokens)
-            return self.pin_for_tool(tenant, program_id, key, tool, nbytes, num_tokens) if tool else None
+            self._set_kv(self._program((tenant, program_id)), path, nbytes, num_tokens)
+            return self.pin_for_tool(tenant, program_id, path, tool, nbytes, num_tokens) if tool else None
 
     def tool_started(self, tenant: str, program_id: str, tool: str) -> PinDecision | None:
         """A client says tool starts now. The same tool already pending (the turn ended in a call to
@@ -212,10 +226,10 @@ class ProgramPins:
             if program.tool == tool and program.tool_started_s is not None:
                 program.tool_started_s = self.clock()
                 return None
-            if program.key is None:
+            if program.path is None:
                 program.tool, program.tool_started_s = tool, self.clock()
                 return None
-            return self.pin_for_tool(tenant, program_id, program.key, tool, program.nbytes, program.num_tokens)
+            return self.pin_for_tool(tenant, program_id, program.path, tool, program.nbytes, program.num_tokens)
 
     def tool_returned(self, tenant: str, program_id: str) -> float | None:
         """Record the pending tool's duration (now − its start) in the predictor; None if none is pending."""
@@ -225,7 +239,7 @@ class ProgramPins:
                 return None
             duration = max(0.0, self.clock() - program.tool_started_s)
             self.predictor.record(tenant, program.tool, duration, program.predicted_ttl_s)
-            program.tool_started_s = None
+            program.tool_started_s, program.prefetch_at_s = None, None
             return duration
 
     def tool_ended(self, tenant: str, program_id: str) -> float | None:
@@ -237,9 +251,8 @@ class ProgramPins:
             now = self.clock()
             grace_s = self.config.resume_grace_s
             if pin is not None and grace_s > 0 and pin.handle.expires_s - now < grace_s:
-                handle = self.store.pin(pin.handle.key, grace_s)
+                handle = self.cache.extend_pin(pin.handle, grace_s)
                 if handle is not None:
-                    self.store.unpin(pin.handle)
                     self.budget.held[pin.ref] = replace(pin, handle=handle, ttl_s=handle.expires_s - pin.pinned_s)
                     self.counters.extended += 1
             return duration
@@ -254,9 +267,9 @@ class ProgramPins:
     # pins
 
     def pin_for_tool(
-        self, tenant: str, program_id: str, key: ChunkKey, tool: str, nbytes: int, num_tokens: int
+        self, tenant: str, program_id: str, path: CachedPath, tool: str, nbytes: int, num_tokens: int
     ) -> PinDecision:
-        """A call of tool starts now: pin key (the program's KV, nbytes for num_tokens) for τ*, within the budget.
+        """A call of tool starts now: pin path (the program's KV, nbytes for num_tokens) for τ*, within the budget.
 
         Any pin the program still holds is released first: the new call supersedes it."""
         with self._lock:
@@ -264,9 +277,10 @@ class ProgramPins:
             ref = (tenant, program_id)
             program = self._program(ref)
             self._release(ref, "released")
-            self._set_kv(program, key, nbytes, num_tokens)
+            self._set_kv(program, path, nbytes, num_tokens)
             now = self.clock()
             program.tool, program.tool_started_s, program.pinned = tool, now, False
+            program.prefetch_at_s = self._prefetch_time(tenant, tool, now)
             if self.config.policy == "none":
                 self.counters.off += 1
                 return PinDecision(False, "off", 0.0, 0.0, "off")
@@ -277,7 +291,7 @@ class ProgramPins:
             if choice.ttl_s <= 0:
                 self.counters.not_worth_it += 1
                 return decision
-            handle = self.store.pin(key, choice.ttl_s)
+            handle = self.cache.pin_path(path, choice.ttl_s)
             if handle is None:
                 self.counters.not_local += 1
                 return replace(decision, reason="not_local")
@@ -285,7 +299,7 @@ class ProgramPins:
             if self.config.policy == "fixed_ttl" and victims:
                 victims = None  # a fixed pin displaces nothing: it only takes room that is free
             if victims is None:
-                self.store.unpin(handle)
+                self.cache.unpin_path(handle)
                 self.counters.over_budget += 1
                 return replace(decision, reason="over_budget", tier=handle.tier)
             for victim in victims:
@@ -310,10 +324,10 @@ class ProgramPins:
         more room than the tier has unpinned, so pinned memory can never stall the queue."""
         with self._lock:
             self._sweep()
-            target = self.budget.tier(tier) if tier is not None else self.store.local[0]
-            unpinned = target.max_bytes - target.stats().pinned_bytes
+            name = tier if tier is not None else self.budget.tiers[0]
+            unpinned = self.budget.unpinned_bytes(name)
             released = 0
-            for pin in self.budget.by_value(target.name, self.clock()):
+            for pin in self.budget.by_value(name, self.clock()):
                 if unpinned >= nbytes:
                     break
                 self._release(pin.ref, "reclaimed")
@@ -389,10 +403,10 @@ class ProgramPins:
         self._programs.move_to_end(ref)
         return program
 
-    def _set_kv(self, program: _Program, key: ChunkKey, nbytes: int, num_tokens: int) -> None:
-        if key != program.key:
+    def _set_kv(self, program: _Program, path: CachedPath, nbytes: int, num_tokens: int) -> None:
+        if path != program.path:
             self._sizes.append(nbytes)
-        program.key, program.nbytes, program.num_tokens = key, nbytes, num_tokens
+        program.path, program.nbytes, program.num_tokens = path, nbytes, num_tokens
 
     def _mem_ratio(self, nbytes: int) -> float:
         """mem / M, priced by how full the pin budget would be: this program's KV against the mean of recent
@@ -416,14 +430,42 @@ class ProgramPins:
         pin = self.budget.held.pop(ref, None)
         if pin is None:
             return False
-        held = self.store.unpin(pin.handle)
+        held = self.cache.unpin_path(pin.handle)
         if reason in ("displaced", "reclaimed"):
-            setattr(self.counters, reason, getattr(self.counters, reason) + 1)
+            self.counters.reclaimed += 1
+            self.counters.displaced += reason == "displaced"
         elif reason != "returned":
             self.counters.released += 1
         return held
 
     def _sweep(self) -> None:
         """Let the store demote entries whose pins expired, and forget those pins here."""
-        self.store.release_expired()
+        self.cache.release_expired()
         self.counters.expired += len(self.budget.expired(self.clock()))
+
+    def _prefetch_time(self, tenant: str, tool: str, now: float) -> float | None:
+        """When to prefetch this call's path if it is not held then: the tool's median so far, less the lead."""
+        cdf, _ = self.predictor.distribution(tenant, tool)
+        if not self.config.prefetch or cdf is None:
+            return None
+        return now + max(0.0, cdf.quantile(0.5) - self.config.prefetch_lead_s)
+
+    def due_prefetches(self) -> list[CachedPath]:
+        """Paths whose tool is about to return and that no pin holds: prefetch them (prefetch() each)."""
+        with self._lock:
+            self._sweep()
+            now, due = self.clock(), []
+            for ref, program in self._programs.items():
+                at = program.prefetch_at_s
+                if at is not None and at <= now and program.path is not None and ref not in self.budget.held:
+                    program.prefetch_at_s = None
+                    due.append(program.path)
+            return due
+
+    def prefetch(self, path: CachedPath) -> int:
+        """Bring path up to the top tier (store I/O: call it off the request path); the tokens moved."""
+        moved = self.cache.promote(path)
+        with self._lock:
+            self.counters.prefetches += 1
+            self.counters.prefetched_tokens += moved
+        return moved

@@ -216,7 +216,7 @@ def _serve_and_drive(
 
     engine = _engine(loaded, sizes)
     engine.store.start_sweeper(0.1)
-    coordinator = ProgramCoordinator(engine.store, profile, _agent_config(policy, options.time_scale))
+    coordinator = ProgramCoordinator(engine.prefix, profile, _agent_config(policy, options.time_scale))
     engine.use_admission_order(coordinator.scheduler)
     runtime = Runtime(engine, max_queue=4 * len(traces), coordinator=coordinator)
     settings = Settings(port=free_port(), semantic_cache=False, shadow_fraction=0.0, semantic_shadow_fraction=0.0)

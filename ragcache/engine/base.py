@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ragcache.engine.request import DocumentInfo, RagRequest
     from ragcache.engine.scheduler import AdmissionOrder
     from ragcache.engine.sequence import GenerationSink
+    from ragcache.kv import ChunkKey
     from ragcache.storage.base import KVStore
 
 
@@ -92,7 +93,14 @@ class Engine(Protocol):
         """Compute and store documents' KV ahead of queries (blocking)."""
 
     def forget_program(self, namespace: str, program_id: str) -> bool:
-        """The program ended: forget it and drop its KV."""
+        """The program ended: forget it (its label; its KV ages out)."""
+
+    def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
+        """The tenant's prefix-cache blocks this engine knows of (a tenant's flush drops them); [] when the
+        prompt KV is not in ragcache's store."""
+
+    def prefix_stats(self) -> dict | None:
+        """The prefix cache's tree (storage/prefix.py stats()); None when the model server keeps its own."""
 
     def prefetch_program(self, namespace: str, program_id: str) -> bool:
         """The program's tool returned: bring its KV to where its next turn will run (KVFlow's observation:

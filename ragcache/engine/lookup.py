@@ -1,9 +1,13 @@
-"""Chunk lookup across the tiers, on the submitting thread: store I/O never runs on the step loop.
+"""Lookups across the tiers, on the submitting thread: store I/O never runs on the step loop.
 
-A request's content keys (the system prefix, each document in the context of that prefix)
-are looked up at once — every chunk prefetched in the background while the prefix is
-fetched — or, for an agent program's turn, its stored conversation KV is matched on the
-longest common token prefix. What is missing is computed later, at admission.
+First the prefix cache (storage/prefix.py): the longest run of the prompt's blocks an earlier
+request left, whatever it was (the same prompt, a follow-up over the same documents, an
+agent's previous turn, another replica's request). It is used when it covers every document
+of a fused prompt (a shorter one would leave documents to blend anyway), or any block of a
+prompt computed exactly; then only the tokens after it are computed. Otherwise the request's
+content keys (the system prefix, each document in the context of that prefix) are looked up
+at once, every chunk prefetched in the background while the prefix is fetched. What is
+missing is computed later, at admission.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragcache.engine.programs import ProgramIndex, ProgramMatch, common_prefix_len
 from ragcache.engine.prompt import PromptParts
 from ragcache.kv import ChunkKey, KVChunk, chunk_key
-from ragcache.storage.base import KVStore
+from ragcache.storage.base import KVStore, PrefixCache
+from ragcache.storage.prefix import EXACT, PrefixHit
 
 
 @dataclass
@@ -26,7 +30,9 @@ class Lookup:
     prefix_kv: KVChunk | None = None
     chunk_keys: list[ChunkKey] = field(default_factory=list)
     chunk_kvs: list[KVChunk | None] = field(default_factory=list)
-    program: ProgramMatch | None = None  # when the program's stored KV covers the prompt's documents
+    variant: str = EXACT  # the prefix cache's tree for this request's KV (prefix_kv.kv_variant)
+    cached: PrefixHit | None = None  # the prefix cache's blocks, when used
+    cached_tokens: int = 0  # prompt tokens whose KV comes from them
     lookup_s: float = 0.0
 
     @property
@@ -40,13 +46,23 @@ class Lookup:
 
 
 def look_up(
-    store: KVStore, programs: ProgramIndex, fingerprint: str, request, parts: PromptParts, started: float
+    store: KVStore,
+    cache: PrefixCache,
+    fingerprint: str,
+    request,
+    parts: PromptParts,
+    variant: str,
+    started: float,
 ) -> Lookup:
-    """The prefix's and chunks' cached KV (full prefill looks nothing up), or the program's."""
-    lookup = Lookup()
-    if request.program_id and request.mode != "full":
-        lookup.program = match_program(store, programs, request, parts)
-    if request.mode != "full" and lookup.program is None:
+    """The prefix cache's hit, else the prefix's and chunks' cached KV (full prefill looks up no chunk)."""
+    lookup = Lookup(variant=variant)
+    ids = parts.all_ids
+    hit = cache.match(request.namespace, variant, ids[:-1])  # the last token must run for logits
+    fused = variant != EXACT  # reused documents: a hit that stops inside them would blend the rest anyway
+    needed = len(parts.prefix_ids) + parts.num_chunk_tokens if fused else 1
+    if hit.num_tokens >= needed:
+        lookup.cached, lookup.cached_tokens = hit, hit.num_tokens
+    elif request.mode != "full":
         namespace = request.namespace
         lookup.prefix_key = chunk_key(fingerprint, parts.prefix_ids, "", namespace)
         lookup.chunk_keys = [chunk_key(fingerprint, ids, lookup.prefix_key, namespace) for ids in parts.chunk_ids]
@@ -55,16 +71,3 @@ def look_up(
         lookup.chunk_kvs = loading.result() if loading is not None else []
     lookup.lookup_s = time.perf_counter() - started
     return lookup
-
-
-def match_program(store: KVStore, programs: ProgramIndex, request, parts: PromptParts) -> ProgramMatch | None:
-    """The program's stored KV if it covers at least the prompt's prefix and documents (else blend them)."""
-    record = programs.latest(request.namespace, request.program_id)
-    if record is None:
-        return None
-    ids = parts.all_ids
-    reused = min(common_prefix_len(record.token_ids, ids), len(ids) - 1)  # the last token must run for logits
-    if reused < len(parts.prefix_ids) + parts.num_chunk_tokens:
-        return None
-    kv = store.get(record.key)
-    return ProgramMatch(record, kv, reused) if kv is not None else None

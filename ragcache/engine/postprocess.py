@@ -1,15 +1,17 @@
-"""After a sequence's last token: its Generation, and the program KV an agent's next turn will reuse."""
+"""After a sequence's last token: its Generation, and the blocks of its KV the prefix cache lacks."""
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 from ragcache.engine.blend import BlendConfig
-from ragcache.engine.programs import program_key, program_kv
+from ragcache.engine.prefix_kv import buffer_blocks
 from ragcache.engine.request import Generation, PhaseTimings
 from ragcache.engine.sequence import Sequence
 from ragcache.engine.stack import DecoderStack
-from ragcache.kv import ChunkKey, KVChunk
+from ragcache.kv import KVChunk
+from ragcache.storage.base import PrefixCache
 
 
 def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: BlendConfig = BlendConfig()) -> Generation:
@@ -26,7 +28,7 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: Ble
         now - first,
         seq.admitted_s - seq.arrived_s,
     )
-    looked_up = request.mode != "full" and lookup.program is None
+    looked_up = request.mode != "full" and lookup.cached is None
     blended = request.mode == "blend"
     return Generation(
         text=seq.stream.text,
@@ -41,7 +43,7 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: Ble
         timings=timings,
         first_token_logprobs=seq.first_logprobs,
         token_logprobs=tuple(seq.token_logprobs[: len(seq.stream.tokens)]),  # an ending eos is no answer token
-        program_reused_tokens=lookup.program.reused_tokens if lookup.program is not None else 0,
+        prefix_cached_tokens=lookup.cached_tokens,
         mode=request.mode,
         blend_ratio=blend_ratio if blended else 0.0,
         blend_deviation=blend.deviation if blended else "",
@@ -49,11 +51,19 @@ def generation_of(seq: Sequence, num_layers: int, blend_ratio: float, blend: Ble
     )
 
 
-def program_entry(stack: DecoderStack, seq: Sequence, fingerprint: str) -> tuple[ChunkKey, tuple[int, ...], KVChunk]:
-    """(key, token ids, KV) of the prompt + the answer tokens that went through the model."""
+class SavedPath(NamedTuple):
+    """A finished sequence's token path (prompt + answer tokens fed) and the KV of its blocks from start on."""
+
+    ids: tuple[int, ...]
+    start: int
+    blocks: list[KVChunk]
+
+
+def saved_path(stack: DecoderStack, seq: Sequence, cache: PrefixCache, fingerprint: str) -> SavedPath:
+    """The path to store: the blocks this process already knows are skipped (an identical prompt copies nothing)."""
     assert seq.prefill is not None  # called before the finished sequence's working KV is released
     buffer = seq.prefill.buffer
     fed = buffer.length - seq.prompt_len
-    token_ids = (*seq.parts.all_ids, *seq.stream.tokens[:fed])
-    key = program_key(fingerprint, token_ids, seq.request.namespace)
-    return key, token_ids, program_kv(stack, buffer, token_ids, fingerprint)
+    ids = (*seq.parts.all_ids, *seq.stream.tokens[:fed])
+    start = cache.known(seq.request.namespace, seq.lookup.variant, ids)
+    return SavedPath(ids, start, buffer_blocks(stack, buffer, ids, start, cache.block_tokens, fingerprint))

@@ -7,6 +7,7 @@ blending, scheduling or model code), so every Engine implementation and every ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from ragcache.engine.generate import SamplingParams
 from ragcache.engine.selection import DEVIATION_NAMES as DEVIATIONS
 from ragcache.engine.toolformat import ParsedCall
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey
+
+if TYPE_CHECKING:
+    from ragcache.storage.prefix import CachedPath
 
 MODES = ("full", "prefix", "reuse", "blend")  # how a request's prompt KV is obtained (blend.py)
 
@@ -35,7 +39,7 @@ class RagRequest:
     program_id: str | None = None  # an agent program: its conversation KV is kept and extended turn by turn
     tools: tuple[ToolSpec, ...] = ()  # functions the model may call, listed in the prompt
     constraint: OutputConstraint | None = None  # what the output must be (grammar.py); None: free text
-    implicit_program: bool = False  # program_id was found from the prompt's prefix (the conversation index)
+    implicit_program: bool = False  # program_id was found from the prompt's prefix (the conversation labels)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,9 +87,9 @@ class Generation:
     chunk_misses: int
     timings: PhaseTimings
     first_token_logprobs: torch.Tensor | None = field(default=None, repr=False)
-    program_key: ChunkKey | None = None  # where the program's KV now lives (agents pin it)
-    program_reused_tokens: int = 0  # prompt tokens reused from the program's previous turn
-    program_tokens: int = 0  # tokens of the program's stored KV
+    prefix_path: CachedPath | None = None  # where the prefix cache keeps this request's KV (agents pin it)
+    prefix_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (an earlier request's)
+    program_tokens: int = 0  # tokens of prefix_path
     mode: str = "blend"
     blend_ratio: float = 0.0  # the ratio blending used (the engine's default when the request gave none)
     blend_deviation: str = ""  # the deviation that ranked the tokens (as blend_ratio: resolved; "" unless mode blend)

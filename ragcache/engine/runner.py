@@ -7,7 +7,8 @@
                   thread; cached KV placed into the sequence's buffer (blend.place_prompt)
     step          (step.py) decode tokens of every running sequence + a budget of prompt
                   tokens, one batched pass; blend selection per sequence at its check layer
-    finish        (writer thread) the program's KV stored; the Generation handed to the sink
+    finish        the KV of the prompt and answer cut into blocks (engine thread); the new ones
+                  stored in the prefix cache, the Generation handed to the sink (writer thread)
 
 submit() returns the Sequence at once; generate() is submit + wait, and drives the steps
 itself when no engine thread was started (benchmarks, the demo, tests).
@@ -28,16 +29,15 @@ import torch
 
 from ragcache.engine.blend import BlendConfig, PromptLayout, place_prompt, prompt_layout
 from ragcache.engine.chunks import compute_chunks
-from ragcache.engine.conversations import ConversationIndex, indexed_prompt
 from ragcache.engine.errors import InvalidRequestError
 from ragcache.engine.generate import TokenCallback
 from ragcache.engine.grammar import ConstraintCompiler
 from ragcache.engine.kvbuffer import KVBuffer, SharedPrefix
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.lookup import look_up
-from ragcache.engine.postprocess import generation_of, program_entry
+from ragcache.engine.postprocess import SavedPath, generation_of, saved_path
 from ragcache.engine.prefill import BlendScan, PrefillProgress
-from ragcache.engine.programs import ProgramIndex, ProgramRecord, place_program
+from ragcache.engine.prefix_kv import kv_variant, place_hit
 from ragcache.engine.prompt import (
     DEFAULT_SYSTEM_PROMPT,
     PromptLimits,
@@ -54,7 +54,8 @@ from ragcache.engine.stack import DecoderStack
 from ragcache.engine.step import run_step
 from ragcache.engine.toolformat import with_tool_calls
 from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey, KVChunk, chunk_key
-from ragcache.storage.base import KVStore
+from ragcache.storage.base import KVStore, PrefixCache
+from ragcache.storage.prefix import DEFAULT_BLOCK_TOKENS, RadixPrefixCache
 
 if TYPE_CHECKING:
     from ragcache.engine.base import Engine
@@ -70,6 +71,7 @@ class EngineConfig:
     max_pack_tokens: int = 4096
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     scheduler: SchedulerConfig = SchedulerConfig()
+    prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS  # the prefix cache's block: a hit reuses whole blocks
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.default_ratio <= 1.0:
@@ -87,7 +89,7 @@ class BlendEngine:
         store: KVStore,
         config: EngineConfig = EngineConfig(),
         order: AdmissionOrder | None = None,
-        programs: ProgramIndex | None = None,
+        prefix: PrefixCache | None = None,
     ) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -99,8 +101,8 @@ class BlendEngine:
         self.model_name = loaded.name
         self.context_len: int = loaded.model.config.max_position_embeddings
         self.eos_ids = frozenset(_eos_ids(loaded))
-        self.programs = programs or ProgramIndex()  # with a registry: shared by replicas, kept across restarts
-        self.conversations = ConversationIndex()  # implicit programs, found by their prompt's prefix
+        # every request's KV as paths of blocks in the store; programs and conversations are labelled paths
+        self.prefix = prefix or RadixPrefixCache(store, loaded.fingerprint, config.prefix_block_tokens)
         self.kv_bytes_per_token = KVBuffer.bytes_per_token(self.stack)
         self.scheduler = Scheduler(config.scheduler, self.kv_bytes_per_token, order)
         self._inbox: deque = deque()  # Sequences and (callable, Future) pairs from other threads
@@ -155,10 +157,11 @@ class BlendEngine:
                 f"prompt ({parts.num_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) {too_big}"
             )
         grammar = self.grammars.matcher(request.constraint) if request.constraint is not None else None
-        lookup = look_up(self.store, self.programs, self.loaded.fingerprint, request, parts, started)
+        variant = kv_variant(request.mode, len(parts.chunk_ids), self.ratio_of(request), self.blend_of(request))
+        lookup = look_up(self.store, self.prefix, self.loaded.fingerprint, request, parts, variant, started)
         layout = (
-            PromptLayout(lookup.program.reused_tokens, lookup.program.reused_tokens, False)
-            if lookup.program is not None
+            PromptLayout(lookup.cached_tokens, lookup.cached_tokens, False)
+            if lookup.cached is not None
             else prompt_layout(parts, request.mode, self.ratio_of(request))
         )
         seq = Sequence(
@@ -174,7 +177,7 @@ class BlendEngine:
             grammar=grammar,
         )
         num_layers = self.stack.num_layers
-        if request.mode != "full" and lookup.program is None:
+        if request.mode != "full" and lookup.cached is None:
             seq.shared_key, seq.shared_len = lookup.prefix_key, len(parts.prefix_ids)
         seq.progress = (
             PrefillProgress.blend(
@@ -192,12 +195,11 @@ class BlendEngine:
         return seq
 
     def conversation_of(self, request: RagRequest) -> str | None:
-        """The program of the stored conversation this request's prompt continues (conversations.py), if any.
+        """The program of the earlier conversation this request's prompt continues (storage/labels.py), if any.
 
         It tokenises the prompt, which submit() then does again: the service needs the program
         before it takes the turn's admission ticket, which submit() is given."""
-        found = self.conversations.match(request.namespace, self._prompt(request).all_ids)
-        return found[0] if found is not None else None
+        return self.prefix.continued(request.namespace, self._prompt(request).all_ids)
 
     def _prompt(self, request: RagRequest):
         """The request's prompt as token ids (PromptParts); InvalidRequestError for one that cannot be built."""
@@ -292,18 +294,25 @@ class BlendEngine:
         self.store.close()
 
     def forget_program(self, namespace: str, program_id: str) -> bool:
-        """The program ended: forget its record and drop its KV."""
-        self.conversations.forget(namespace, program_id)
-        record = self.programs.forget(namespace, program_id)
-        return record is not None and self.store.delete(record.key)
+        """The program ended: forget its label (its blocks, shared with other paths, age out)."""
+        return self.prefix.forget(namespace, program_id)
+
+    def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
+        return self.prefix.tenant_blocks(namespace)
+
+    def prefix_stats(self) -> dict | None:
+        return self.prefix.stats()
 
     def prefetch_program(self, namespace: str, program_id: str) -> bool:
-        """Read the program's KV entry once: a hit in CPU or Redis is promoted to the device tier."""
-        record = self.programs.latest(namespace, program_id)
-        return record is not None and self.store.get(record.key) is not None
+        """Bring the program's latest path up to the device tier from CPU or Redis."""
+        path = self.prefix.program_path(namespace, program_id)
+        if path is None:
+            return False
+        self.prefix.promote(path)
+        return True
 
     def program_records(self) -> list[tuple[str, str, int]]:
-        return [(ns, pid, len(record.token_ids)) for ns, pid, record in self.programs.programs()]
+        return self.prefix.programs()
 
     def upstream_health(self) -> list[dict]:
         return []  # the model runs here
@@ -416,13 +425,13 @@ class BlendEngine:
         request, lookup = seq.request, seq.lookup
         capacity = seq.reserved_slots
         try:
-            if lookup.program is not None:
-                seq.prefill = place_program(self.stack, lookup.program, seq.parts.all_ids, capacity)
+            if lookup.cached is not None:
+                seq.prefill = place_hit(self.stack, lookup.cached, lookup.cached_tokens, seq.parts.all_ids, capacity)
             elif request.mode == "full":
                 seq.prefill = place_prompt(self.stack, seq.parts, None, [], mode="full", capacity=capacity)
             else:
                 prefix_kv, chunk_kvs = self._fill_missing(seq)
-                assert lookup.prefix_key is not None  # looked up: not full mode, not a program's turn
+                assert lookup.prefix_key is not None  # looked up: not full mode, no prefix-cache hit
                 shared = self._share_prefix(lookup.prefix_key, prefix_kv)
                 seq.prefill = place_prompt(
                     self.stack,
@@ -463,7 +472,7 @@ class BlendEngine:
         """The prompt's prefix and chunk KV, the missing ones computed now (each distinct one once), stored later."""
         started = time.perf_counter()
         lookup, parts = seq.lookup, seq.parts
-        assert lookup.prefix_key is not None  # only a looked-up prompt (not full, not a program's turn) is filled
+        assert lookup.prefix_key is not None  # only a looked-up prompt (not full, no prefix-cache hit) is filled
         missing = lookup.missing(parts.chunk_ids)
         computed = self._compute(lookup.prefix_key, parts.prefix_ids, lookup.prefix_kv, missing)
         if computed:
@@ -495,32 +504,30 @@ class BlendEngine:
         return computed
 
     def _finish(self, seq: Sequence) -> None:
-        """A finished sequence: its Generation, the program KV (tensor work here, the store write off-thread)."""
+        """A finished sequence: its Generation, its new blocks (tensor work here, the store write off-thread)."""
         self.scheduler.finish(seq)
         result = with_tool_calls(
             generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request), self.blend_of(seq.request)),
             seq.request,
         )
-        saved = program_entry(self.stack, seq, self.loaded.fingerprint) if seq.request.program_id else None
+        saved = None if seq.background else saved_path(self.stack, seq, self.prefix, self.loaded.fingerprint)
         self._release(seq)
         self._writer.submit(self._deliver, seq, result, saved)
 
-    def _deliver(self, seq: Sequence, result: Generation, saved) -> None:
+    def _deliver(self, seq: Sequence, result: Generation, saved: SavedPath | None) -> None:
         try:
             if saved is not None:
-                key, token_ids, kv = saved
-                self.store.put(key, kv)
                 request = seq.request
-                previous = self.programs.remember(request.namespace, request.program_id, ProgramRecord(key, token_ids))
-                if previous is not None and previous.key != key:
-                    self.store.delete(previous.key)
+                path = self.prefix.insert(request.namespace, seq.lookup.variant, saved.ids, saved.start, saved.blocks)
+                if request.program_id:
+                    self.prefix.label(request.namespace, request.program_id, path)
                 if request.implicit_program:
-                    forgotten = self.conversations.index(
-                        request.namespace, request.program_id, indexed_prompt(token_ids[: seq.prompt_len])
+                    forgotten = self.prefix.label_prompt(
+                        request.namespace, request.program_id, saved.ids[: seq.prompt_len]
                     )
                     for namespace, program_id in forgotten:
                         self.forget_program(namespace, program_id)
-                result = replace(result, program_key=key, program_tokens=len(token_ids))
+                result = replace(result, prefix_path=path, program_tokens=path.num_tokens)
             seq.sink.on_finish(result)
         except Exception as exc:
             log.exception("storing a finished sequence failed")

@@ -249,7 +249,8 @@ def cache_report(result: Generation) -> CacheReport:
             t.decode_s * 1e3,
             t.queue_s * 1e3,
         ),
-        program_reused_tokens=result.program_reused_tokens,
+        prefix_cached_tokens=result.prefix_cached_tokens,
+        program_reused_tokens=result.prefix_cached_tokens,
     )
 
 

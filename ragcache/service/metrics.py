@@ -57,6 +57,7 @@ def prometheus_text(stats: dict) -> str:
     for field in ("backlog_entries", "backlog_bytes"):  # remote writes waiting for Redis to come back
         name = f"ragcache_store_{field}"
         lines += [f"# TYPE {name} gauge", _line(name, stats["store"][field])]
+    lines += _prefix_lines(stats.get("prefix_cache"))
     registry = stats["registry"]
     lines += [
         "# TYPE ragcache_registry_errors_total counter",
@@ -108,6 +109,28 @@ def prometheus_text(stats: dict) -> str:
         ]
     lines += _blend_budget_lines(stats.get("blend_budget", []), stats.get("shadow"))
     return "\n".join(lines) + "\n"
+
+
+def _prefix_lines(prefix: dict | None) -> list[str]:
+    """The prefix cache's tree: nodes (blocks), cached tokens and bytes, lookups, hit tokens, evictions, pins."""
+    if prefix is None:
+        return []
+    figures = {
+        "nodes": ("gauge", "Blocks in the prefix cache's tree."),
+        "cached_tokens": ("gauge", "Tokens whose KV the prefix cache's tree holds."),
+        "cached_bytes": ("gauge", "Bytes of the blocks in the prefix cache's tree."),
+        "pinned_blocks": ("gauge", "Blocks agent pins hold."),
+        "lookups": ("counter", "Prompts looked up in the prefix cache."),
+        "lookup_tokens": ("counter", "Whole-block tokens of the prompts looked up."),
+        "hit_tokens": ("counter", "Of them, tokens found (their KV reused)."),
+        "evictions": ("counter", "Blocks pruned from the tree: the store no longer held them."),
+        "promoted_tokens": ("counter", "Tokens prefetched up to the top tier."),
+    }
+    lines = []
+    for field, (kind, help_text) in figures.items():
+        name = f"ragcache_prefix_{field}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", _line(name, prefix[field])]
+    return lines
 
 
 def _blend_budget_lines(budgets: list[dict], shadow: dict | None) -> list[str]:

@@ -301,7 +301,7 @@ class Runtime:
             nbytes = result.program_tokens * self.engine.kv_bytes_per_token
             tool = result.tool_calls[0].name if result.finish_reason == "tool_calls" else None
             self.coordinator.finish(
-                ticket, result.program_key, nbytes, result.program_tokens, tool=tool, is_last_step=is_last_step
+                ticket, result.prefix_path, nbytes, result.program_tokens, tool=tool, is_last_step=is_last_step
             )
 
     def program_event(self, tenant: str, program_id: str, kind: str, tool: str | None) -> None:
@@ -368,13 +368,14 @@ class Runtime:
     # operations
 
     async def flush(self, tier: str | None, tenant: str | None) -> int:
-        """Drop cached chunk KV: every tier or one, every tenant's documents or one's. Returns entries dropped.
-        The documents stay registered (their KV is computed again on next use)."""
+        """Drop cached KV: every tier or one; everything, or one tenant's documents and prefix-cache blocks.
+        Returns entries dropped. The documents stay registered (their KV is computed again on next use)."""
         if tier is not None and tier not in self.engine.store.tier_names:
             raise InvalidRequestError(f"tier must be one of {self.engine.store.tier_names}, got {tier!r}")
         keys = None
         if tenant is not None:
             keys = [record.key for record in await asyncio.to_thread(self.documents.all, tenant)]
+            keys += self.engine.tenant_blocks(tenant)
         return await asyncio.to_thread(self.engine.store.flush, tier, keys)
 
     def stats(self) -> dict:
@@ -391,6 +392,7 @@ class Runtime:
             | {"documents_served_in_outage": self.documents.served_from_last_seen},
             "tenants": {tenant: self._tenant_stats(tenant, m) for tenant, m in self.metrics.items()},
             "semantic": _semantic_categories(self.semantic),
+            "prefix_cache": self.engine.prefix_stats(),
             "blend_budget": self.budget.state() if self.budget is not None else [],
             "shadow": self.shadow.stats() if self.shadow is not None else None,
         }

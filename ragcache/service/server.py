@@ -12,7 +12,6 @@ from ragcache.checks.shadow import ShadowChecks, ShadowConfig
 from ragcache.config import Settings, SettingsError
 from ragcache.engine.blend import BlendConfig
 from ragcache.engine.loader import ModelSpec, load_model
-from ragcache.engine.programs import ProgramIndex
 from ragcache.engine.prompt import PromptLimits
 from ragcache.engine.runner import BlendEngine, EngineConfig
 from ragcache.engine.scheduler import SchedulerConfig
@@ -42,9 +41,9 @@ def build_runtime(settings: Settings) -> Runtime:
         ),
     )
     registry = make_registry(settings.registry_kind, settings.redis_url, settings.data_path)
-    engine = BlendEngine(loaded, store, config, programs=ProgramIndex(registry))
+    engine = BlendEngine(loaded, store, config)
     pins = PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s)
-    coordinator = ProgramCoordinator.measured(store, engine.stack, AgentConfig(pins=pins))
+    coordinator = ProgramCoordinator.measured(engine.prefix, engine.stack, AgentConfig(pins=pins))
     engine.use_admission_order(coordinator.scheduler)
     semantic = _semantic_cache(settings)
     return Runtime(
@@ -65,6 +64,7 @@ def _vllm_runtime(settings: Settings) -> Runtime:
     from dataclasses import replace
 
     from ragcache.agents.profile import measure_prefill_profile
+    from ragcache.storage.prefix import RadixPrefixCache
     from ragcache.vllm.engine import make_vllm_engine
 
     store = make_store(_store_config(settings), "cpu", "vllm")  # program records and pins; the prompt KV is vLLM's
@@ -78,7 +78,7 @@ def _vllm_runtime(settings: Settings) -> Runtime:
     try:  # a program's reload cost on these servers: their prefill time, measured now (a few seconds)
         profile = measure_prefill_profile(engine.prefill_seconds, (64, 256, 1024), repeats=1)
         pins = PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s)
-        coordinator = ProgramCoordinator(store, profile, AgentConfig(pins=pins))
+        coordinator = ProgramCoordinator(RadixPrefixCache(store, "vllm"), profile, AgentConfig(pins=pins))
         engine.use_admission_order(coordinator.scheduler)
     except Exception as exc:  # no server up yet: programs are served, without pins or program-level order
         log.warning("vLLM prefill not measured (%s): agent programs run without pins", exc)

@@ -51,7 +51,7 @@ from ragcache.engine.request import (
     TokenLogprob,
 )
 from ragcache.engine.toolformat import with_tool_calls
-from ragcache.kv import DEFAULT_NAMESPACE, chunk_key
+from ragcache.kv import DEFAULT_NAMESPACE, ChunkKey, chunk_key
 from ragcache.vllm.upstreams import NoUpstreamError, Upstream, Upstreams
 
 if TYPE_CHECKING:
@@ -255,6 +255,12 @@ class VLLMEngine:
         """(tenant, program, tokens of its last turn's prompt and answer), the KV its next turn starts from."""
         with self._lock:
             return [(ns, pid, len(tokens)) for (ns, pid), tokens in self._programs.items()]
+
+    def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
+        return []  # the prompt KV is vLLM's (and its connector's, under vLLM's block hashes)
+
+    def prefix_stats(self) -> dict | None:
+        return None  # vLLM's prefix cache: its /metrics say how it does
 
     def prefetch_program(self, namespace: str, program_id: str) -> bool:
         """Send the program's last prompt and answer, for one token, to the server its next turn goes to:

@@ -1,12 +1,11 @@
-"""Conversations found by their token prefix: which stored turn a new prompt continues.
+"""Conversations found by their token prefix: which earlier turn a new prompt continues.
 
 A plain OpenAI-protocol client (an agent loop, a multi-turn chat) names no program: each
-turn re-sends the whole conversation. After a turn, its prompt is indexed here under the
-program the engine stored its KV for (programs.py: prompt + answer as one entry); a new
-turn whose prompt starts with a whole indexed prompt continues that conversation, and
-the longest such prompt wins. The program's KV then gives an exact prefix of the new
-prompt (its common prefix with prompt + answer), as with an explicit program id, and the
-agents layer pins it while the turn's tool runs.
+turn re-sends the whole conversation. After a turn, its prompt is labelled here with the
+program (an implicit one) whose path the prefix cache stored (prefix.py); a new turn
+whose prompt starts with a whole labelled prompt continues that conversation, and the
+longest such prompt wins. The prefix cache gives its KV either way (it matches blocks by
+content); the label is what lets the agents layer pin the path while the turn's tool runs.
 
 Requiring the whole earlier prompt (not just a common prefix) is what keeps two
 conversations apart: every conversation shares the system prompt, none shares another's
@@ -14,11 +13,10 @@ user turns. "Whole" spares the prompt's last BOUNDARY_TOKENS (indexed_prompt): t
 generation prompt ("<|im_start|>assistant\n"), where the next turn's re-rendering continues
 with the answer and a tokenizer may merge across the boundary.
 
-The index is a radix tree over token ids, one per tenant (SGLang's RadixAttention keeps KV
-in such a tree; here the tree only names the program, the KV stays in the tiered store,
-where it may be evicted like any entry: a match whose KV is gone costs a full prefill,
-never a wrong answer). Each program has one indexed prompt, its latest turn's; past
-max_conversations the least recently indexed is forgotten.
+The labels are a radix tree over token ids, one per tenant, beside the prefix cache's tree
+of blocks: a prompt ends at any token, a block only at a multiple of the block size. Each
+program has one labelled prompt, its latest turn's; past max_conversations the least
+recently labelled is forgotten.
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ class _Node:
         self.program = program  # the program whose latest prompt ends here
 
 
-class ConversationIndex:
+class PromptLabels:
     """(tenant, prompt token ids) -> program id; longest whole-prompt prefix match. Thread-safe."""
 
     def __init__(self, max_conversations: int = 10_000) -> None:

@@ -1,0 +1,358 @@
+"""The prefix cache: every request's KV kept as a path of blocks, one radix tree per tenant.
+
+SGLang's RadixAttention over token ids, with HiCache's tiers underneath: a finished
+request's KV (prompt and the answer tokens that went through the model) is cut into blocks
+of block_tokens tokens and each block is stored once in the tiered store (device → cpu →
+redis, the store's codecs and checksums) under a chained content key,
+
+    key(block j) = chunk_key(fingerprint, tokens of block j, context = key(block j-1) | variant, tenant)
+
+so a block's key names the whole token prefix up to its end: two paths that share a prefix
+share its blocks, and a replica that never saw a path finds its blocks in Redis by
+recomputing the keys from the prompt (lookups never depend on this process's tree).
+
+    match      the longest run of a prompt's blocks that the store holds, read in one batched
+               get_many, deepest block first: a path is touched leaf to root, so under the
+               store's LRU a path's last block is the least recently used of it and eviction
+               takes leaves first (a block whose parent is gone is never reached again and
+               ages out in turn)
+    insert     the new blocks of a finished request (the caller skips the ones known() says
+               are stored), written deepest first for the same reason
+    paths      CachedPath: a path's block keys, tokens and bytes; agents pin it while a tool
+               runs (pin_path: every block promoted to the top tier, then pinned there) and
+               prefetch it before the tool returns (promote)
+    labels     a program id names its latest path; the implicit conversation rule (a turn
+               continues the longest earlier prompt it wholly extends) is PromptLabels
+    variant    what produced the KV. Full prefill's KV is "exact"; blended KV depends on the
+               ratio and selection that made it, so each blend setting is its own tree: an
+               exact request never reuses approximate KV, a blend request reuses KV blended
+               the way it would blend. A prefix that ends inside blended documents is reused as
+               the first request blended it (which tokens were recomputed was chosen over that
+               request's whole prompt).
+
+The tree here (the blocks this process stored or found, with their parents) is for counting,
+labels and pins; a block the store dropped is pruned from it when a lookup finds it gone.
+Running sequences hold their own copy of the KV they reuse (placed into their working buffer
+at admission), so evicting a block never takes KV from a running sequence.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ragcache.kv import ChunkKey, KVChunk, chunk_key
+from ragcache.storage.base import KVStore, PinHandle, PrefixCache, TierRoom
+from ragcache.storage.labels import PromptLabels, indexed_prompt
+
+DEFAULT_BLOCK_TOKENS = 16
+EXACT = "exact"
+
+
+@dataclass(frozen=True)
+class CachedPath:
+    """A stored path: the keys of its blocks (root first), the tokens they cover and their bytes."""
+
+    namespace: str
+    keys: tuple[ChunkKey, ...]
+    num_tokens: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """What match() found: the first num_tokens tokens' KV, block by block (pre-RoPE keys)."""
+
+    num_tokens: int
+    blocks: tuple[KVChunk, ...] = ()
+    keys: tuple[ChunkKey, ...] = ()
+
+
+@dataclass(frozen=True)
+class PathPin:
+    """One pin on a whole path: the store's handle per block. tier and expires_s as a PinHandle's."""
+
+    path: CachedPath
+    handles: tuple[PinHandle, ...]
+    tier: str
+    expires_s: float
+
+
+@dataclass
+class PrefixCounters:
+    lookups: int = 0
+    lookup_tokens: int = 0  # tokens of the prompts looked up (whole blocks)
+    hit_tokens: int = 0  # of them, found
+    inserted_blocks: int = 0
+    evictions: int = 0  # blocks pruned from the tree: the store no longer held them
+    promoted_tokens: int = 0  # tokens promote() brought up to the top tier (prefetches)
+    path_pins: int = 0
+
+
+@dataclass
+class _Node:
+    parent: ChunkKey | None
+    namespace: str
+    nbytes: int
+    children: set[ChunkKey] = field(default_factory=set)
+
+
+class RadixPrefixCache:
+    """The PrefixCache contract (storage/base.py) over a KVStore (a TieredStore). Thread-safe; its lock never
+    covers a store call."""
+
+    def __init__(
+        self,
+        store: KVStore,
+        fingerprint: str,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        max_conversations: int = 10_000,
+        max_nodes: int = 1_000_000,
+    ) -> None:
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        self.store = store
+        self.fingerprint = fingerprint
+        self.block_tokens = block_tokens
+        self.max_nodes = max_nodes
+        self.counters = PrefixCounters()
+        self.labels = PromptLabels(max_conversations)
+        self._nodes: OrderedDict[ChunkKey, _Node] = OrderedDict()  # least recently used first
+        self._programs: dict[tuple[str, str], CachedPath] = {}
+        self._pinned: dict[ChunkKey, int] = {}  # block -> path pins holding it
+        self._lock = threading.Lock()
+        self.reclaimer: Callable[[int, str], int] | None = None  # agents: frees pinned room a live request needs
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.store.clock
+
+    # keys
+
+    def block_keys(self, namespace: str, variant: str, ids: Sequence[int], blocks: int | None = None) -> list[ChunkKey]:
+        """The chained keys of ids' first `blocks` whole blocks (all of them by default)."""
+        n = len(ids) // self.block_tokens if blocks is None else blocks
+        keys, context = [], f"prefix:{variant}"
+        for j in range(n):
+            key = chunk_key(
+                self.fingerprint, ids[j * self.block_tokens : (j + 1) * self.block_tokens], context, namespace
+            )
+            keys.append(key)
+            context = key
+        return keys
+
+    # reads
+
+    def match(self, namespace: str, variant: str, ids: Sequence[int]) -> PrefixHit:
+        """The longest run of ids' whole blocks the store holds, from the first (store I/O: not on the step loop)."""
+        keys = self.block_keys(namespace, variant, ids)
+        found = self.store.get_many(keys[::-1])[::-1] if keys else []
+        run = 0
+        while run < len(found) and found[run] is not None:
+            run += 1
+        with self._lock:
+            self.counters.lookups += 1
+            self.counters.lookup_tokens += len(keys) * self.block_tokens
+            self.counters.hit_tokens += run * self.block_tokens
+            for key in keys[run:]:  # gone from the store (or never here): nothing below it is reachable
+                if key in self._nodes:
+                    self._prune(key)
+            self._touch(namespace, keys[:run], found[:run])
+        blocks = tuple(chunk for chunk in found[:run] if chunk is not None)
+        return PrefixHit(run * self.block_tokens, blocks, tuple(keys[:run]))
+
+    def known(self, namespace: str, variant: str, ids: Sequence[int]) -> int:
+        """How many of ids' leading whole blocks this process knows are stored (no store I/O):
+        a finished request stores only the blocks after them."""
+        keys = self.block_keys(namespace, variant, ids)
+        with self._lock:
+            run = 0
+            while run < len(keys) and keys[run] in self._nodes:
+                run += 1
+        return run
+
+    # writes
+
+    def insert(
+        self, namespace: str, variant: str, ids: Sequence[int], start_block: int, blocks: Sequence[KVChunk]
+    ) -> CachedPath:
+        """Store blocks (the KV of ids' whole blocks from start_block on) and return the path of all of ids' whole blocks."""
+        keys = self.block_keys(namespace, variant, ids)
+        new = list(zip(keys[start_block:], blocks))
+        needed = sum(chunk.nbytes for _, chunk in new)
+        if needed and self.reclaimer is not None:
+            room = self.room()[0]
+            if room.max_bytes - room.pinned_bytes < needed:  # pins hold the room this request's KV needs
+                self.reclaimer(needed, room.name)
+        stored = self.store.put_many(new[::-1])[::-1] if new else []
+        with self._lock:
+            self.counters.inserted_blocks += sum(stored)
+            parent = keys[start_block - 1] if start_block > 0 else None
+            for (key, chunk), ok in zip(new, stored):
+                if not ok:
+                    break
+                self._add(key, parent, namespace, chunk.nbytes)
+                parent = key
+            nbytes = sum(self._nodes[key].nbytes for key in keys if key in self._nodes)
+        return CachedPath(namespace, tuple(keys), len(keys) * self.block_tokens, nbytes)
+
+    def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
+        """The tenant's blocks this process knows of (what a tenant's flush drops besides its documents)."""
+        with self._lock:
+            return [key for key, node in self._nodes.items() if node.namespace == namespace]
+
+    # programs and conversations
+
+    def label(self, namespace: str, program_id: str, path: CachedPath) -> None:
+        """path is program_id's latest."""
+        with self._lock:
+            self._programs[(namespace, program_id)] = path
+
+    def label_prompt(self, namespace: str, program_id: str, prompt_ids: Sequence[int]) -> list[tuple[str, str]]:
+        """An implicit program's latest prompt (labels.indexed_prompt of it); returns the (tenant, program)
+        pairs forgotten to stay within max_conversations (forget() them)."""
+        return self.labels.index(namespace, program_id, indexed_prompt(prompt_ids))
+
+    def continued(self, namespace: str, ids: Sequence[int]) -> str | None:
+        """The implicit program whose labelled prompt ids wholly extends (the longest), if any."""
+        found = self.labels.match(namespace, ids)
+        return found[0] if found is not None else None
+
+    def program_path(self, namespace: str, program_id: str) -> CachedPath | None:
+        with self._lock:
+            return self._programs.get((namespace, program_id))
+
+    def forget(self, namespace: str, program_id: str) -> bool:
+        """The program ended: its label and its conversation go (its blocks age out like any others)."""
+        self.labels.forget(namespace, program_id)
+        with self._lock:
+            return self._programs.pop((namespace, program_id), None) is not None
+
+    def programs(self) -> list[tuple[str, str, int]]:
+        """(tenant, program id, tokens of its latest path)."""
+        with self._lock:
+            return [(ns, pid, path.num_tokens) for (ns, pid), path in self._programs.items()]
+
+    # pins and prefetch (agents)
+
+    def pin_path(self, path: CachedPath, ttl_s: float) -> PathPin | None:
+        """Bring every block of path to the top tier and pin it there for ttl_s; None (nothing held)
+        when a block is in no local tier."""
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        self.store.get_many(path.keys[::-1])  # promotes what lower tiers hold
+        handles: list[PinHandle] = []
+        for key in path.keys:
+            handle = self.store.pin(key, ttl_s)
+            if handle is None:
+                for held in handles:
+                    self.store.unpin(held)
+                return None
+            handles.append(handle)
+        with self._lock:
+            self.counters.path_pins += 1
+            for key in path.keys:
+                self._pinned[key] = self._pinned.get(key, 0) + 1
+        tier = handles[0].tier if handles else self.room()[0].name
+        expires = min((handle.expires_s for handle in handles), default=self.clock() + ttl_s)
+        return PathPin(path, tuple(handles), tier, expires)
+
+    def unpin_path(self, pin: PathPin) -> bool:
+        """Release a path pin; True if it still held (no block's pin had expired or been dropped)."""
+        held = [self.store.unpin(handle) for handle in pin.handles]
+        with self._lock:
+            for key in pin.path.keys:
+                count = self._pinned.get(key, 0) - 1
+                if count > 0:
+                    self._pinned[key] = count
+                else:
+                    self._pinned.pop(key, None)
+        return all(held)
+
+    def extend_pin(self, pin: PathPin, ttl_s: float) -> PathPin | None:
+        """The same path pinned for ttl_s from now (the old pin released); None if it no longer can be."""
+        fresh = self.pin_path(pin.path, ttl_s)
+        if fresh is not None:
+            self.unpin_path(pin)
+        return fresh
+
+    def promote(self, path: CachedPath) -> int:
+        """Prefetch: bring the path's blocks up to the top tier; the tokens that had to move (KVFlow)."""
+        below = self.store.below_top(path.keys)
+        if below:
+            self.store.get_many(below[::-1])
+        with self._lock:
+            self.counters.promoted_tokens += len(below) * self.block_tokens
+        return len(below) * self.block_tokens
+
+    def release_expired(self) -> int:
+        return self.store.release_expired()
+
+    def room(self) -> list[TierRoom]:
+        """Each local tier, fastest first: its bytes and what pins hold of them."""
+        return self.store.local_room()
+
+    # accounting
+
+    def stats(self) -> dict:
+        """The tree for /admin/stats and /metrics: nodes (blocks), cached tokens and bytes, hits, evictions, pins."""
+        with self._lock:
+            c = self.counters
+            return {
+                "block_tokens": self.block_tokens,
+                "nodes": len(self._nodes),
+                "cached_tokens": len(self._nodes) * self.block_tokens,
+                "cached_bytes": sum(node.nbytes for node in self._nodes.values()),
+                "lookups": c.lookups,
+                "lookup_tokens": c.lookup_tokens,
+                "hit_tokens": c.hit_tokens,
+                "hit_rate": c.hit_tokens / c.lookup_tokens if c.lookup_tokens else None,
+                "inserted_blocks": c.inserted_blocks,
+                "evictions": c.evictions,
+                "pinned_blocks": len(self._pinned),
+                "path_pins": c.path_pins,
+                "promoted_tokens": c.promoted_tokens,
+                "programs": len(self._programs),
+                "conversations": len(self.labels),
+            }
+
+    # the tree (under the lock)
+
+    def _add(self, key: ChunkKey, parent: ChunkKey | None, namespace: str, nbytes: int) -> None:
+        if key in self._nodes:
+            self._nodes.move_to_end(key)
+            return
+        self._nodes[key] = _Node(parent, namespace, nbytes)
+        if parent is not None and parent in self._nodes:
+            self._nodes[parent].children.add(key)
+        while len(self._nodes) > self.max_nodes:  # forget the least recently used (the store keeps its KV)
+            self._nodes.popitem(last=False)
+
+    def _touch(self, namespace: str, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk | None]) -> None:
+        """Blocks found: known now (another replica may have stored them), most recent last, root last."""
+        parent = None
+        for key, chunk in zip(keys, chunks):
+            self._add(key, parent, namespace, chunk.nbytes if chunk is not None else 0)
+            parent = key
+        for key in reversed(keys):
+            self._nodes.move_to_end(key)
+
+    def _prune(self, key: ChunkKey) -> None:
+        """Drop key's node and everything below it from the tree."""
+        stack = [key]
+        while stack:
+            gone = stack.pop()
+            node = self._nodes.pop(gone, None)
+            if node is None:
+                continue
+            self.counters.evictions += 1
+            stack.extend(node.children)
+            if node.parent is not None and node.parent in self._nodes:
+                self._nodes[node.parent].children.discard(gone)
+
+
+if TYPE_CHECKING:  # the type checker holds RadixPrefixCache to the PrefixCache contract
+    _cache: type[PrefixCache] = RadixPrefixCache
