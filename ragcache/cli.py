@@ -274,6 +274,9 @@ def _bench_rag(args) -> None:
 
 
 def _prompt_kinds(args, examples) -> dict:
+    from dataclasses import replace
+
+    from ragcache.bench.prompt_kinds import Engine as PromptKindsEngine
     from ragcache.bench.prompt_kinds import format_kinds_table, parse_kinds, run_prompt_kinds
     from ragcache.bench.rag import request_for
 
@@ -289,14 +292,16 @@ def _prompt_kinds(args, examples) -> dict:
     engines: dict = {}
     if "own" in names:
         engine = _engine(args)
-        for example in examples:  # registered, as a warm deployment has them
-            engine.add_documents(list(example.documents))
-        engine.generate(request_for(examples[0], "full", 2))  # first-call allocations are not timed
+        engine.generate(replace(request_for(examples[0], "full", 2), namespace="warm-up"))  # not timed
+
+        def register(namespace: str, example) -> None:  # the question's documents, as a warm deployment has them
+            engine.add_documents(list(example.documents), namespace=namespace)
+
         modes = [mode.strip() for mode in args.kind_modes.split(",") if mode.strip()]
-        engines["ragcache"] = (engine.generate, modes, False)
+        engines["ragcache"] = PromptKindsEngine(engine.generate, modes, register, engine.prefix_stats)
     vllm = [_vllm_engine(args, [url]) for url in urls[:2]]
     if "vllm" in names:
-        engines["vllm"] = (vllm[0].generate, ["full"], True)
+        engines["vllm"] = PromptKindsEngine(vllm[0].generate, ["full"])
     replicas = (vllm[0].generate, vllm[1].generate) if len(vllm) == 2 else None
     summary = run_prompt_kinds(engines, examples, kinds, args.max_tokens, replicas)
     summary["machine"] = {"engines": names, "vllm_urls": urls}

@@ -98,6 +98,13 @@ def test_bench_rag_kinds_times_each_kind_per_mode(tmp_path, tiny_model_dir, caps
     for kinds in modes.values():
         assert list(kinds) == ["cold", "reordered", "repeat", "followup"]
         assert all(k["n"] == 2 and 0 < k["p50_s"] <= k["p90_s"] for k in kinds.values())
+        # each question in a tenant of its own: its first sight misses the prefix cache, the repeat and the
+        # follow-up over the same passages hit it
+        assert kinds["cold"]["prefix_cached_tokens_mean"] == 0
+        assert kinds["reordered"]["prefix_cached_tokens_mean"] < kinds["followup"]["prefix_cached_tokens_mean"]
+        assert kinds["repeat"]["prefix_cached_tokens_mean"] > kinds["followup"]["prefix_cached_tokens_mean"] > 0
+    tree = summary["prefix_cache"]["ragcache"]["full"]
+    assert tree["lookups"] == 8 and 0 < tree["hit_tokens"] < tree["lookup_tokens"] and tree["nodes"] > 0
     assert "cross_replica" not in summary
     assert "followup" in capsys.readouterr().out
 

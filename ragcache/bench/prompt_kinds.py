@@ -12,7 +12,12 @@
                    as a replica without the connector (or without Redis) does
 
 Every engine answers greedily through the Engine seam (BlendEngine or VLLMEngine), one request at a
-time; each kind's time to first token is summarised per engine and mode over the questions.
+time; each kind's time to first token is summarised per engine and mode over the questions, with
+the prompt tokens the prefix cache gave (prefix_cached_tokens_mean). Each (mode, question) runs in a
+tenant of its own, so no cache holds anything of it before its cold request (the own engine's
+documents are registered in that tenant first, untimed, as a warm deployment has them). For the
+own engine, prefix_cache gives the prefix cache's tree per mode over its requests: lookups, hit
+tokens and rate, blocks and bytes held, evictions.
 """
 
 from __future__ import annotations
@@ -21,16 +26,24 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 from tqdm import tqdm
 
 from ragcache.bench.rag import RagExample, request_for
 from ragcache.engine.request import Generation, RagRequest
-from ragcache.kv import DEFAULT_NAMESPACE
 
 KINDS = ("cold", "reordered", "repeat", "followup", "cross_replica")
 
 Generate = Callable[[RagRequest], Generation]
+Prepare = Callable[[str, RagExample], None]  # (tenant, question): what a warm deployment has before it
+
+
+class Engine(NamedTuple):
+    generate: Generate
+    modes: Sequence[str]
+    prepare: Prepare | None = None
+    prefix_stats: Callable[[], dict | None] | None = None
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
@@ -42,34 +55,53 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 
 def run_prompt_kinds(
-    engines: dict[str, tuple[Generate, Sequence[str], bool]],
+    engines: dict[str, Engine],
     examples: Sequence[RagExample],
     kinds: Sequence[str],
     max_tokens: int,
     replicas: tuple[Generate, Generate] | None = None,
 ) -> dict:
-    """engines: name -> (generate, modes, fresh): fresh gives every question a tenant of its own, so a
-    server's prefix cache holds nothing of it before (vLLM); otherwise the default tenant, whose
-    documents the caller registered (ragcache's own engine). replicas: (A, B) for cross_replica."""
+    """engines: name -> Engine; replicas: (A, B) for cross_replica. The follow-up of a question asks the
+    next example's question over its passages."""
     ttft: dict[str, dict[str, dict[str, list[float]]]] = {}
+    reused: dict[str, dict[str, dict[str, list[float]]]] = {}
+    prefix: dict[str, dict[str, dict]] = {}
     local = [kind for kind in kinds if kind != "cross_replica"]
-    total = sum(len(modes) for _, modes, _ in engines.values()) * len(examples) * len(local)
+    total = sum(len(engine.modes) for engine in engines.values()) * len(examples) * len(local)
     with tqdm(total=total, desc="prompt kinds", unit="req") as progress:
-        for name, (generate, modes, fresh) in engines.items():
-            per_mode = ttft.setdefault(name, {})
-            for mode in modes:
+        for name, engine in engines.items():
+            per_mode, reused_per_mode = ttft.setdefault(name, {}), reused.setdefault(name, {})
+            for mode in engine.modes:
                 per_kind = per_mode.setdefault(mode, {kind: [] for kind in local})
+                reused_per_kind = reused_per_mode.setdefault(mode, {kind: [] for kind in local})
+                before = engine.prefix_stats() if engine.prefix_stats is not None else None
                 for index, example in enumerate(examples):
-                    namespace = f"kinds-{name}-{mode}-{index}-{time.time_ns()}" if fresh else DEFAULT_NAMESPACE
+                    namespace = f"kinds-{name}-{mode}-{index}-{time.time_ns()}"
+                    if engine.prepare is not None:
+                        engine.prepare(namespace, example)
                     cold = _request(example, mode, max_tokens, namespace)
+                    other = examples[(index + 1) % len(examples)].question
                     for kind in local:
-                        request = (
-                            replace(cold, documents=tuple(reversed(cold.documents))) if kind == "reordered" else cold
-                        )
-                        per_kind[kind].append(generate(request).timings.ttft_s)
+                        result = engine.generate(_variant(cold, kind, other))
+                        per_kind[kind].append(result.timings.ttft_s)
+                        reused_per_kind[kind].append(result.prefix_cached_tokens)
                         progress.update()
+                after = engine.prefix_stats() if engine.prefix_stats is not None else None
+                if before is not None and after is not None:
+                    prefix.setdefault(name, {})[mode] = prefix_cache_delta(before, after)
     summary: dict = {
-        "kinds": {name: {mode: _figures(runs) for mode, runs in modes.items()} for name, modes in ttft.items()}
+        "kinds": {
+            name: {
+                mode: {
+                    kind: _stats(values) | {"prefix_cached_tokens_mean": statistics.fmean(reused[name][mode][kind])}
+                    for kind, values in runs.items()
+                    if values
+                }
+                for mode, runs in modes.items()
+            }
+            for name, modes in ttft.items()
+        },
+        "prefix_cache": prefix,
     }
     if "cross_replica" in kinds:
         if replicas is None:
@@ -98,6 +130,17 @@ def _cross_replica(replicas: tuple[Generate, Generate], examples: Sequence[RagEx
     return figures
 
 
+def prefix_cache_delta(before: dict, after: dict) -> dict:
+    """The prefix cache over one run: its counters' growth, and what its tree holds at the end."""
+    grown = {key: after[key] - before[key] for key in ("lookups", "lookup_tokens", "hit_tokens", "evictions")}
+    return grown | {
+        "hit_rate": grown["hit_tokens"] / grown["lookup_tokens"] if grown["lookup_tokens"] else None,
+        "nodes": after["nodes"],
+        "cached_tokens": after["cached_tokens"],
+        "cached_bytes": after["cached_bytes"],
+    }
+
+
 def _variant(cold: RagRequest, kind: str, other_question: str) -> RagRequest:
     if kind == "reordered":
         return replace(cold, documents=tuple(reversed(cold.documents)))
@@ -108,7 +151,7 @@ def _variant(cold: RagRequest, kind: str, other_question: str) -> RagRequest:
 
 def _request(example: RagExample, mode: str, max_tokens: int, namespace: str) -> RagRequest:
     """Greedy, in the given namespace (tenant)."""
-    return replace(request_for(example, mode, max_tokens), namespace=namespace)
+    return replace(request_for(example, mode, max_tokens), namespace=namespace, prefix_cache=True)
 
 
 def _figures(runs: dict[str, list[float]]) -> dict:
@@ -129,14 +172,24 @@ def _stats(values: list[float]) -> dict:
 
 
 def format_kinds_table(summary: dict) -> str:
-    lines = [f"{'engine':<16}{'mode':<14}{'kind':<14}{'n':>4}{'p50 s':>10}{'p90 s':>10}{'mean s':>10}"]
+    lines = [
+        f"{'engine':<16}{'mode':<14}{'kind':<14}{'n':>4}{'p50 s':>10}{'p90 s':>10}{'mean s':>10}{'cached tok':>11}"
+    ]
     for engine, modes in summary["kinds"].items():
         for mode, kinds in modes.items():
             for kind, figures in kinds.items():
                 lines.append(
                     f"{engine:<16}{mode:<14}{kind:<14}{figures['n']:>4}"
                     f"{figures['p50_s']:>10.3f}{figures['p90_s']:>10.3f}{figures['mean_s']:>10.3f}"
+                    f"{figures['prefix_cached_tokens_mean']:>11.0f}"
                 )
+    for engine, modes in summary.get("prefix_cache", {}).items():
+        for mode, tree in modes.items():
+            rate = "-" if tree["hit_rate"] is None else f"{tree['hit_rate']:.0%}"
+            lines.append(
+                f"prefix cache, {engine} {mode}: {tree['hit_tokens']}/{tree['lookup_tokens']} tokens hit ({rate}), "
+                f"{tree['nodes']} blocks, {tree['cached_bytes'] / 2**20:.0f} MiB held, {tree['evictions']} evicted"
+            )
     cross = summary.get("cross_replica")
     if cross:
         for kind in ("computed_on_a", "loaded_on_b", "computed_on_b"):

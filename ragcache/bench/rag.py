@@ -121,7 +121,8 @@ def mode_names(ratios: Sequence[float], selections: Sequence[str] = (DEFAULT_SEL
 
 
 def request_for(example: RagExample, mode: str, max_tokens: int) -> RagRequest:
-    """The request of a mode name: 'full', 'blend@0.15', 'blend@0.15/epic4' (module docstring)."""
+    """The request of a mode name: 'full', 'blend@0.15', 'blend@0.15/epic4' (module docstring). It bypasses
+    the prefix cache: each mode is measured on the question as if first seen, never on another mode's KV."""
     base, _, selection = mode.partition("/")
     kind, _, ratio = base.partition("@")
     chosen = parse_selection(selection or DEFAULT_SELECTION)
@@ -133,6 +134,7 @@ def request_for(example: RagExample, mode: str, max_tokens: int) -> RagRequest:
         blend_deviation=chosen.deviation,
         blend_sink_tokens=chosen.sink_tokens,
         sampling=SamplingParams(max_tokens=max_tokens),
+        prefix_cache=False,
     )
 
 

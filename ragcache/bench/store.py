@@ -323,7 +323,9 @@ def measure_ttft(
         writers.update({f"redis {name}": redis.tier(name, loaded.fingerprint) for name in CODECS if name != codec})
     store = TieredStore(list(tiers.values()))
     engine = BlendEngine(loaded, store)
-    request = RagRequest(question, tuple(texts), mode="reuse", sampling=SamplingParams(max_tokens=1))
+    request = RagRequest(
+        question, tuple(texts), mode="reuse", sampling=SamplingParams(max_tokens=1), prefix_cache=False
+    )
     engine.generate(RagRequest("Warm-up.", sampling=SamplingParams(max_tokens=1)))  # first-call allocations
     keys = [info.key for info in engine.add_documents(list(texts))]
     entries = []

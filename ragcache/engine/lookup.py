@@ -2,9 +2,9 @@
 
 First the prefix cache (storage/prefix.py): the longest run of the prompt's blocks an earlier
 request left, whatever it was (the same prompt, a follow-up over the same documents, an
-agent's previous turn, another replica's request). It is used when it covers every document
-of a fused prompt (a shorter one would leave documents to blend anyway), or any block of a
-prompt computed exactly; then only the tokens after it are computed. Otherwise the request's
+agent's previous turn, another replica's request). It is used when it reaches the last whole
+block of a fused prompt's documents (a shorter one would leave documents to blend anyway), or
+with any block of a prompt computed exactly; then only the tokens after it are computed. Otherwise the request's
 content keys (the system prefix, each document in the context of that prefix) are looked up
 at once, every chunk prefetched in the background while the prefix is fetched. What is
 missing is computed later, at admission.
@@ -57,9 +57,13 @@ def look_up(
     """The prefix cache's hit, else the prefix's and chunks' cached KV (full prefill looks up no chunk)."""
     lookup = Lookup(variant=variant)
     ids = parts.all_ids
-    hit = cache.match(request.namespace, variant, ids[:-1])  # the last token must run for logits
-    fused = variant != EXACT  # reused documents: a hit that stops inside them would blend the rest anyway
-    needed = len(parts.prefix_ids) + parts.num_chunk_tokens if fused else 1
+    hit = cache.match(request.namespace, variant, ids[:-1]) if request.prefix_cache else PrefixHit(0)
+    # (the last token must run: its logits are the first answer token's)
+    # fused documents: a hit must reach their last whole block (the few tokens after it are computed as
+    # the question is); one that stops earlier would leave documents to blend anyway
+    fused = variant != EXACT
+    documents_end = len(parts.prefix_ids) + parts.num_chunk_tokens
+    needed = max(1, documents_end // cache.block_tokens * cache.block_tokens) if fused else 1
     if hit.num_tokens >= needed:
         lookup.cached, lookup.cached_tokens = hit, hit.num_tokens
     elif request.mode != "full":

@@ -39,6 +39,7 @@ class RagRequest:
     program_id: str | None = None  # an agent program: its conversation KV is kept and extended turn by turn
     tools: tuple[ToolSpec, ...] = ()  # functions the model may call, listed in the prompt
     constraint: OutputConstraint | None = None  # what the output must be (grammar.py); None: free text
+    prefix_cache: bool = True  # reuse and keep KV in the prefix cache; benchmarks of the modes turn it off
     implicit_program: bool = False  # program_id was found from the prompt's prefix (the conversation labels)
 
     def __post_init__(self) -> None:

@@ -510,7 +510,8 @@ class BlendEngine:
             generation_of(seq, self.stack.num_layers, self.ratio_of(seq.request), self.blend_of(seq.request)),
             seq.request,
         )
-        saved = None if seq.background else saved_path(self.stack, seq, self.prefix, self.loaded.fingerprint)
+        keep = seq.request.prefix_cache and not seq.background
+        saved = saved_path(self.stack, seq, self.prefix, self.loaded.fingerprint) if keep else None
         self._release(seq)
         self._writer.submit(self._deliver, seq, result, saved)
 
