@@ -282,11 +282,11 @@ class RadixPrefixCache:
     def promote(self, path: CachedPath) -> int:
         """Prefetch: bring the path's blocks up to the top tier; the tokens that had to move (KVFlow)."""
         below = self.store.below_top(path.keys)
-        if below:
-            self.store.get_many(below[::-1])
+        found = self.store.get_many(below[::-1]) if below else []
+        moved = sum(chunk.num_tokens for chunk in found if chunk is not None)
         with self._lock:
-            self.counters.promoted_tokens += len(below) * self.block_tokens
-        return len(below) * self.block_tokens
+            self.counters.promoted_tokens += moved
+        return moved
 
     def release_expired(self) -> int:
         return self.store.release_expired()

@@ -23,7 +23,7 @@ def make_pins(profile=SLOW_PREFILL, device_entries=4, cpu_entries=16, **config):
     device, cpu = GpuTier(device_entries * SIZE, device="cpu"), CpuTier(cpu_entries * SIZE)
     device.clock = cpu.clock = clock
     store = TieredStore([device, cpu], clock=clock)
-    pins = ProgramPins(RadixPrefixCache(store, "fp"), ToolDurationPredictor(PredictorConfig(min_samples=3)), profile, PinConfig(**config))
+    pins = ProgramPins(RadixPrefixCache(store, "fp", block_tokens=4), ToolDurationPredictor(PredictorConfig(min_samples=3)), profile, PinConfig(**config))
     return pins, store, device, cpu, clock
 
 
@@ -288,3 +288,41 @@ def test_a_fuller_pin_budget_prices_memory_higher_and_shortens_the_ttl():
     teach(full, "shell", [1.0, 2.0, 8.0])
     assert finish(full, store, "p1", "other").pinned  # the default TTL: one of the budget's two entries
     assert finish(full, store, "p2", "shell").ttl_s == 2.0
+
+
+def test_a_live_requests_blocks_that_need_pinned_room_make_the_prefix_cache_call_reclaim():
+    pins, store, device, _, _ = make_pins(budget_share=0.5)
+    pins.cache.reclaimer = pins.reclaim  # what ProgramCoordinator wires
+    teach(pins, "search", [1.0, 1.0, 1.0])
+    finish(pins, store, "p1", "search")
+    finish(pins, store, "p2", "search")
+    assert device.stats().pinned_bytes == 2 * SIZE
+    blocks = [chunk(4), chunk(4), chunk(4)]  # a request's 3 new blocks: more than the 2 unpinned
+    pins.cache.insert("t", "exact", list(range(12)), 0, blocks)
+    assert pins.stats()["counters"]["reclaimed"] == 1 and device.stats().pinned_bytes == SIZE
+
+
+def test_an_unheld_path_is_prefetched_to_the_top_tier_before_its_tool_is_predicted_to_return():
+    pins, store, device, cpu, clock = make_pins(policy="none", prefetch_lead_s=0.5)
+    teach(pins, "search", [2.0, 2.0, 2.0])
+    finish(pins, store, "p1", "search")  # not pinned: the policy is "none"
+    for name in "abcd":
+        stored(store, name)  # other work pushes the program's KV down to the cpu tier
+    assert cpu.contains(ChunkKey("t-p1")) and not device.contains(ChunkKey("t-p1"))
+    clock.now += 1.0
+    assert pins.due_prefetches() == []  # the median is 2 s: not yet
+    clock.now += 0.6
+    due = pins.due_prefetches()
+    assert [p.keys for p in due] == [(ChunkKey("t-p1"),)]
+    assert pins.prefetch(due[0]) == 4 and device.contains(ChunkKey("t-p1"))
+    assert pins.due_prefetches() == []  # once per tool call
+    counters = pins.stats()["counters"]
+    assert (counters["prefetches"], counters["prefetched_tokens"]) == (1, 4)
+
+
+def test_a_held_pin_needs_no_prefetch():
+    pins, store, device, _, clock = make_pins()
+    teach(pins, "search", [2.0, 2.0, 2.0])
+    assert finish(pins, store, "p1", "search").pinned
+    clock.now += 1.9
+    assert pins.due_prefetches() == []
