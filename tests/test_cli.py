@@ -103,6 +103,7 @@ def test_bench_rag_kinds_times_each_kind_per_mode(tmp_path, tiny_model_dir, caps
         assert kinds["cold"]["prefix_cached_tokens_mean"] == 0
         assert kinds["reordered"]["prefix_cached_tokens_mean"] < kinds["followup"]["prefix_cached_tokens_mean"]
         assert kinds["repeat"]["prefix_cached_tokens_mean"] > kinds["followup"]["prefix_cached_tokens_mean"] > 0
+    assert summary["repeat_same_answer"]["ragcache"] == {"full": "2/2", "blend@0.15": "2/2"}
     tree = summary["prefix_cache"]["ragcache"]["full"]
     assert tree["lookups"] == 8 and 0 < tree["hit_tokens"] < tree["lookup_tokens"] and tree["nodes"] > 0
     assert "cross_replica" not in summary

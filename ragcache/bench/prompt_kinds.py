@@ -13,7 +13,8 @@
 
 Every engine answers greedily through the Engine seam (BlendEngine or VLLMEngine), one request at a
 time; each kind's time to first token is summarised per engine and mode over the questions, with
-the prompt tokens the prefix cache gave (prefix_cached_tokens_mean). Each (mode, question) runs in a
+the prompt tokens the prefix cache gave (prefix_cached_tokens_mean); repeat_same_answer counts the
+repeats whose greedy answer equals the cold request's, token for token. Each (mode, question) runs in a
 tenant of its own, so no cache holds anything of it before its cold request (the own engine's
 documents are registered in that tenant first, untimed, as a warm deployment has them). For the
 own engine, prefix_cache gives the prefix cache's tree per mode over its requests: lookups, hit
@@ -66,6 +67,7 @@ def run_prompt_kinds(
     ttft: dict[str, dict[str, dict[str, list[float]]]] = {}
     reused: dict[str, dict[str, dict[str, list[float]]]] = {}
     prefix: dict[str, dict[str, dict]] = {}
+    same: dict[str, dict[str, list[bool]]] = {}  # per engine and mode: did the repeat answer as the cold did
     local = [kind for kind in kinds if kind != "cross_replica"]
     total = sum(len(engine.modes) for engine in engines.values()) * len(examples) * len(local)
     with tqdm(total=total, desc="prompt kinds", unit="req") as progress:
@@ -81,11 +83,15 @@ def run_prompt_kinds(
                         engine.prepare(namespace, example)
                     cold = _request(example, mode, max_tokens, namespace)
                     other = examples[(index + 1) % len(examples)].question
+                    answers = {}
                     for kind in local:
                         result = engine.generate(_variant(cold, kind, other))
                         per_kind[kind].append(result.timings.ttft_s)
                         reused_per_kind[kind].append(result.prefix_cached_tokens)
+                        answers[kind] = result.token_ids
                         progress.update()
+                    if "cold" in answers and "repeat" in answers:
+                        same.setdefault(name, {}).setdefault(mode, []).append(answers["cold"] == answers["repeat"])
                 after = engine.prefix_stats() if engine.prefix_stats is not None else None
                 if before is not None and after is not None:
                     prefix.setdefault(name, {})[mode] = prefix_cache_delta(before, after)
@@ -102,6 +108,9 @@ def run_prompt_kinds(
             for name, modes in ttft.items()
         },
         "prefix_cache": prefix,
+        "repeat_same_answer": {
+            name: {mode: f"{sum(flags)}/{len(flags)}" for mode, flags in modes.items()} for name, modes in same.items()
+        },
     }
     if "cross_replica" in kinds:
         if replicas is None:
