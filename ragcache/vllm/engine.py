@@ -453,6 +453,7 @@ class VLLMEngine:
             chunk_hits=0,
             chunk_misses=0,
             timings=PhaseTimings(ttft_s=first - started, decode_s=now - first),
+            prefix_cached_tokens=cached,  # vLLM's prefix cache (and its connector's loads)
             mode="full",
             token_logprobs=tuple(logprobs),
         )
