@@ -192,9 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--start-timeout-s", type=float, default=300.0, help="wait this long for a started server")
     serve_bench.add_argument("--json", type=Path, default=None, help="write the summary here")
     serve_bench.add_argument("--plot", type=Path, default=None, help="write TTFT and throughput against load (PNG)")
-    agents = suites.add_parser("agents", help="agent KV pins (LRU, fixed 2 s, tool TTL) on BFCL multi-turn traces")
-    agents.add_argument("--programs", type=int, default=12, help="BFCL multi-turn entries, one program each")
-    agents.add_argument("--turns", type=int, default=2, help="each program's first N user turns")
+    agents = suites.add_parser(
+        "agents",
+        help="agent KV pins (LRU, fixed 2 s, tool TTL) on BFCL multi-turn traces, or TTFT per turn of RAG chats",
+        description="--workload agents (default): every pin policy --repeats times on BFCL multi-turn programs, "
+        "re-prefilled tokens and job completion time with 95% intervals over the repeats. --workload chat: "
+        "multi-turn chats over MuSiQue passages (no tools, no pins), time to first token per turn index.",
+    )
+    agents.add_argument(
+        "--workload", default="agents", choices=["agents", "chat"], help="BFCL tool-calling programs, or RAG chats"
+    )
+    agents.add_argument(
+        "--programs", type=int, default=12, help="BFCL multi-turn entries, one program each (chat: chats)"
+    )
+    agents.add_argument(
+        "--turns",
+        type=int,
+        default=None,
+        help="cap each program at its first N user turns (default: all its trace has; chat: 4 questions per chat)",
+    )
+    agents.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of every policy, each repeat with its own tool durations and arrivals (95%% intervals over them)",
+    )
     agents.add_argument("--arrival-rate", type=float, default=1.0, help="Poisson program arrivals per second")
     agents.add_argument(
         "--time-scale",
@@ -209,10 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="local KV (device + host tier, half each; default: half of all programs' final KV)",
     )
     agents.add_argument("--max-tokens", type=int, default=64, help="per tool-call request")
-    agents.add_argument("--seed", type=int, default=0, help="which programs, tool durations and arrivals")
+    agents.add_argument("--seed", type=int, default=0, help="which programs; repeat r's durations and arrivals")
     agents.add_argument("--no-prefix-runs", action="store_true", help="skip the runs without program_id")
+    agents.add_argument("--documents", type=int, default=6, help="chat: MuSiQue passages per chat")
+    agents.add_argument(
+        "--dataset", default=None, help="chat: MuSiQue JSON (default: /work/shared/data/musique_dev.json)"
+    )
     agents.add_argument("--json", type=Path, default=None, help="write the summary here")
-    agents.add_argument("--plot", type=Path, default=None, help="write job completion time per policy (PNG)")
+    agents.add_argument("--plot", type=Path, default=None, help="write job completion time per policy (PNG; agents)")
     return parser
 
 
@@ -458,11 +484,35 @@ def _bench_serve(args) -> None:
 
 
 def _bench_agents(args) -> None:
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if args.workload == "chat":
+        from ragcache.bench.chat import CHAT_TURNS, DEFAULT_DATASET, ChatBenchOptions, format_chat_table, run_chat_bench
+
+        if args.plot is not None:
+            raise ValueError("--plot draws the agents workload only")
+        chat = ChatBenchOptions(
+            chats=args.programs,
+            turns=CHAT_TURNS if args.turns is None else args.turns,
+            documents=args.documents,
+            repeats=args.repeats,
+            arrival_rate=args.arrival_rate,
+            time_scale=args.time_scale,
+            kv_budget_mb=args.kv_budget_mb,
+            seed=args.seed,
+            dataset=args.dataset or DEFAULT_DATASET,
+        )
+        summary = run_chat_bench(chat, progress)
+        print(format_chat_table(summary))
+        _write_json(args.json, summary)
+        return
     from ragcache.bench.agents import AgentsBenchOptions, format_agents_table, plot_agents, run_agents_bench
 
     options = AgentsBenchOptions(
         programs=args.programs,
         turns=args.turns,
+        repeats=args.repeats,
         arrival_rate=args.arrival_rate,
         time_scale=args.time_scale,
         kv_budget_mb=args.kv_budget_mb,
@@ -474,7 +524,7 @@ def _bench_agents(args) -> None:
         from ragcache.bench.serve_plot import pyplot
 
         pyplot()  # missing matplotlib stops the bench before it runs, not after
-    summary = run_agents_bench(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = run_agents_bench(options, progress)
     print(format_agents_table(summary))
     _write_json(args.json, summary)
     if args.plot is not None:

@@ -1,8 +1,8 @@
 """`ragcache bench agents`: tool-aware KV pins against the store's LRU, on the real engine, over BFCL traces.
 
-Programs (bfcl.py: one BFCL multi-turn entry each, its first --turns user turns) arrive as a
-Poisson process (--arrival-rate programs/s) and run interleaved against an in-process
-ragcache server, with real HTTP and OpenAI wire bodies. A program, per user turn:
+Programs (bfcl.py: one BFCL multi-turn entry each, all its user turns, or its first --turns)
+arrive as a Poisson process (--arrival-rate programs/s) and run interleaved against an
+in-process ragcache server, with real HTTP and OpenAI wire bodies. A program, per user turn:
 
     for each ground-truth call of the turn:
         POST /v1/chat/completions, tool_choice = that call's function (constrained decoding:
@@ -24,6 +24,12 @@ Policies, each on a fresh store, runtime and server over the one loaded model:
 and, unless --no-prefix-runs, the same three with no program_id in the bodies ("by prefix":
 the server finds the program from the conversation's token prefix).
 
+Repeats (--repeats N): every policy runs N times over the same programs (--seed's). A repeat
+draws the programs' tool durations and arrival times once (draw_repeat; repeat 0 with --seed
+itself, repeat r with "seed/r") and every policy of the repeat gets that draw; the repeats
+differ only in it. Policies run in turn within a repeat, so drift in the machine's load
+spreads over all of them.
+
 KV budget (--kv-budget-mb): the store's local KV, split evenly between its two tiers, both
 LRU, no Redis below them: the device tier, where a turn's KV lands and pins hold it, and the
 host tier, where what the device tier evicts (or an expired pin leaves) goes before it is
@@ -37,32 +43,47 @@ Measured, per policy:
     re-prefilled tokens   for each request that follows a tool result (a "returning" turn):
                           max(0, prompt tokens of the program's previous request − tokens reused
                           from stored KV). The previous request's prompt is the context the tool
-                          call left behind; what this request reuses of it is the program's stored
-                          KV (ragcache.program_reused_tokens), or, when that was lost, the system
-                          prefix's chunk if it was found rather than computed (cached_tokens −
-                          recomputed_tokens when no chunk was computed for this request).
+                          call left behind; what this request reuses of it is the server's prefix
+                          cache hit (ragcache.prefix_cached_tokens) when it reports one, else the
+                          program's stored KV (ragcache.program_reused_tokens), or, when that was
+                          lost, the system prefix's chunk if it was found rather than computed
+                          (cached_tokens − recomputed_tokens when no chunk was computed for this request).
     TTFT                  ragcache.timings.ttft_ms: arrival at the server to the first token
     queueing delay        ragcache.timings.queue_ms of returning turns
     JCT                   per program: its last response minus its first request
     pins                  /admin/programs: created, expired, force-released (reclaimed),
-                          displaced, the pinned-bytes high-water mark against the budget
+                          displaced, the pinned-bytes high-water mark against the budget,
+                          tokens prefetched back to the device tier (prefetched_tokens)
     noise                 each policy with and without program_id is the same work twice: how
                           far the two land apart is the run-to-run spread to read the others by
+
+A policy's row over its repeats (repeat_figures): re-prefilled tokens and mean JCT are the
+mean of the per-repeat values, with those values (*_repeats) and a 95% interval of the mean
+(*_ci: mean ± t(0.975, n−1)·sd/√n, [x, x] for one repeat); everything else is pooled over all
+repeats' records: percentiles and per-turn means over every request or program, counts
+(programs, turns, pins, force_released, prefetched_tokens) summed, the pinned-bytes
+high-water mark the highest, the pin hit rate and pin outcomes over every repeat's pins.
+The targets ask tool_ttl's two intervals to lie wholly below LRU's.
+
+`--workload chat` runs chat.py instead: multi-turn chats over MuSiQue passages, no tools.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import math
 import os
 import platform
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
-from ragcache.bench.bfcl import Trace, duration_stats, load_traces
+from ragcache.bench.bfcl import Trace, duration_stats, load_traces, with_durations
 from ragcache.bench.metrics import percentile_or_none as _percentile
 from ragcache.bench.serve_targets import free_port
 
@@ -70,6 +91,12 @@ KV_SHARE = 0.5  # default KV budget: this share of all programs' final KV
 POLICIES = {"lru": "none", "fixed_ttl": "fixed_ttl", "tool_ttl": "tool_ttl"}  # bench name -> PinConfig.policy
 FIXED_TTL_S = 2.0  # Continuum's released code; scaled by --time-scale
 PIN_TIER = "device"
+# Student's t 0.975 quantile for 1..30 degrees of freedom, when scipy is not installed (1.96 beyond)
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)  # fmt: skip
+
+T = TypeVar("T")
 
 
 class BenchAgentsError(ValueError):
@@ -79,7 +106,8 @@ class BenchAgentsError(ValueError):
 @dataclass(frozen=True)
 class AgentsBenchOptions:
     programs: int = 12
-    turns: int = 2
+    turns: int | None = None  # each program's first N user turns; None: all its trace has
+    repeats: int = 3  # every policy this many times, each repeat with its own draw of durations and arrivals
     arrival_rate: float = 1.0  # programs/s
     time_scale: float = 1.0  # waits (tools, think time) and the pins' time constants are multiplied by it
     kv_budget_mb: float | None = None  # device + host tier; None: KV_SHARE of all programs' final KV
@@ -92,7 +120,8 @@ class AgentsBenchOptions:
     def __post_init__(self) -> None:
         checks = [
             (1 <= self.programs <= 200, "--programs", self.programs, "must be in 1..200 (BFCL's base set)"),
-            (self.turns >= 1, "--turns", self.turns, "must be positive"),
+            (self.turns is None or self.turns >= 1, "--turns", self.turns, "must be positive (or left out: all)"),
+            (self.repeats >= 1, "--repeats", self.repeats, "must be positive"),
             (self.arrival_rate > 0, "--arrival-rate", self.arrival_rate, "must be positive programs/s"),
             (self.time_scale > 0, "--time-scale", self.time_scale, "must be positive"),
             (
@@ -128,47 +157,116 @@ class ProgramRecord(NamedTuple):
     requests: list[RequestRecord]
 
 
+class Run(NamedTuple):
+    """One policy's run in one repeat: its programs' records and /admin/programs at its end."""
+
+    programs: list[ProgramRecord]
+    stats: dict
+    wall_s: float
+
+
 class Sizes(NamedTuple):
     device_bytes: int
     cpu_bytes: int
     expected_kv_bytes: int  # all programs' final contexts together
 
 
+class Draw(NamedTuple):
+    """One repeat's random part of the work, the same for every policy in the repeat."""
+
+    traces: list[Trace]  # the programs, their tool durations drawn for this repeat
+    arrivals_s: list[float]  # each program's arrival, seconds after the first's (not time-scaled)
+
+
+class BenchServer(NamedTuple):
+    """What every policy's fresh server is built from."""
+
+    loaded: Any  # engine.loader.LoadedModel
+    profile: Any  # agents.profile's prefill profile: what a re-prefill costs, for the pins' TTLs
+    sizes: Sizes
+
+
 def run_agents_bench(
     options: AgentsBenchOptions, progress: Callable[[str], None] = lambda line: None, loaded=None
 ) -> dict:
-    """Every policy (with and without program_id) on the same traces; the JSON-ready summary.
+    """Every policy (with and without program_id) --repeats times on the same traces; the JSON-ready summary.
 
     loaded: the model (default: SmolLM2-135M on the CPU, loaded here). Runs the engine's step loop
     on this thread, the one that loads the model (see BlendEngine.run_loop)."""
-    from ragcache.agents.profile import measure_prefill_profile, stack_prefill_fn
-    from ragcache.engine.loader import ModelSpec, load_model
-
     load_before = os.getloadavg()[0]
     traces = load_traces(options.programs, options.turns, options.seed)
-    loaded = loaded or load_model(ModelSpec(None, "cpu", "float32"))
-    warm = _engine(loaded, Sizes(1 << 20, 1 << 20, 0))
-    sizes = _sizes(loaded.tokenizer, warm.kv_bytes_per_token, traces, options)
-    profile = measure_prefill_profile(stack_prefill_fn(warm.stack), (64, 256, 1024), repeats=1)
-    warm.close()
+    server = prepare_server(
+        loaded, lambda tokenizer: [final_tokens(tokenizer, trace, options) for trace in traces], options.kv_budget_mb
+    )
     progress("warm-up: one program, untimed (the first server's first requests pay one-off costs)")
-    _serve_and_drive(loaded, profile, sizes, traces[:1], options, "none", True, "warm-up", lambda line: None)
+    warm_up = partial(_drive, draw=draw_repeat(traces[:1], options, 0), options=options, identify=True, label="")
+    serve_and_drive(server, "none", options.time_scale, 4, warm_up)
+    identities = ("program_id", "prefix") if options.prefix_runs else ("program_id",)
+    repeats: dict[str, dict[str, list[Run]]] = {identify: {name: [] for name in POLICIES} for identify in identities}
+    draws = [draw_repeat(traces, options, repeat) for repeat in range(options.repeats)]
+    for repeat, draw in enumerate(draws):
+        for identify in identities:
+            for name, policy in POLICIES.items():
+                label = (
+                    f"repeat {repeat + 1}/{options.repeats}, {name}{'' if identify == 'program_id' else ' by prefix'}"
+                )
+                drive = partial(
+                    _drive,
+                    draw=draw,
+                    options=options,
+                    identify=identify == "program_id",
+                    label=label,
+                    progress=progress,
+                )
+                started = time.perf_counter()
+                programs, stats = serve_and_drive(server, policy, options.time_scale, 4 * len(traces), drive)
+                repeats[identify][name].append(Run(programs, stats, time.perf_counter() - started))
+                progress(f"{label}: done in {repeats[identify][name][-1].wall_s:.0f} s")
     runs: dict[str, dict] = {"program_id": {}, "prefix": {}}
-    for identify in ("program_id", "prefix") if options.prefix_runs else ("program_id",):
-        for name, policy in POLICIES.items():
-            label = f"{name}{'' if identify == 'program_id' else ' by prefix'}"
-            started = time.perf_counter()
-            programs, stats = _serve_and_drive(
-                loaded, profile, sizes, traces, options, policy, identify == "program_id", label, progress
-            )
-            runs[identify][name] = policy_figures(programs, stats) | {"wall_s": time.perf_counter() - started}
-            progress(f"{label}: done in {runs[identify][name]['wall_s']:.0f} s")
-    summary = summarise(runs, traces, options, sizes)
+    for identify, policies in repeats.items():
+        runs[identify] = {name: repeat_figures(policy_runs) for name, policy_runs in policies.items()}
+    summary = summarise(runs, [trace for draw in draws for trace in draw.traces], options, server.sizes)
     summary["machine"]["load_average_1m_before"] = load_before
     return summary
 
 
+def repeat_seed(seed: int, repeat: int) -> str:
+    """Repeat 0 draws with --seed itself (what one run drew before there were repeats), repeat r with "seed/r"."""
+    return str(seed) if repeat == 0 else f"{seed}/{repeat}"
+
+
+def draw_repeat(traces: Sequence[Trace], options: AgentsBenchOptions, repeat: int) -> Draw:
+    """The repeat's tool durations and arrivals: a function of --seed and the repeat alone, so every policy
+    of a repeat gets the same, and each repeat its own."""
+    seed = repeat_seed(options.seed, repeat)
+    return Draw([with_durations(t, seed) for t in traces], poisson_arrivals(len(traces), options.arrival_rate, seed))
+
+
+def poisson_arrivals(count: int, rate: float, seed: int | str) -> list[float]:
+    """count arrival times of a Poisson process of this rate (per second), the first at 0."""
+    rng = random.Random(f"{seed}/arrivals")
+    arrivals, at = [], 0.0
+    for _ in range(count):
+        arrivals.append(at)
+        at += rng.expovariate(rate)
+    return arrivals
+
+
 # the server side: one fresh store, engine, coordinator and runtime per policy
+
+
+def prepare_server(loaded, final_kv_tokens: Callable[[Any], list[int]], kv_budget_mb: float | None) -> BenchServer:
+    """The model (loaded here when None), its prefill profile, and the tiers' sizes (budget_sizes) from
+    final_kv_tokens(tokenizer): each program's KV at its end, in tokens."""
+    from ragcache.agents.profile import measure_prefill_profile, stack_prefill_fn
+    from ragcache.engine.loader import ModelSpec, load_model
+
+    loaded = loaded or load_model(ModelSpec(None, "cpu", "float32"))
+    warm = _engine(loaded, Sizes(1 << 20, 1 << 20, 0))
+    kv = [tokens * warm.kv_bytes_per_token for tokens in final_kv_tokens(loaded.tokenizer)]
+    profile = measure_prefill_profile(stack_prefill_fn(warm.stack), (64, 256, 1024), repeats=1)
+    warm.close()
+    return BenchServer(loaded, profile, budget_sizes(kv, kv_budget_mb))
 
 
 def _engine(loaded, sizes: Sizes):
@@ -195,18 +293,14 @@ def _agent_config(policy: str, time_scale: float):
     return AgentConfig(predictor=predictor, pins=PinConfig(policy=policy, fixed_ttl_s=FIXED_TTL_S * time_scale))
 
 
-def _serve_and_drive(
-    loaded,
-    profile,
-    sizes: Sizes,
-    traces: list[Trace],
-    options: AgentsBenchOptions,
+def serve_and_drive(
+    server: BenchServer,
     policy: str,
-    identify: bool,
-    label: str,
-    progress,
-) -> tuple[list[ProgramRecord], dict]:
-    """Serve one policy over HTTP (a thread), drive the programs (another), step the engine here."""
+    time_scale: float,
+    max_queue: int,
+    drive: Callable[[str], Coroutine[Any, Any, T]],
+) -> T:
+    """Serve one policy over HTTP (a thread), run drive(url) (another), step the engine here; drive's result."""
     import uvicorn
 
     from ragcache.agents import ProgramCoordinator
@@ -214,36 +308,35 @@ def _serve_and_drive(
     from ragcache.service.app import create_app
     from ragcache.service.runtime import Runtime
 
-    engine = _engine(loaded, sizes)
+    engine = _engine(server.loaded, server.sizes)
     engine.store.start_sweeper(0.1)
-    coordinator = ProgramCoordinator(engine.prefix, profile, _agent_config(policy, options.time_scale))
+    coordinator = ProgramCoordinator(engine.prefix, server.profile, _agent_config(policy, time_scale))
     engine.use_admission_order(coordinator.scheduler)
-    runtime = Runtime(engine, max_queue=4 * len(traces), coordinator=coordinator)
+    runtime = Runtime(engine, max_queue=max_queue, coordinator=coordinator)
     settings = Settings(port=free_port(), semantic_cache=False, shadow_fraction=0.0, semantic_shadow_fraction=0.0)
-    server = uvicorn.Server(
+    http_server = uvicorn.Server(
         uvicorn.Config(create_app(settings, runtime), host="127.0.0.1", port=settings.port, log_level="warning")
     )
     engine.claim_loop()
-    http = threading.Thread(target=server.run, name="bench-agents-http", daemon=True)
+    http = threading.Thread(target=http_server.run, name="bench-agents-http", daemon=True)
     http.start()
     outcome: dict = {}
 
-    def drive() -> None:
+    def client_side() -> None:
         try:
-            while not server.started:
+            while not http_server.started:
                 if not http.is_alive():
                     raise BenchAgentsError("the bench's server did not start")
                 time.sleep(0.01)
-            url = f"http://127.0.0.1:{settings.port}"
-            outcome["run"] = asyncio.run(_drive(url, traces, options, identify, label, progress))
+            outcome["run"] = asyncio.run(drive(f"http://127.0.0.1:{settings.port}"))
         except BaseException as exc:  # raised on the main thread below
             outcome["error"] = exc
 
-    client = threading.Thread(target=drive, name="bench-agents-client")
+    client = threading.Thread(target=client_side, name="bench-agents-client")
     client.start()
     engine.run_loop(alive=client.is_alive)
     client.join()
-    server.should_exit = True
+    http_server.should_exit = True
     http.join(timeout=60)
     if "error" in outcome:
         raise outcome["error"]
@@ -253,35 +346,41 @@ def _serve_and_drive(
 # the client side: programs as agents run them
 
 
-async def _drive(
-    url: str, traces: list[Trace], options: AgentsBenchOptions, identify: bool, label: str, progress
-) -> tuple[list[ProgramRecord], dict]:
+def http_client():
+    """One client for a run's requests: long timeouts (a CPU prefill under load takes a while), no
+    connection cap, and httpx's line per request silenced (it would bury the progress lines)."""
     import logging
 
     import httpx
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the progress lines
-    rng = random.Random(f"{options.seed}/arrivals")  # the same arrivals for every policy
-    offsets, at = [], 0.0
-    for _ in traces:
-        offsets.append(at)
-        at += rng.expovariate(options.arrival_rate)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    timeout = httpx.Timeout(900.0, connect=10.0)
+    return httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None))
+
+
+async def _drive(
+    url: str,
+    draw: Draw,
+    options: AgentsBenchOptions,
+    identify: bool,
+    label: str,
+    progress: Callable[[str], None] = lambda line: None,
+) -> tuple[list[ProgramRecord], dict]:
     done = [0]
 
     async def one(index: int, trace: Trace) -> ProgramRecord:
-        await asyncio.sleep(offsets[index])
+        await asyncio.sleep(draw.arrivals_s[index])
         program_id = f"bench-{index}-{trace.id}" if identify else None
         record = await _program(client, url, trace, program_id, options)
         done[0] += 1
         progress(
-            f"{label}: program {done[0]}/{len(traces)} ({trace.id}) done: {len(record.requests)} requests, "
+            f"{label}: program {done[0]}/{len(draw.traces)} ({trace.id}) done: {len(record.requests)} requests, "
             f"JCT {record.jct_s:.1f} s"
         )
         return record
 
-    timeout = httpx.Timeout(900.0, connect=10.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
-        programs = list(await asyncio.gather(*(one(i, trace) for i, trace in enumerate(traces))))
+    async with http_client() as client:
+        programs = list(await asyncio.gather(*(one(i, trace) for i, trace in enumerate(draw.traces))))
         stats = (await client.get(url + "/admin/programs")).json()
     return programs, stats
 
@@ -360,7 +459,7 @@ async def _program(
     for step in script(trace, options):
         body = step.body | ({"program_id": program_id} if program_id is not None else {})
         sent = time.perf_counter()
-        reply = await _post(client, url, body)
+        reply = await post_completion(client, url, body)
         finished = time.perf_counter()
         records.append(_record(step, reply, previous_prompt, finished - sent))
         previous_prompt = reply["usage"]["prompt_tokens"]
@@ -368,7 +467,7 @@ async def _program(
     return ProgramRecord(trace.id, finished - started, records)
 
 
-async def _post(client, url: str, body: dict) -> dict:
+async def post_completion(client, url: str, body: dict) -> dict:
     response = await client.post(url + "/v1/chat/completions", json=body)
     if response.status_code != 200:
         raise BenchAgentsError(f"the server refused a request: HTTP {response.status_code}: {response.text[:300]}")
@@ -394,10 +493,13 @@ def _record(step: Step, reply: dict, previous_prompt: int, latency_s: float) -> 
 
 
 def reused_tokens(reply: dict) -> int:
-    """Prompt tokens whose KV came from the store (see the module docstring): the program's KV, else the
-    system prefix's chunk when nothing was computed for it (cached_tokens also counts a prefix computed now)."""
+    """Prompt tokens whose KV came from the store (see the module docstring): the prefix cache's hit when the
+    server reports one, else the program's KV, else the system prefix's chunk when nothing was computed for it
+    (cached_tokens also counts a prefix computed now). A server without the prefix cache omits its field."""
     report = reply["ragcache"]
-    if report["program_reused_tokens"]:
+    if report.get("prefix_cached_tokens"):
+        return report["prefix_cached_tokens"]
+    if report.get("program_reused_tokens"):
         return report["program_reused_tokens"]
     if report["timings"]["chunk_compute_ms"] > 0:
         return 0
@@ -408,7 +510,8 @@ def reused_tokens(reply: dict) -> int:
 
 
 def policy_figures(programs: Sequence[ProgramRecord], stats: dict) -> dict:
-    """One policy's JSON row from its programs' records and the coordinator's stats at the end."""
+    """One policy's JSON row from its programs' records and the coordinator's stats at the end (one repeat,
+    or all repeats' records with merge_stats of their stats)."""
     requests = [r for p in programs for r in p.requests]
     returning = [r for r in requests if r.returning]
     reprefill = sum(r.reprefill_tokens for r in returning if r.reprefill_tokens is not None)  # set on all of them
@@ -433,6 +536,8 @@ def policy_figures(programs: Sequence[ProgramRecord], stats: dict) -> dict:
         "pins_created": counters.get("created", 0),
         "pins_expired": counters.get("expired", 0),
         "pins_force_released": counters.get("reclaimed", 0),
+        "force_released": counters.get("reclaimed", 0),
+        "prefetched_tokens": counters.get("prefetched_tokens", 0),
         "pins_displaced": counters.get("displaced", 0),
         "pins_over_budget": counters.get("over_budget", 0),
         "pins_not_worth_it": counters.get("not_worth_it", 0),
@@ -444,6 +549,68 @@ def policy_figures(programs: Sequence[ProgramRecord], stats: dict) -> dict:
         "calls_made": sum(r.called for r in calls) / len(calls) if calls else None,
         "jct_s": [p.jct_s for p in programs],
     }
+
+
+def repeat_figures(runs: Sequence[Run]) -> dict:
+    """One policy's JSON row over its repeats: figures of all repeats' records pooled, then re-prefilled tokens
+    and mean JCT as the mean of the per-repeat values, with those values and a 95% interval of their mean."""
+    rows = [policy_figures(run.programs, run.stats) for run in runs]
+    pooled = policy_figures([p for run in runs for p in run.programs], merge_stats([run.stats for run in runs]))
+    row = pooled | {"repeats": len(runs), "wall_s": sum(run.wall_s for run in runs)}
+    for figure in ("reprefill_tokens", "jct_mean_s"):
+        values = [r[figure] for r in rows]
+        row |= {figure: _mean(values), f"{figure}_ci": mean_ci(values), f"{figure}_repeats": values}
+    return row
+
+
+def merge_stats(stats: Sequence[dict]) -> dict:
+    """Several runs' /admin/programs as one, for policy_figures: counters summed, each tier's pinned-bytes
+    high-water mark the highest, the pin hit rate over all returns, every run's per-tool pin outcomes."""
+    pins = [s.get("pins", {}) for s in stats]
+    counters: dict[str, int] = {}
+    budget: dict[str, dict] = {}
+    for run in pins:
+        for name, count in run.get("counters", {}).items():
+            counters[name] = counters.get(name, 0) + count
+        for tier, use in run.get("budget", {}).items():
+            seen = budget.setdefault(tier, dict(use))
+            seen["pinned_bytes_max"] = max(seen.get("pinned_bytes_max", 0), use.get("pinned_bytes_max", 0))
+    returns = counters.get("returned_held", 0) + counters.get("returned_lost", 0)
+    tools = {
+        f"{i}/{name}": tool
+        for i, run in enumerate(pins)
+        for name, tool in run.get("predictor", {}).get("tools", {}).items()
+    }
+    return {
+        "pins": {
+            "counters": counters,
+            "budget": budget,
+            "pin_hit_rate": counters.get("returned_held", 0) / returns if returns else None,
+            "predictor": {"tools": tools},
+        }
+    }
+
+
+def t_975(df: int) -> float:
+    """Student's t 0.975 quantile: scipy's when it is installed, else T_975, and the normal's 1.96 past 30."""
+    try:
+        stats = importlib.import_module("scipy.stats")
+    except ImportError:
+        return T_975[df - 1] if df <= len(T_975) else 1.96
+    return float(stats.t.ppf(0.975, df))
+
+
+def mean_ci(values: Sequence[float]) -> list[float] | None:
+    """95% interval of the mean of per-repeat values: mean ± t(0.975, n−1)·sd/√n; [x, x] for one value."""
+    n = len(values)
+    if n == 0:
+        return None
+    mean = sum(values) / n
+    if n == 1:
+        return [mean, mean]
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_975(n - 1) * sd / math.sqrt(n)
+    return [mean - half, mean + half]
 
 
 def pin_outcomes(tools: dict) -> dict:
@@ -459,7 +626,8 @@ def pin_outcomes(tools: dict) -> dict:
 
 
 def summarise(runs: dict[str, dict], traces: Sequence[Trace], options: AgentsBenchOptions, sizes: Sizes) -> dict:
-    """The JSON summary: per identification, per policy, with re-prefill cuts against LRU and the targets."""
+    """The JSON summary: per identification, per policy, with re-prefill cuts against LRU and the targets.
+    traces: every repeat's (the durations pooled over the repeats' draws)."""
     for policies in runs.values():
         lru = policies.get("lru", {}).get("reprefill_tokens")
         for name in ("fixed_ttl", "tool_ttl"):
@@ -477,7 +645,8 @@ def summarise(runs: dict[str, dict], traces: Sequence[Trace], options: AgentsBen
             "cpu_tier_bytes": sizes.cpu_bytes,
             "expected_kv_bytes": sizes.expected_kv_bytes,
             "fixed_ttl_s": FIXED_TTL_S * options.time_scale,
-            "traces": [trace.id for trace in traces],
+            "traces": list(dict.fromkeys(trace.id for trace in traces)),
+            "user_turns": sum({trace.id: len(trace.turns) for trace in traces}.values()),
         },
         "durations": {
             "all": duration_stats(durations),
@@ -526,45 +695,58 @@ def machine_info() -> dict:
 
 
 def targets(policies: dict) -> dict:
-    """The done-line, checked: tool_ttl cuts re-prefill after tool calls by >= 80% against LRU, has the lowest
-    mean JCT of the three, and no policy's pins ever held more than the budget."""
-    cut = policies["tool_ttl"].get("reprefill_cut_vs_lru")
+    """The done-line, checked: tool_ttl cuts re-prefill after tool calls by >= 80% against LRU and has the lowest
+    mean JCT of the three (on the means over repeats), the 95% intervals of both lie wholly below LRU's (the
+    difference is not run-to-run noise), and no policy's pins ever held more than the budget."""
+    tool, lru = policies["tool_ttl"], policies["lru"]
+    cut = tool.get("reprefill_cut_vs_lru")
     lowest = min(policies, key=lambda name: policies[name]["jct_mean_s"])
     checks = {
         "reprefill_cut_ge_80pct": cut is not None and cut >= 0.8,
         "lowest_jct_mean": lowest == "tool_ttl",
+        "reprefill_ci_separate_from_lru": below(tool.get("reprefill_tokens_ci"), lru.get("reprefill_tokens_ci")),
+        "jct_ci_separate_from_lru": below(tool.get("jct_mean_s_ci"), lru.get("jct_mean_s_ci")),
         "within_pin_budget": all(row["within_pin_budget"] for row in policies.values()),
     }
     return checks | {"met": all(checks.values())}
 
 
-def _sizes(tokenizer, per_token: int, traces: Sequence[Trace], options: AgentsBenchOptions) -> Sizes:
-    """Each tier half the budget: --kv-budget-mb, or KV_SHARE of all programs' final KV, but never a device
-    tier smaller than the largest program's KV (a turn's KV must fit where it is stored)."""
-    kv = [final_tokens(tokenizer, trace, options) * per_token for trace in traces]
-    total = options.kv_budget_mb * 2**20 if options.kv_budget_mb else max(KV_SHARE * sum(kv), 2 * max(kv))
-    return Sizes(int(total / 2), int(total / 2), sum(kv))
+def below(interval: Sequence[float] | None, other: Sequence[float] | None) -> bool:
+    """Whether an interval lies wholly below another: they do not overlap, and it is the lower one."""
+    return interval is not None and other is not None and interval[1] < other[0]
+
+
+def budget_sizes(kv_bytes: Sequence[int], kv_budget_mb: float | None) -> Sizes:
+    """Each tier half the budget: kv_budget_mb, or KV_SHARE of all programs' final KV (kv_bytes), but never a
+    device tier smaller than the largest program's KV (a turn's KV must fit where it is stored)."""
+    total = kv_budget_mb * 2**20 if kv_budget_mb else max(KV_SHARE * sum(kv_bytes), 2 * max(kv_bytes))
+    return Sizes(int(total / 2), int(total / 2), sum(kv_bytes))
 
 
 def final_tokens(tokenizer, trace: Trace, options: AgentsBenchOptions) -> int:
     """A program's KV at its end: its last request's prompt, rendered as the server renders it, and the answer."""
+    return prompt_tokens(tokenizer, script(trace, options)[-1].body) + options.answer_tokens
+
+
+def prompt_tokens(tokenizer, body: dict) -> int:
+    """The prompt tokens of a chat completion body (its documents included), rendered as the server renders it."""
     import msgspec
 
     from ragcache.engine.prompt import DEFAULT_SYSTEM_PROMPT, build_rag_prompt
     from ragcache.schemas import ChatCompletionRequest
     from ragcache.service.convert import chat_request
 
-    body = msgspec.convert(script(trace, options)[-1].body, ChatCompletionRequest)
-    request = chat_request(body, [], "default", options.answer_tokens)
+    documents = [document["text"] for document in body.get("documents") or ()]
+    request = chat_request(msgspec.convert(body, ChatCompletionRequest), documents, "default", body["max_tokens"])
     parts = build_rag_prompt(
         tokenizer,
         request.question,
-        (),
+        request.documents,
         request.system_prompt or DEFAULT_SYSTEM_PROMPT,
         history=request.history,
         tools=request.tools,
     )
-    return parts.num_tokens + options.answer_tokens
+    return parts.num_tokens
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -575,15 +757,18 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def format_agents_table(summary: dict) -> str:
+    """Re-prefill and mean JCT as mean ± the 95% interval's half-width over the repeats; the rest pooled."""
     config, durations = summary["config"], summary["durations"]["all"]
     header = (
-        f"{'found by':<10} {'policy':<10} {'re-prefill':>10} {'/turn':>6} {'cut':>5} {'TTFT p50':>8} {'p90':>6} "
-        f"{'JCT mean':>8} {'p90':>6} {'queue':>6} {'pins c/e/f/d':>13} {'pinned max':>10}"
+        f"{'found by':<10} {'policy':<10} {'re-prefill ± 95%':>17} {'/turn':>6} {'cut':>5} {'TTFT p50':>8} "
+        f"{'p90':>6} {'JCT mean ± 95%':>15} {'p90':>6} {'queue':>6} {'pins c/e/f/d':>13} {'pinned max':>10}"
     )
+    turns = "all" if config["turns"] is None else f"first {config['turns']}"
     lines = [
-        f"{config['programs']} BFCL programs x {config['turns']} turns, arrivals {config['arrival_rate']:g}/s, "
-        f"time scale {config['time_scale']:g}; tools {_f(durations['mean_s'], 2)} ± {_f(durations['sd_s'], 2)} s, "
-        f"slowest 10% {_f(100 * (durations['slowest_10pct_share'] or 0), 0)}% of the delay; KV device + host "
+        f"{config['programs']} BFCL programs, {turns} turns ({config.get('user_turns', '?')} user turns), "
+        f"{config['repeats']} repeats, arrivals {config['arrival_rate']:g}/s, time scale {config['time_scale']:g}; "
+        f"tools {_f(durations['mean_s'], 2)} ± {_f(durations['sd_s'], 2)} s, slowest 10% "
+        f"{_f(100 * (durations['slowest_10pct_share'] or 0), 0)}% of the delay; KV device + host "
         f"{2 * config['device_tier_bytes'] / 2**20:.0f} MiB of {config['expected_kv_bytes'] / 2**20:.0f}, pins "
         f"{(summary['pin_budget_bytes'] or 0) / 2**20:.0f} MiB",
         header,
@@ -594,10 +779,10 @@ def format_agents_table(summary: dict) -> str:
             cut = row.get("reprefill_cut_vs_lru")
             pins = f"{row['pins_created']}/{row['pins_expired']}/{row['pins_force_released']}/{row['pins_displaced']}"
             lines.append(
-                f"{identify:<10} {name:<10} {row['reprefill_tokens']:>10} "
+                f"{identify:<10} {name:<10} {_pm(row, 'reprefill_tokens', 0):>17} "
                 f"{_f(row['reprefill_tokens_per_turn'], 0):>6} "
                 f"{'-' if cut is None else f'{cut:.0%}':>5} {_f(row['ttft_p50_s'], 2):>8} "
-                f"{_f(row['ttft_p90_s'], 2):>6} {_f(row['jct_mean_s'], 1):>8} {_f(row['jct_p90_s'], 1):>6} "
+                f"{_f(row['ttft_p90_s'], 2):>6} {_pm(row, 'jct_mean_s', 1):>15} {_f(row['jct_p90_s'], 1):>6} "
                 f"{_f(row['queue_delay_mean_s'], 2):>6} {pins:>13} {row['pinned_bytes_max'] / 2**20:>9.0f}M"
             )
     if "noise" in summary:
@@ -612,12 +797,21 @@ def format_agents_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _pm(row: dict, figure: str, digits: int) -> str:
+    """'mean ± half-width' of a figure's 95% interval over the repeats ('mean' alone when it has none)."""
+    mean, ci = row.get(figure), row.get(f"{figure}_ci")
+    if mean is None or ci is None:
+        return _f(mean, digits)
+    return f"{mean:.{digits}f} ± {(ci[1] - ci[0]) / 2:.{digits}f}"
+
+
 def _f(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
 def plot_agents(summary: dict, path) -> None:
-    """Job completion time per policy: each program's JCT as a dot, the mean as a bar; with and without program_id."""
+    """Job completion time per policy: each program's JCT (every repeat's) as a dot, the mean over repeats as a
+    bar with its 95% interval; with and without program_id."""
     from ragcache.bench.serve_plot import pyplot
 
     plt = pyplot()
@@ -626,15 +820,17 @@ def plot_agents(summary: dict, path) -> None:
     figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False, sharey=True)
     for axis, (label, policies) in zip(axes[0], groups):
         names = list(policies)
-        axis.bar(names, [policies[n]["jct_mean_s"] for n in names], color="#9ab", label="mean")
+        means = [policies[n]["jct_mean_s"] for n in names]
+        halves = [(policies[n]["jct_mean_s_ci"][1] - policies[n]["jct_mean_s_ci"][0]) / 2 for n in names]
+        axis.bar(names, means, yerr=halves, capsize=6, color="#9ab", label="mean, 95% interval over repeats")
         for x, name in enumerate(names):
             axis.plot([x] * len(policies[name]["jct_s"]), policies[name]["jct_s"], "k.", alpha=0.6)
         axis.set(title=f"programs identified by {label}", ylabel="job completion time, s")
         axis.grid(axis="y", alpha=0.3)
     config = summary["config"]
     figure.suptitle(
-        f"ragcache bench agents: {config['programs']} BFCL programs x {config['turns']} turns, "
-        f"{config['arrival_rate']:g} programs/s, time scale {config['time_scale']:g}"
+        f"ragcache bench agents: {config['programs']} BFCL programs, {config.get('user_turns', '?')} user turns, "
+        f"{config['repeats']} repeats, {config['arrival_rate']:g} programs/s, time scale {config['time_scale']:g}"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=120)

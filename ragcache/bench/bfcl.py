@@ -1,6 +1,6 @@
 """Agent traces for `ragcache bench agents`, derived from BFCL's multi-turn data (bfcl-eval ships it).
 
-One program = one entry of BFCL_v4_multi_turn_base.json, its first `turns` user turns:
+One program = one entry of BFCL_v4_multi_turn_base.json, all its user turns or its first `turns`:
 
     question[i]        the i-th user turn (one user message each in the base set)
     ground_truth[i]    the calls that answer it (possible_answer/), Python call strings such as
@@ -17,6 +17,7 @@ ones ("dict" → "object", "float" → "number", "tuple" → "array", "any" → 
 Each call carries a simulated result — deterministic JSON built from the doc's response
 fields, a few dozen tokens — and a simulated duration, drawn (seeded per program and call)
 from the distribution of its class's kind (TOOL_KINDS): every policy replays the same work.
+with_durations draws them afresh under another seed (the bench's repeats: same calls, new delays).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 BASE_FILE = "BFCL_v4_multi_turn_base.json"
@@ -118,8 +119,9 @@ def data_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def load_traces(num_programs: int, num_turns: int, seed: int = 0, root: Path | None = None) -> list[Trace]:
-    """num_programs entries drawn (seeded) from the base set, each cut to its first num_turns user turns."""
+def load_traces(num_programs: int, num_turns: int | None, seed: int = 0, root: Path | None = None) -> list[Trace]:
+    """num_programs entries drawn (seeded) from the base set, each cut to its first num_turns user turns
+    (None: all of them, 1 to 7 in the base set)."""
     root = root or data_dir()
     entries = _read_jsonl(root / BASE_FILE)
     answers = {row["id"]: row["ground_truth"] for row in _read_jsonl(root / "possible_answer" / BASE_FILE)}
@@ -138,6 +140,17 @@ def load_traces(num_programs: int, num_turns: int, seed: int = 0, root: Path | N
     ]
 
 
+def with_durations(trace: Trace, seed: int | str) -> Trace:
+    """The trace with every call's duration drawn afresh, as load_traces draws them under this seed (one
+    generator per program, its calls in order): the same calls and results, other delays."""
+    rng = random.Random(f"{seed}/{trace.id}")
+    turns = tuple(
+        replace(turn, calls=tuple(replace(call, duration_s=DURATIONS[call.kind].draw(rng)) for call in turn.calls))
+        for turn in trace.turns
+    )
+    return replace(trace, turns=turns)
+
+
 def function_docs(classes: Sequence[str], root: Path | None = None) -> dict[str, tuple[str, dict]]:
     """name -> (class, BFCL function doc) over the given classes (the first class wins a shared name)."""
     from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING as FILES
@@ -151,7 +164,11 @@ def function_docs(classes: Sequence[str], root: Path | None = None) -> dict[str,
 
 
 def derive_trace(
-    entry: dict, ground_truth: list[list[str]], docs: dict[str, tuple[str, dict]], num_turns: int, rng: random.Random
+    entry: dict,
+    ground_truth: list[list[str]],
+    docs: dict[str, tuple[str, dict]],
+    num_turns: int | None,
+    rng: random.Random,
 ) -> Trace:
     turns, called = [], {}
     for index, (messages, calls) in enumerate(zip(entry["question"][:num_turns], ground_truth[:num_turns])):
