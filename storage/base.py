@@ -175,19 +175,20 @@ class PrefixCache(Protocol):
     def clock(self) -> Callable[[], float]:
         """The clock pin expiries are on."""
 
-    def block_keys(self, namespace: str, variant: str, ids: Sequence[int], blocks: int | None = None) -> list[ChunkKey]:
-        """The chained keys of ids' leading whole blocks."""
+    def block_keys(self, namespace: str, variant: str, ids: Sequence[int], tail: bool = False) -> list[ChunkKey]:
+        """The chained keys of ids' whole blocks (and with tail, of the part block after them)."""
 
     def match(self, namespace: str, variant: str, ids: Sequence[int]) -> PrefixHit:
-        """The longest run of ids' whole blocks held anywhere in the store (another replica's included)."""
+        """The longest prefix of ids whose KV the store holds: whole blocks found by key anywhere (another
+        replica's included), then the tokens a known block after them shares with ids."""
 
     def known(self, namespace: str, variant: str, ids: Sequence[int]) -> int:
-        """Leading whole blocks of ids this process knows are stored (no I/O)."""
+        """Leading blocks of ids (the part block at the end counted) this process knows are stored (no I/O)."""
 
     def insert(
         self, namespace: str, variant: str, ids: Sequence[int], start_block: int, blocks: Sequence[KVChunk]
     ) -> CachedPath:
-        """Store the KV of ids' whole blocks from start_block on; the path of all of ids' whole blocks."""
+        """Store the KV of ids' blocks from start_block on (the part block at the end too); the path of ids."""
 
     def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
         """The tenant's blocks this process knows of."""

@@ -11,13 +11,16 @@ so a block's key names the whole token prefix up to its end: two paths that shar
 share its blocks, and a replica that never saw a path finds its blocks in Redis by
 recomputing the keys from the prompt (lookups never depend on this process's tree).
 
-    match      the longest run of a prompt's blocks that the store holds, read in one batched
-               get_many, deepest block first: a path is touched leaf to root, so under the
-               store's LRU a path's last block is the least recently used of it and eviction
-               takes leaves first (a block whose parent is gone is never reached again and
-               ages out in turn)
+    match      the longest run of a prompt's whole blocks that the store holds, read in one
+               batched get_many, deepest block first: a path is touched leaf to root, so under
+               the store's LRU a path's last block is the least recently used of it and
+               eviction takes leaves first (a block whose parent is gone is never reached again
+               and ages out in turn); then the known block after the run that shares the most
+               leading tokens with the prompt's next ones gives those too (token-granular reuse
+               of what this process stored: a path's part block at its end, or a block where
+               the earlier path went on differently)
     insert     the new blocks of a finished request (the caller skips the ones known() says
-               are stored), written deepest first for the same reason
+               are stored), the part block at its end included, written deepest first
     paths      CachedPath: a path's block keys, tokens and bytes; agents pin it while a tool
                runs (pin_path: every block promoted to the top tier, then pinned there) and
                prefetch it before the tool returns (promote)
@@ -96,6 +99,8 @@ class PrefixCounters:
 class _Node:
     parent: ChunkKey | None
     namespace: str
+    variant: str
+    tokens: tuple[int, ...]  # the block's (a part block at a path's end has fewer than block_tokens)
     nbytes: int
     children: set[ChunkKey] = field(default_factory=set)
 
@@ -121,6 +126,7 @@ class RadixPrefixCache:
         self.counters = PrefixCounters()
         self.labels = PromptLabels(max_conversations)
         self._nodes: OrderedDict[ChunkKey, _Node] = OrderedDict()  # least recently used first
+        self._roots: dict[tuple[str, str], set[ChunkKey]] = {}  # (tenant, variant) -> first blocks
         self._programs: dict[tuple[str, str], CachedPath] = {}
         self._pinned: dict[ChunkKey, int] = {}  # block -> path pins holding it
         self._lock = threading.Lock()
@@ -132,14 +138,13 @@ class RadixPrefixCache:
 
     # keys
 
-    def block_keys(self, namespace: str, variant: str, ids: Sequence[int], blocks: int | None = None) -> list[ChunkKey]:
-        """The chained keys of ids' first `blocks` whole blocks (all of them by default)."""
-        n = len(ids) // self.block_tokens if blocks is None else blocks
+    def block_keys(self, namespace: str, variant: str, ids: Sequence[int], tail: bool = False) -> list[ChunkKey]:
+        """The chained keys of ids' whole blocks, and with tail of the part block after them (if any)."""
+        b = self.block_tokens
+        n = -(-len(ids) // b) if tail else len(ids) // b
         keys, context = [], f"prefix:{variant}"
         for j in range(n):
-            key = chunk_key(
-                self.fingerprint, ids[j * self.block_tokens : (j + 1) * self.block_tokens], context, namespace
-            )
+            key = chunk_key(self.fingerprint, ids[j * b : (j + 1) * b], context, namespace)
             keys.append(key)
             context = key
         return keys
@@ -147,27 +152,48 @@ class RadixPrefixCache:
     # reads
 
     def match(self, namespace: str, variant: str, ids: Sequence[int]) -> PrefixHit:
-        """The longest run of ids' whole blocks the store holds, from the first (store I/O: not on the step loop)."""
+        """The longest prefix of ids whose KV the store holds (store I/O: not on the step loop).
+
+        The run of ids' whole blocks found by key (any replica's), then, from this process's tree, the
+        stored block after the run that starts with the most of ids' next tokens: a path that went
+        on differently (an answer where the new prompt has a re-rendered turn), or its part block at
+        the end, still gives the tokens the two share. So an identical prompt, or an agent's next
+        turn, reuses every token it shares with an earlier path, not only whole blocks. Less than one
+        block's worth is no hit: every prompt shares the chat template's first tokens with every other."""
         keys = self.block_keys(namespace, variant, ids)
         found = self.store.get_many(keys[::-1])[::-1] if keys else []
         run = 0
         while run < len(found) and found[run] is not None:
             run += 1
+        rest = tuple(ids[run * self.block_tokens : (run + 1) * self.block_tokens])
         with self._lock:
-            self.counters.lookups += 1
-            self.counters.lookup_tokens += len(keys) * self.block_tokens
-            self.counters.hit_tokens += run * self.block_tokens
             for key in keys[run:]:  # gone from the store (or never here): nothing below it is reachable
                 if key in self._nodes:
                     self._prune(key)
-            self._touch(namespace, keys[:run], found[:run])
-        blocks = tuple(chunk for chunk in found[:run] if chunk is not None)
-        return PrefixHit(run * self.block_tokens, blocks, tuple(keys[:run]))
+            self._touch(namespace, variant, keys[:run], found[:run])
+            partial_key, shared = self._best_child(keys[run - 1] if run else (namespace, variant), rest)
+        blocks = [chunk for chunk in found[:run] if chunk is not None]
+        hit_keys = list(keys[:run])
+        if partial_key is not None:
+            chunk = self.store.get(partial_key)
+            if chunk is not None and tuple(chunk.token_ids[:shared]) == rest[:shared]:
+                blocks.append(chunk)
+                hit_keys.append(partial_key)
+            else:
+                shared = 0
+        tokens = run * self.block_tokens + shared
+        if tokens < self.block_tokens:  # every prompt shares the chat template's first tokens: no hit
+            tokens, blocks, hit_keys = 0, [], []
+        with self._lock:
+            self.counters.lookups += 1
+            self.counters.lookup_tokens += len(ids)
+            self.counters.hit_tokens += tokens
+        return PrefixHit(tokens, tuple(blocks), tuple(hit_keys))
 
     def known(self, namespace: str, variant: str, ids: Sequence[int]) -> int:
-        """How many of ids' leading whole blocks this process knows are stored (no store I/O):
-        a finished request stores only the blocks after them."""
-        keys = self.block_keys(namespace, variant, ids)
+        """How many of ids' leading blocks (the part block at the end counted) this process knows are
+        stored (no store I/O): a finished request stores only the blocks after them."""
+        keys = self.block_keys(namespace, variant, ids, tail=True)
         with self._lock:
             run = 0
             while run < len(keys) and keys[run] in self._nodes:
@@ -179,8 +205,9 @@ class RadixPrefixCache:
     def insert(
         self, namespace: str, variant: str, ids: Sequence[int], start_block: int, blocks: Sequence[KVChunk]
     ) -> CachedPath:
-        """Store blocks (the KV of ids' whole blocks from start_block on) and return the path of all of ids' whole blocks."""
-        keys = self.block_keys(namespace, variant, ids)
+        """Store blocks (the KV of ids' blocks from start_block on, the part block at the end included)
+        and return the path of all of ids."""
+        keys = self.block_keys(namespace, variant, ids, tail=True)
         new = list(zip(keys[start_block:], blocks))
         needed = sum(chunk.nbytes for _, chunk in new)
         if needed and self.reclaimer is not None:
@@ -194,10 +221,10 @@ class RadixPrefixCache:
             for (key, chunk), ok in zip(new, stored):
                 if not ok:
                     break
-                self._add(key, parent, namespace, chunk.nbytes)
+                self._add(key, parent, namespace, variant, chunk)
                 parent = key
             nbytes = sum(self._nodes[key].nbytes for key in keys if key in self._nodes)
-        return CachedPath(namespace, tuple(keys), len(keys) * self.block_tokens, nbytes)
+        return CachedPath(namespace, tuple(keys), len(ids), nbytes)
 
     def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
         """The tenant's blocks this process knows of (what a tenant's flush drops besides its documents)."""
@@ -304,7 +331,7 @@ class RadixPrefixCache:
             return {
                 "block_tokens": self.block_tokens,
                 "nodes": len(self._nodes),
-                "cached_tokens": len(self._nodes) * self.block_tokens,
+                "cached_tokens": sum(len(node.tokens) for node in self._nodes.values()),
                 "cached_bytes": sum(node.nbytes for node in self._nodes.values()),
                 "lookups": c.lookups,
                 "lookup_tokens": c.lookup_tokens,
@@ -321,37 +348,72 @@ class RadixPrefixCache:
 
     # the tree (under the lock)
 
-    def _add(self, key: ChunkKey, parent: ChunkKey | None, namespace: str, nbytes: int) -> None:
+    def _add(self, key: ChunkKey, parent: ChunkKey | None, namespace: str, variant: str, chunk: KVChunk) -> None:
         if key in self._nodes:
             self._nodes.move_to_end(key)
             return
-        self._nodes[key] = _Node(parent, namespace, nbytes)
-        if parent is not None and parent in self._nodes:
-            self._nodes[parent].children.add(key)
+        self._nodes[key] = _Node(parent, namespace, variant, tuple(chunk.token_ids), chunk.nbytes)
+        self._siblings(parent, namespace, variant).add(key)
         while len(self._nodes) > self.max_nodes:  # forget the least recently used (the store keeps its KV)
-            self._nodes.popitem(last=False)
+            self._forget(next(iter(self._nodes)))
 
-    def _touch(self, namespace: str, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk | None]) -> None:
+    def _siblings(self, parent: ChunkKey | None, namespace: str, variant: str) -> set[ChunkKey]:
+        """The set a node is listed in: its parent's children, or its tree's first blocks."""
+        if parent is None:
+            return self._roots.setdefault((namespace, variant), set())
+        node = self._nodes.get(parent)
+        return node.children if node is not None else set()
+
+    def _best_child(self, parent: ChunkKey | tuple[str, str], rest: tuple[int, ...]) -> tuple[ChunkKey | None, int]:
+        """The known block after parent (a key, or a tree's root) sharing the most leading tokens with rest."""
+        if isinstance(parent, tuple):
+            children = self._roots.get(parent, set())
+        else:
+            node = self._nodes.get(parent)
+            children = node.children if node is not None else set()
+        best, shared = None, 0
+        for key in children:
+            child = self._nodes.get(key)
+            if child is not None:
+                n = _common_prefix(child.tokens, rest)
+                if n > shared:
+                    best, shared = key, n
+        return best, shared
+
+    def _touch(self, namespace: str, variant: str, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk | None]) -> None:
         """Blocks found: known now (another replica may have stored them), most recent last, root last."""
         parent = None
         for key, chunk in zip(keys, chunks):
-            self._add(key, parent, namespace, chunk.nbytes if chunk is not None else 0)
+            if chunk is not None:
+                self._add(key, parent, namespace, variant, chunk)
             parent = key
         for key in reversed(keys):
-            self._nodes.move_to_end(key)
+            if key in self._nodes:
+                self._nodes.move_to_end(key)
 
     def _prune(self, key: ChunkKey) -> None:
-        """Drop key's node and everything below it from the tree."""
+        """Drop key's node and everything below it from the tree (the store lost them: evictions)."""
         stack = [key]
         while stack:
             gone = stack.pop()
-            node = self._nodes.pop(gone, None)
-            if node is None:
-                continue
-            self.counters.evictions += 1
-            stack.extend(node.children)
-            if node.parent is not None and node.parent in self._nodes:
-                self._nodes[node.parent].children.discard(gone)
+            if gone in self._nodes:
+                stack.extend(self._nodes[gone].children)
+                self._forget(gone)
+                self.counters.evictions += 1
+
+    def _forget(self, key: ChunkKey) -> None:
+        node = self._nodes.pop(key)
+        self._siblings(node.parent, node.namespace, node.variant).discard(key)
+        if node.parent is None and not self._roots.get((node.namespace, node.variant)):
+            self._roots.pop((node.namespace, node.variant), None)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 if TYPE_CHECKING:  # the type checker holds RadixPrefixCache to the PrefixCache contract

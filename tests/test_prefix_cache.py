@@ -43,7 +43,7 @@ def test_an_identical_prompt_reuses_every_whole_block_but_the_last_token_and_ans
     first = engine.generate(turn("Ping?", program_id=None, documents=DOCS), return_logprobs=True)
     again = engine.generate(turn("Ping?", program_id=None, documents=DOCS), return_logprobs=True)
     assert first.prefix_cached_tokens == 0 and first.chunk_misses == len(DOCS)
-    assert again.prefix_cached_tokens == whole_blocks(engine, first.prompt_tokens - 1) > 0
+    assert again.prefix_cached_tokens == first.prompt_tokens - 1  # every token but the last, its part block too
     assert again.chunk_hits == again.chunk_misses == 0  # no chunk was looked up: the path covered them
     assert again.token_ids == first.token_ids
     assert torch.allclose(again.first_token_logprobs, first.first_token_logprobs, atol=1e-4)
@@ -142,7 +142,7 @@ def test_a_replica_sharing_redis_finds_the_blocks_another_computed(tokenizer, re
     first = a.generate(turn("List the files in /tmp.", documents=DOCS))
     a.close()  # its writes are through to Redis
     second = b.generate(turn("List the files in /tmp.", documents=DOCS))
-    assert second.prefix_cached_tokens == whole_blocks(b, first.prompt_tokens - 1)
+    assert second.prefix_cached_tokens >= whole_blocks(b, first.prompt_tokens - 1)  # whole blocks by key
     assert second.token_ids == first.token_ids
     assert b.prefix.stats()["hit_tokens"] == second.prefix_cached_tokens
     b.close()
@@ -184,3 +184,20 @@ def test_prefetching_a_program_brings_its_path_back_to_the_top_tier(make_engine)
     assert all(top.contains(key) for key in first.prefix_path.keys)
     assert engine.prefix.stats()["promoted_tokens"] == first.prefix_path.num_tokens
     assert not engine.prefetch_program("default", "no-such-program")
+
+
+def test_a_next_turn_reuses_every_token_it_shares_with_the_previous_path_not_only_whole_blocks(make_engine):
+    engine = make_engine(prefix_block_tokens=8)
+    first, request, second = two_turns(engine)
+    first_ids = engine._prompt(turn("List the files in /tmp.")).all_ids
+    second_ids = engine._prompt(request).all_ids
+
+    def shared(path):
+        n = 0
+        while n < min(len(path), len(second_ids)) and path[n] == second_ids[n]:
+            n += 1
+        return n
+
+    fed = shared((*first_ids, *first.token_ids[:-1]))  # the answer's last token never went through the model
+    assert min(fed, len(second_ids) - 1) <= second.prefix_cached_tokens <= shared((*first_ids, *first.token_ids))
+    assert second.prefix_cached_tokens % 8 or fed % 8 == 0  # not rounded down to a block

@@ -114,7 +114,6 @@ def test_a_plain_agent_loop_is_found_by_its_prefix_and_reuses_its_kv(server):
     url, runtime = server
     first = post(url, messages=[ASK], tools=[WEATHER], tool_choice="none").json()
     answer = first["choices"][0]["message"]["content"].strip() or "It is sunny."  # a random model may say nothing
-    assert first["ragcache"]["program_reused_tokens"] == 0
     programs = {p["program_id"] for p in httpx.get(f"{url}/admin/programs").json()["programs"]}
     follow = [ASK, {"role": "assistant", "content": answer}, {"role": "user", "content": "And tomorrow?"}]
     second = post(url, messages=follow, tools=[WEATHER], tool_choice="none").json()

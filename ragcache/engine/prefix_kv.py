@@ -47,8 +47,9 @@ def place_hit(stack: DecoderStack, hit: PrefixHit, reused: int, ids: Sequence[in
 def buffer_blocks(
     stack: DecoderStack, buffer: KVBuffer, ids: Sequence[int], start_block: int, block_tokens: int, fingerprint: str
 ) -> list[KVChunk]:
-    """The buffer's whole blocks of ids from start_block on, each a KVChunk with pre-RoPE keys."""
-    begin, end = start_block * block_tokens, len(ids) // block_tokens * block_tokens
+    """The buffer's blocks of ids from start_block on (the part block at the end too), each a KVChunk with
+    pre-RoPE keys."""
+    begin, end = start_block * block_tokens, len(ids)
     if end <= begin:
         return []
     cos, sin = stack.rope_tables(torch.arange(begin, end, device=stack.device))
