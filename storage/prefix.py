@@ -127,7 +127,8 @@ class RadixPrefixCache:
         self.labels = PromptLabels(max_conversations)
         self._nodes: OrderedDict[ChunkKey, _Node] = OrderedDict()  # least recently used first
         self._roots: dict[tuple[str, str], set[ChunkKey]] = {}  # (tenant, variant) -> first blocks
-        self._programs: dict[tuple[str, str], CachedPath] = {}
+        self._programs: OrderedDict[tuple[str, str], CachedPath] = OrderedDict()  # least recently labelled first
+        self.max_programs = max_conversations
         self._pinned: dict[ChunkKey, int] = {}  # block -> path pins holding it
         self._lock = threading.Lock()
         self.reclaimer: Callable[[int, str], int] | None = None  # agents: frees pinned room a live request needs
@@ -234,9 +235,12 @@ class RadixPrefixCache:
     # programs and conversations
 
     def label(self, namespace: str, program_id: str, path: CachedPath) -> None:
-        """path is program_id's latest."""
+        """path is program_id's latest (past max_programs labels, the least recently labelled is dropped)."""
         with self._lock:
             self._programs[(namespace, program_id)] = path
+            self._programs.move_to_end((namespace, program_id))
+            while len(self._programs) > self.max_programs:
+                self._programs.popitem(last=False)
 
     def label_prompt(self, namespace: str, program_id: str, prompt_ids: Sequence[int]) -> list[tuple[str, str]]:
         """An implicit program's latest prompt (labels.indexed_prompt of it); returns the (tenant, program)
