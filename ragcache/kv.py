@@ -45,6 +45,9 @@ class KVChunk:
 
     keys, values: (layers, kv_heads, tokens, head_dim)
     start_pos: the position of the first token when it was computed (after the prefix).
+
+    One exception: the prefix cache's blocks (storage/prefix.py) hold keys as attention saw
+    them, rotated to positions start_pos on, since a prefix never moves (engine/prefix_kv.py).
     """
 
     token_ids: tuple[int, ...]

@@ -275,3 +275,21 @@ def test_a_tool_call_pins_the_programs_kv_until_the_next_turn(open_server):
     bad = httpx.post(f"{url}/v1/programs/agent-pin/events", json={"type": "tool_start"})
     assert bad.status_code == 400 and "tool" in bad.json()["error"]["message"]
     assert httpx.post(f"{url}/v1/programs/agent-pin/events", json={"type": "nap"}).status_code == 400
+
+
+def test_admin_stats_and_metrics_show_the_prefix_cache(keyed_server):
+    url, _ = keyed_server
+    admin, beta = {"authorization": "Bearer admin-key"}, {"authorization": "Bearer k-beta"}
+    body = {"question": "Which rivers are named here?", "documents": [{"text": d} for d in DOCUMENTS[:2]],
+            "max_tokens": 2}
+    before = httpx.get(f"{url}/admin/stats", headers=admin).json()["prefix_cache"]
+    first = httpx.post(f"{url}/v1/rag", json=body, headers=beta).json()
+    again = httpx.post(f"{url}/v1/rag", json=body, headers=beta).json()
+    after = httpx.get(f"{url}/admin/stats", headers=admin).json()["prefix_cache"]
+    assert again["ragcache"]["prefix_cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+    assert after["hit_tokens"] - before["hit_tokens"] == again["ragcache"]["prefix_cached_tokens"]
+    assert after["lookups"] - before["lookups"] == 2 and after["nodes"] > before["nodes"]
+    assert after["cached_tokens"] >= first["usage"]["prompt_tokens"]
+    metrics = httpx.get(f"{url}/metrics", headers=admin).text
+    assert f"ragcache_prefix_hit_tokens_total {after['hit_tokens']}" in metrics
+    assert "ragcache_prefix_nodes " in metrics and "ragcache_prefix_evictions_total " in metrics

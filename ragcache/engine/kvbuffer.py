@@ -75,6 +75,12 @@ class KVBuffer:
         self.keys[:, :, begin:end] = apply_rope(chunk.keys.to(self.keys.device), cos, sin)
         self.values[:, :, begin:end] = chunk.values.to(self.values.device)
 
+    def copy_in(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy KV already rotated to its slots (a prefix-cache block) into own slots [start, start + tokens)."""
+        begin, end = start - self.offset, start - self.offset + keys.shape[2]
+        self.keys[:, :, begin:end] = keys.to(self.keys.device)
+        self.values[:, :, begin:end] = values.to(self.values.device)
+
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store fresh K/V (kv_heads, tokens, dim) of one layer at the given slots (never the shared ones)."""
         own = slots - self.offset if self.offset else slots

@@ -9,7 +9,6 @@ from ragcache.engine.blend import BlendConfig
 from ragcache.engine.prefix_kv import buffer_blocks
 from ragcache.engine.request import Generation, PhaseTimings
 from ragcache.engine.sequence import Sequence
-from ragcache.engine.stack import DecoderStack
 from ragcache.kv import KVChunk
 from ragcache.storage.base import PrefixCache
 
@@ -59,11 +58,11 @@ class SavedPath(NamedTuple):
     blocks: list[KVChunk]
 
 
-def saved_path(stack: DecoderStack, seq: Sequence, cache: PrefixCache, fingerprint: str) -> SavedPath:
+def saved_path(seq: Sequence, cache: PrefixCache, fingerprint: str) -> SavedPath:
     """The path to store: the blocks this process already knows are skipped (an identical prompt copies nothing)."""
     assert seq.prefill is not None  # called before the finished sequence's working KV is released
     buffer = seq.prefill.buffer
     fed = buffer.length - seq.prompt_len
     ids = (*seq.parts.all_ids, *seq.stream.tokens[:fed])
     start = cache.known(seq.request.namespace, seq.lookup.variant, ids)
-    return SavedPath(ids, start, buffer_blocks(stack, buffer, ids, start, cache.block_tokens, fingerprint))
+    return SavedPath(ids, start, buffer_blocks(buffer, ids, start, cache.block_tokens, fingerprint))

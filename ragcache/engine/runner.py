@@ -511,7 +511,7 @@ class BlendEngine:
             seq.request,
         )
         keep = seq.request.prefix_cache and not seq.background
-        saved = saved_path(self.stack, seq, self.prefix, self.loaded.fingerprint) if keep else None
+        saved = saved_path(seq, self.prefix, self.loaded.fingerprint) if keep else None
         self._release(seq)
         self._writer.submit(self._deliver, seq, result, saved)
 
