@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from conftest import kv_chunk
-from ragcache.engine.programs import ProgramIndex, ProgramRecord
 from ragcache.kv import ChunkKey, KVChunk
 from ragcache.registry.documents import DocumentRegistry, StoredDocument
 from ragcache.registry.redis import RedisRegistry
 from ragcache.semantic.answers.base import AnswerRecord
 from ragcache.semantic.answers.redis import RedisAnswerStore
 from ragcache.storage.cpu import CpuTier
+from ragcache.storage.prefix import RadixPrefixCache
 from ragcache.storage.tiered import TieredStore
 from ragcache.storage.base import TierUsage
 from ragcache.storage.codec import encode_chunk
@@ -150,10 +150,19 @@ def test_registries_work_on_a_cluster(redis_cluster, namespace):
     assert [d.text for d in replica.get_many("tenant-3", ["guide", "nope"]) if d] == ["tenant-3's guide"]
     assert replica.delete("tenant-3", "guide").text == "tenant-3's guide" and documents.count("tenant-3") == 0
     assert sorted(t for t, _, _ in registry.rows("documents")) == sorted(set(tenants) - {"tenant-3"})
-    programs = ProgramIndex(registry)
-    programs.remember("tenant-1", "p1", ProgramRecord(ChunkKey("pk"), (1, 2, 3)))
-    assert ProgramIndex(replica.registry).latest("tenant-1", "p1") == ProgramRecord(ChunkKey("pk"), (1, 2, 3))
     registry.close()
+
+
+def test_a_replica_finds_the_prefix_blocks_another_stored_on_a_cluster(make_tier):
+    """Prefix-cache paths need no registry: block keys come from the tokens, the blocks from Redis."""
+    one, two = (RadixPrefixCache(TieredStore([CpuTier(1 << 20), make_tier()]), "fp", block_tokens=4) for _ in "12")
+    ids = list(range(100, 114))  # three whole blocks and a part block of two tokens
+    blocks = [kv_chunk(4), kv_chunk(4), kv_chunk(4), kv_chunk(2)]
+    path = one.insert("tenant-1", "exact", ids, 0, blocks)
+    assert path.num_tokens == 14 and len(path.keys) == 4
+    hit = two.match("tenant-1", "exact", ids[:-1])
+    assert hit.num_tokens == 12 and hit.keys == path.keys[:3]  # whole blocks by key; the part block is one's
+    assert two.match("tenant-2", "exact", ids[:-1]).num_tokens == 0
 
 
 def test_semantic_entries_propagate_between_replicas_on_a_cluster(redis_cluster, namespace, embedder):

@@ -7,7 +7,6 @@ import time
 import httpx
 import pytest
 
-from ragcache.engine.programs import ProgramIndex, ProgramRecord
 from ragcache.kv import ChunkKey
 from ragcache.registry import MemoryRegistry, RegistryUnavailableError, make_registry
 from ragcache.registry.documents import DocumentRegistry, StoredDocument
@@ -95,27 +94,6 @@ def _reachable(documents: DocumentRegistry) -> bool:
         return documents.put("acme", doc("b", "beta")) is None
     except RegistryUnavailableError:
         return False
-
-
-def test_programs_written_through_are_found_by_another_replica(redis_url, redis_namespace):
-    prefix = f"ragcache:{redis_namespace}:registry"
-    one, two = ProgramIndex(RedisRegistry(redis_url, prefix=prefix)), ProgramIndex(RedisRegistry(redis_url, prefix=prefix))
-    record = ProgramRecord(ChunkKey("k1"), (1, 2, 3, 49151))
-    assert one.remember("acme", "p1", record) is None
-    assert two.latest("acme", "p1") == record
-    newer = ProgramRecord(ChunkKey("k2"), (1, 2, 3, 4, 5))
-    assert two.remember("acme", "p1", newer) == record  # the replaced entry, whoever wrote it
-    assert one.latest("acme", "p1") == newer and one.latest("globex", "p1") is None
-    assert [(ns, pid) for ns, pid, _ in one.programs()] == [("acme", "p1")]
-    assert two.forget("acme", "p1") == newer and one.latest("acme", "p1") is None
-
-
-def test_programs_fall_back_to_the_local_copy_in_an_outage(throwaway_redis, redis_namespace):
-    programs = ProgramIndex(RedisRegistry(throwaway_redis.url, prefix=f"ragcache:{redis_namespace}:registry"))
-    record = ProgramRecord(ChunkKey("k1"), (7, 8))
-    programs.remember("acme", "p1", record)
-    throwaway_redis.kill()
-    assert programs.latest("acme", "p1") == record and programs.registry_errors == 1
 
 
 def test_sqlite_answers_survive_a_restart(embedder, tmp_path):

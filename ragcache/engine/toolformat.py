@@ -9,7 +9,7 @@ ragcache renders them this way; grammar.py constrains output to exactly CALL_BEG
 
 An assistant turn with calls is re-rendered with the arguments text exactly as the model
 wrote it (the client echoes it back), so the next turn's prompt repeats the previous
-answer's tokens and its KV is reused as a prefix (programs.py).
+answer's tokens and its KV is reused as a prefix (storage/prefix.py).
 """
 
 from __future__ import annotations

@@ -107,8 +107,8 @@ class Runtime:
     layer (program-level admission order, tool-aware pins) or None, built by the caller over the
     engine's store; budget: the blend error budget that picks each steerable request's setting, or
     None (the engine's defaults); shadow: the shadow checks feeding it and the semantic cache, or None;
-    conversations: keep the KV of chats that name no program (with tools or history) as programs found
-    by their prompt's prefix (conversations.py), so plain OpenAI agent loops get reuse and pins;
+    conversations: treat chats that name no program (with tools or history) as programs found by their
+    prompt's prefix (storage/labels.py), so plain OpenAI agent loops get pins as well as reuse;
     documents: where registered documents live (registry/; process memory when None)."""
 
     def __init__(
