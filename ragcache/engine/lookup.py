@@ -57,8 +57,8 @@ def look_up(
     """The prefix cache's hit, else the prefix's and chunks' cached KV (full prefill looks up no chunk)."""
     lookup = Lookup(variant=variant)
     ids = parts.all_ids
+    # the last token always runs: its logits are the first answer token's
     hit = cache.match(request.namespace, variant, ids[:-1]) if request.prefix_cache else PrefixHit(0)
-    # (the last token must run: its logits are the first answer token's)
     # fused documents: a hit must reach their last whole block (the few tokens after it are computed as
     # the question is); one that stops earlier would leave documents to blend anyway
     fused = variant != EXACT

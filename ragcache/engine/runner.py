@@ -71,7 +71,7 @@ class EngineConfig:
     max_pack_tokens: int = 4096
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     scheduler: SchedulerConfig = SchedulerConfig()
-    prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS  # the prefix cache's block: a hit reuses whole blocks
+    prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS  # tokens per prefix-cache block (a store entry)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.default_ratio <= 1.0:
