@@ -1,5 +1,7 @@
 """Prompt layout: documents close the system message, so chunk caches serve every conversation."""
 
+from dataclasses import replace
+
 import pytest
 
 from ragcache.engine.errors import InvalidRequestError
@@ -24,8 +26,12 @@ def test_a_chat_reuses_chunks_cached_for_a_single_question(make_engine):
     engine = make_engine()
     engine.generate(RagRequest(QUESTION, DOCUMENTS, sampling=SamplingParams(max_tokens=1)))
     chat = RagRequest("And the longest?", DOCUMENTS, history=(("user", QUESTION), ("assistant", "The Amazon.")),
-                      sampling=SamplingParams(max_tokens=1))
-    assert engine.generate(chat).chunk_hits == 4
+                      sampling=SamplingParams(max_tokens=1), prefix_cache=False)
+    assert engine.generate(chat).chunk_hits == 4  # the history comes after the documents: their keys match
+    # with the prefix cache, the question's path gives the system prefix and the documents at once
+    parts = engine._prompt(chat)
+    reused = engine.generate(replace(chat, prefix_cache=True)).prefix_cached_tokens
+    assert reused >= (len(parts.prefix_ids) + parts.num_chunk_tokens) // 16 * 16
 
 
 @pytest.mark.parametrize("history", [(("system", "x"),), (("user", " "),)])
