@@ -23,7 +23,8 @@ def replica_store(url: str, namespace: str, fingerprint: str, device_bytes: int 
 
 
 def ask(engine):
-    request = RagRequest(QUESTION, DOCUMENTS, sampling=SamplingParams(max_tokens=3))
+    """The same RAG request; past the prefix cache, so every ask looks its chunks up in the store."""
+    request = RagRequest(QUESTION, DOCUMENTS, sampling=SamplingParams(max_tokens=3), prefix_cache=False)
     return engine.generate(request, return_logprobs=True)
 
 
