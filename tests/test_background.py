@@ -26,11 +26,11 @@ def test_background_work_waits_while_a_live_sequence_runs(make_engine):
     engine.add_documents(list(DOCUMENTS))
     live_sink, shadow_sink = BlockingSink(), BlockingSink()
     shadow = engine.submit(request(max_tokens=1), shadow_sink, background=True, return_logprobs=True)
-    engine.submit(request(mode="blend", max_tokens=8), live_sink)
+    live = engine.submit(request(mode="blend", max_tokens=8), live_sink)
     shadow_tokens_while_live = []
 
-    def watch():
-        if not live_sink.done.is_set():
+    def watch():  # the sequence's own state: its sink hears of the end later, from the writer thread
+        if not live.done:
             shadow_tokens_while_live.append(shadow.token_layers)
 
     step_until(engine, [live_sink, shadow_sink], watch)
