@@ -67,7 +67,7 @@ class CachedPath:
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """What match() found: the first num_tokens tokens' KV, block by block (pre-RoPE keys)."""
+    """What match() found: the first num_tokens tokens' KV, block by block (keys rotated to their positions)."""
 
     num_tokens: int
     blocks: tuple[KVChunk, ...] = ()
@@ -87,7 +87,7 @@ class PathPin:
 @dataclass
 class PrefixCounters:
     lookups: int = 0
-    lookup_tokens: int = 0  # tokens of the prompts looked up (whole blocks)
+    lookup_tokens: int = 0  # tokens of the prompts looked up
     hit_tokens: int = 0  # of them, found
     inserted_blocks: int = 0
     evictions: int = 0  # blocks pruned from the tree: the store no longer held them

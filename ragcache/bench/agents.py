@@ -103,6 +103,13 @@ class BenchAgentsError(ValueError):
     """The agents bench cannot run, or the server refused a request of it."""
 
 
+def check_flags(checks: Sequence[tuple[bool, str, object, str]]) -> None:
+    """(ok, flag, value, rule) per option: BenchAgentsError naming the first flag whose rule fails."""
+    for ok, flag, value, rule in checks:
+        if not ok:
+            raise BenchAgentsError(f"{flag} {rule}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class AgentsBenchOptions:
     programs: int = 12
@@ -134,9 +141,7 @@ class AgentsBenchOptions:
             (self.answer_tokens >= 1, "answer_tokens", self.answer_tokens, "must be positive"),
             (self.think_s >= 0, "think_s", self.think_s, "must be >= 0"),
         ]
-        for ok, flag, value, rule in checks:
-            if not ok:
-                raise BenchAgentsError(f"{flag} {rule}, got {value!r}")
+        check_flags(checks)
 
 
 class RequestRecord(NamedTuple):

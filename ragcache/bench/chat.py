@@ -43,6 +43,7 @@ from typing import NamedTuple
 from ragcache.bench.agents import (
     BenchAgentsError,
     Sizes,
+    check_flags,
     http_client,
     machine_info,
     mean_ci,
@@ -91,9 +92,7 @@ class ChatBenchOptions:
             (self.answer_tokens >= 1, "answer_tokens", self.answer_tokens, "must be positive"),
             (self.think_s >= 0, "think_s", self.think_s, "must be >= 0"),
         ]
-        for ok, flag, value, rule in checks:
-            if not ok:
-                raise BenchAgentsError(f"{flag} {rule}, got {value!r}")
+        check_flags(checks)
 
 
 class Chat(NamedTuple):

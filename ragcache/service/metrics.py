@@ -121,7 +121,7 @@ def _prefix_lines(prefix: dict | None) -> list[str]:
         "cached_bytes": ("gauge", "Bytes of the blocks in the prefix cache's tree."),
         "pinned_blocks": ("gauge", "Blocks agent pins hold."),
         "lookups": ("counter", "Prompts looked up in the prefix cache."),
-        "lookup_tokens": ("counter", "Whole-block tokens of the prompts looked up."),
+        "lookup_tokens": ("counter", "Tokens of the prompts looked up."),
         "hit_tokens": ("counter", "Of them, tokens found (their KV reused)."),
         "evictions": ("counter", "Blocks pruned from the tree: the store no longer held them."),
         "promoted_tokens": ("counter", "Tokens prefetched up to the top tier."),
