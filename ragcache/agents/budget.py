@@ -49,7 +49,8 @@ class PinBudget:
     def __init__(self, room: Callable[[], list[TierRoom]], predictor: ToolDurationPredictor, share: float) -> None:
         """room: the local tiers' bytes and pinned bytes now (PrefixCache.room)."""
         self.room = room
-        self.tiers = [tier.name for tier in room()]
+        self.max_bytes = {tier.name: tier.max_bytes for tier in room()}  # a tier's budget never changes
+        self.tiers = list(self.max_bytes)
         self.predictor = predictor
         self.share = share
         self.held: dict[ProgramRef, HeldPin] = {}
@@ -62,7 +63,9 @@ class PinBudget:
         self.pinned_bytes_max[tier] = max(self.pinned_bytes_max[tier], self.pinned_bytes(tier))
 
     def budget_bytes(self, tier: str) -> int:
-        return int(self.share * self.tier(tier).max_bytes)
+        if tier not in self.max_bytes:
+            raise ValueError(f"no local tier named {tier!r}; local tiers: {self.tiers}")
+        return int(self.share * self.max_bytes[tier])
 
     def unpinned_bytes(self, tier: str) -> int:
         """The tier's bytes no pin holds (the store's count: pins of every kind)."""
@@ -137,7 +140,7 @@ class PinBudget:
                 "budget_bytes": self.budget_bytes(name),
                 "pinned_bytes": self.pinned_bytes(name),
                 "pinned_bytes_max": self.pinned_bytes_max[name],
-                "max_bytes": tier.max_bytes,
+                "max_bytes": max_bytes,
             }
-            for name, tier in ((room.name, room) for room in self.room())
+            for name, max_bytes in self.max_bytes.items()
         }
