@@ -64,18 +64,15 @@ def run_prompt_kinds(
 ) -> dict:
     """engines: name -> Engine; replicas: (A, B) for cross_replica. The follow-up of a question asks the
     next example's question over its passages."""
-    ttft: dict[str, dict[str, dict[str, list[float]]]] = {}
-    reused: dict[str, dict[str, dict[str, list[float]]]] = {}
+    results: dict[str, dict[str, dict[str, list[Generation]]]] = {}  # engine -> mode -> kind -> answers
     prefix: dict[str, dict[str, dict]] = {}
     same: dict[str, dict[str, list[bool]]] = {}  # per engine and mode: did the repeat answer as the cold did
     local = [kind for kind in kinds if kind != "cross_replica"]
     total = sum(len(engine.modes) for engine in engines.values()) * len(examples) * len(local)
     with tqdm(total=total, desc="prompt kinds", unit="req") as progress:
         for name, engine in engines.items():
-            per_mode, reused_per_mode = ttft.setdefault(name, {}), reused.setdefault(name, {})
             for mode in engine.modes:
-                per_kind = per_mode.setdefault(mode, {kind: [] for kind in local})
-                reused_per_kind = reused_per_mode.setdefault(mode, {kind: [] for kind in local})
+                per_kind = results.setdefault(name, {}).setdefault(mode, {kind: [] for kind in local})
                 before = engine.prefix_stats() if engine.prefix_stats is not None else None
                 for index, example in enumerate(examples):
                     namespace = f"kinds-{name}-{mode}-{index}-{time.time_ns()}"
@@ -83,15 +80,12 @@ def run_prompt_kinds(
                         engine.prepare(namespace, example)
                     cold = _request(example, mode, max_tokens, namespace)
                     other = examples[(index + 1) % len(examples)].question
-                    answers = {}
                     for kind in local:
-                        result = engine.generate(_variant(cold, kind, other))
-                        per_kind[kind].append(result.timings.ttft_s)
-                        reused_per_kind[kind].append(result.prefix_cached_tokens)
-                        answers[kind] = result.token_ids
+                        per_kind[kind].append(engine.generate(_variant(cold, kind, other)))
                         progress.update()
-                    if "cold" in answers and "repeat" in answers:
-                        same.setdefault(name, {}).setdefault(mode, []).append(answers["cold"] == answers["repeat"])
+                    if "cold" in per_kind and "repeat" in per_kind:
+                        repeated = per_kind["cold"][-1].token_ids == per_kind["repeat"][-1].token_ids
+                        same.setdefault(name, {}).setdefault(mode, []).append(repeated)
                 after = engine.prefix_stats() if engine.prefix_stats is not None else None
                 if before is not None and after is not None:
                     prefix.setdefault(name, {})[mode] = prefix_cache_delta(before, after)
@@ -99,13 +93,14 @@ def run_prompt_kinds(
         "kinds": {
             name: {
                 mode: {
-                    kind: _stats(values) | {"prefix_cached_tokens_mean": statistics.fmean(reused[name][mode][kind])}
-                    for kind, values in runs.items()
-                    if values
+                    kind: _stats([r.timings.ttft_s for r in answered])
+                    | {"prefix_cached_tokens_mean": statistics.fmean(r.prefix_cached_tokens for r in answered)}
+                    for kind, answered in runs.items()
+                    if answered
                 }
                 for mode, runs in modes.items()
             }
-            for name, modes in ttft.items()
+            for name, modes in results.items()
         },
         "prefix_cache": prefix,
         "repeat_same_answer": {
