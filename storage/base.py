@@ -182,13 +182,19 @@ class PrefixCache(Protocol):
         """The longest prefix of ids whose KV the store holds: whole blocks found by key anywhere (another
         replica's included), then the tokens a known block after them shares with ids."""
 
-    def known(self, namespace: str, variant: str, ids: Sequence[int]) -> int:
-        """Leading blocks of ids (the part block at the end counted) this process knows are stored (no I/O)."""
+    def known(self, keys: Sequence[ChunkKey]) -> int:
+        """Leading blocks of a path (its block_keys with tail) this process knows are stored (no I/O)."""
 
     def insert(
-        self, namespace: str, variant: str, ids: Sequence[int], start_block: int, blocks: Sequence[KVChunk]
+        self,
+        namespace: str,
+        variant: str,
+        keys: Sequence[ChunkKey],
+        num_tokens: int,
+        start_block: int,
+        blocks: Sequence[KVChunk],
     ) -> CachedPath:
-        """Store the KV of ids' blocks from start_block on (the part block at the end too); the path of ids."""
+        """Store the KV of a path's blocks from start_block on (keys: its block_keys with tail); the path."""
 
     def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
         """The tenant's blocks this process knows of."""

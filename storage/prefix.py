@@ -191,10 +191,9 @@ class RadixPrefixCache:
             self.counters.hit_tokens += tokens
         return PrefixHit(tokens, tuple(blocks), tuple(hit_keys))
 
-    def known(self, namespace: str, variant: str, ids: Sequence[int]) -> int:
-        """How many of ids' leading blocks (the part block at the end counted) this process knows are
-        stored (no store I/O): a finished request stores only the blocks after them."""
-        keys = self.block_keys(namespace, variant, ids, tail=True)
+    def known(self, keys: Sequence[ChunkKey]) -> int:
+        """How many of a path's leading blocks (its block_keys with tail) this process knows are stored
+        (no store I/O): a finished request stores only the blocks after them."""
         with self._lock:
             run = 0
             while run < len(keys) and keys[run] in self._nodes:
@@ -204,11 +203,16 @@ class RadixPrefixCache:
     # writes
 
     def insert(
-        self, namespace: str, variant: str, ids: Sequence[int], start_block: int, blocks: Sequence[KVChunk]
+        self,
+        namespace: str,
+        variant: str,
+        keys: Sequence[ChunkKey],
+        num_tokens: int,
+        start_block: int,
+        blocks: Sequence[KVChunk],
     ) -> CachedPath:
-        """Store blocks (the KV of ids' blocks from start_block on, the part block at the end included)
-        and return the path of all of ids."""
-        keys = self.block_keys(namespace, variant, ids, tail=True)
+        """Store blocks, the KV of a path's blocks from start_block on (keys: its block_keys with tail, for
+        num_tokens tokens), and return the path."""
         new = list(zip(keys[start_block:], blocks))
         needed = sum(chunk.nbytes for _, chunk in new)
         if needed and self.reclaimer is not None:
@@ -225,7 +229,7 @@ class RadixPrefixCache:
                 self._add(key, parent, namespace, variant, chunk)
                 parent = key
             nbytes = sum(self._nodes[key].nbytes for key in keys if key in self._nodes)
-        return CachedPath(namespace, tuple(keys), len(ids), nbytes)
+        return CachedPath(namespace, tuple(keys), num_tokens, nbytes)
 
     def tenant_blocks(self, namespace: str) -> list[ChunkKey]:
         """The tenant's blocks this process knows of (what a tenant's flush drops besides its documents)."""

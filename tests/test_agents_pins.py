@@ -298,7 +298,8 @@ def test_a_live_requests_blocks_that_need_pinned_room_make_the_prefix_cache_call
     finish(pins, store, "p2", "search")
     assert device.stats().pinned_bytes == 2 * SIZE
     blocks = [chunk(4), chunk(4), chunk(4)]  # a request's 3 new blocks: more than the 2 unpinned
-    pins.cache.insert("t", "exact", list(range(12)), 0, blocks)
+    ids = list(range(12))
+    pins.cache.insert("t", "exact", pins.cache.block_keys("t", "exact", ids, tail=True), len(ids), 0, blocks)
     assert pins.stats()["counters"]["reclaimed"] == 1 and device.stats().pinned_bytes == SIZE
 
 

@@ -158,7 +158,7 @@ def test_a_replica_finds_the_prefix_blocks_another_stored_on_a_cluster(make_tier
     one, two = (RadixPrefixCache(TieredStore([CpuTier(1 << 20), make_tier()]), "fp", block_tokens=4) for _ in "12")
     ids = list(range(100, 114))  # three whole blocks and a part block of two tokens
     blocks = [kv_chunk(4), kv_chunk(4), kv_chunk(4), kv_chunk(2)]
-    path = one.insert("tenant-1", "exact", ids, 0, blocks)
+    path = one.insert("tenant-1", "exact", one.block_keys("tenant-1", "exact", ids, tail=True), len(ids), 0, blocks)
     assert path.num_tokens == 14 and len(path.keys) == 4
     hit = two.match("tenant-1", "exact", ids[:-1])
     assert hit.num_tokens == 12 and hit.keys == path.keys[:3]  # whole blocks by key; the part block is one's

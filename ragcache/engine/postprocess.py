@@ -9,7 +9,7 @@ from ragcache.engine.blend import BlendConfig
 from ragcache.engine.prefix_kv import buffer_blocks
 from ragcache.engine.request import Generation, PhaseTimings
 from ragcache.engine.sequence import Sequence
-from ragcache.kv import KVChunk
+from ragcache.kv import ChunkKey, KVChunk
 from ragcache.storage.base import PrefixCache
 
 
@@ -54,6 +54,7 @@ class SavedPath(NamedTuple):
     """A finished sequence's token path (prompt + answer tokens fed) and the KV of its blocks from start on."""
 
     ids: tuple[int, ...]
+    keys: list[ChunkKey]  # the prefix cache's block_keys of ids, the part block at the end included
     start: int
     blocks: list[KVChunk]
 
@@ -64,5 +65,6 @@ def saved_path(seq: Sequence, cache: PrefixCache, fingerprint: str) -> SavedPath
     buffer = seq.prefill.buffer
     fed = buffer.length - seq.prompt_len
     ids = (*seq.parts.all_ids, *seq.stream.tokens[:fed])
-    start = cache.known(seq.request.namespace, seq.lookup.variant, ids)
-    return SavedPath(ids, start, buffer_blocks(buffer, ids, start, cache.block_tokens, fingerprint))
+    keys = cache.block_keys(seq.request.namespace, seq.lookup.variant, ids, tail=True)
+    start = cache.known(keys)
+    return SavedPath(ids, keys, start, buffer_blocks(buffer, ids, start, cache.block_tokens, fingerprint))

@@ -519,7 +519,9 @@ class BlendEngine:
         try:
             if saved is not None:
                 request = seq.request
-                path = self.prefix.insert(request.namespace, seq.lookup.variant, saved.ids, saved.start, saved.blocks)
+                path = self.prefix.insert(
+                    request.namespace, seq.lookup.variant, saved.keys, len(saved.ids), saved.start, saved.blocks
+                )
                 if request.program_id:
                     self.prefix.label(request.namespace, request.program_id, path)
                 if request.implicit_program:
