@@ -112,16 +112,18 @@ class KVStore(Protocol):
         """get_many(keys) started in the background; the future never fails. The caller computes
         meanwhile (the prefix, say) and may call the store: a slow remote read delays nobody else."""
 
-    def pin(self, key: ChunkKey, ttl_s: float) -> PinHandle | None:
-        """Keep key from eviction in the fastest local tier holding it, until unpin() or ttl_s
-        (on the store's clock) passes; None if no local tier holds it. ttl_s <= 0 is a ValueError.
-        Pins are counted: two pins on one key need two unpins."""
+    def pin(self, key: ChunkKey, ttl_s: float, tier: str | None = None) -> PinHandle | None:
+        """Keep key from eviction in the fastest local tier holding it (or in the named local tier,
+        copied there from the one holding it), until unpin() or ttl_s (on the store's clock) passes;
+        None if no local tier holds it, or the named one has no room. ttl_s <= 0, or a tier that is
+        not local, is a ValueError. Pins are counted: two pins on one key need two unpins."""
 
     def unpin(self, handle: PinHandle) -> bool:
         """Release one pin; False if it was already released, expired or its entry deleted."""
 
     def release_expired(self) -> int:
-        """Release pins past their expiry (an entry left unpinned is demoted one tier down); how many."""
+        """Release pins past their expiry (an entry left unpinned is demoted one tier down, where there is
+        one); how many."""
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -129,6 +131,13 @@ class KVStore(Protocol):
 
     def below_top(self, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
         """The keys the top tier does not hold (what a prefetch would move); not a use."""
+
+    def held_locally(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Per key, whether a local tier holds it (no remote call); not a use."""
+
+    def touch(self, keys: Sequence[ChunkKey]) -> None:
+        """Count each key as used now in the fastest local tier holding it, in order (the last one most
+        recent), as a read would, without promoting it or asking a remote tier."""
 
     def local_room(self) -> list[TierRoom]:
         """Each local tier, fastest first: its byte budget and the bytes pins hold in it."""
@@ -216,8 +225,9 @@ class PrefixCache(Protocol):
     def programs(self) -> list[tuple[str, str, int]]:
         """(tenant, program id, tokens of its latest path)."""
 
-    def pin_path(self, path: CachedPath, ttl_s: float) -> PathPin | None:
-        """Every block promoted to the top tier and pinned for ttl_s; None when a block is gone."""
+    def pin_path(self, path: CachedPath, ttl_s: float, tier: str | None = None) -> PathPin | None:
+        """Every block pinned for ttl_s in the named local tier (the top one by default), brought there
+        first; None when a block is gone or the tier has no room for it."""
 
     def unpin_path(self, pin: PathPin) -> bool:
         """Release; True if every block's pin still held."""

@@ -73,9 +73,17 @@ class MemoryTier:
         if chunk is None:
             self.counters.misses += 1
             return None
-        self._info[key].touch(self.clock(), getattr(self.policy, "half_life_s", 600.0))
+        self.touch(key)
         self.counters.hits += 1
         return chunk
+
+    def touch(self, key: ChunkKey) -> bool:
+        """A use of key that is not a read (the eviction policy sees it; hit counters do not); False if absent."""
+        info = self._info.get(key)
+        if info is None:
+            return False
+        info.touch(self.clock(), getattr(self.policy, "half_life_s", 600.0))
+        return True
 
     def put(self, key: ChunkKey, chunk: KVChunk) -> bool:
         previous = self._chunks.get(key)

@@ -132,6 +132,7 @@ class RadixPrefixCache:
         self._pinned: dict[ChunkKey, int] = {}  # block -> path pins holding it
         self._lock = threading.Lock()
         self.reclaimer: Callable[[int, str], int] | None = None  # agents: frees pinned room a live request needs
+        self._local = bool(store.local_room())  # a store with memory tiers (else Redis alone)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -192,12 +193,22 @@ class RadixPrefixCache:
         return PrefixHit(tokens, tuple(blocks), tuple(hit_keys))
 
     def known(self, keys: Sequence[ChunkKey]) -> int:
-        """How many of a path's leading blocks (its block_keys with tail) this process knows are stored
-        (no store I/O): a finished request stores only the blocks after them."""
+        """How many of a path's leading blocks (its block_keys with tail) are stored: known to this process's
+        tree and, with local tiers, still held by one (no remote call). A finished request stores only the
+        blocks after them.
+
+        Why ask the local tiers: the tree hears of an eviction only when a lookup misses, and a request
+        that ran long may have had its hit's blocks evicted meanwhile. Counting them as stored would leave a
+        hole in the path, and every later lookup of it would stop there, though this request just used it
+        and holds its KV. A block evicted locally but kept in Redis is written again (write-through). The
+        blocks counted are touched (used now), so the store keeps them until insert() writes the rest."""
         with self._lock:
             run = 0
             while run < len(keys) and keys[run] in self._nodes:
                 run += 1
+        if run and self._local:
+            run = next((i for i, held in enumerate(self.store.held_locally(keys[:run])) if not held), run)
+            self.store.touch(keys[:run][::-1])  # used now: they must outlive the write of the blocks after them
         return run
 
     # writes
@@ -212,7 +223,12 @@ class RadixPrefixCache:
         blocks: Sequence[KVChunk],
     ) -> CachedPath:
         """Store blocks, the KV of a path's blocks from start_block on (keys: its block_keys with tail, for
-        num_tokens tokens), and return the path."""
+        num_tokens tokens), and return the path.
+
+        The whole path counts as used now, leaf first and root last (new blocks, then the stored ones), so
+        the store's LRU evicts it from its end: the blocks of a hit age from the request's lookup, and
+        without this a request that waited or ran long would leave its root side the oldest, the first
+        evicted, and an eviction there cuts every block after it off the path."""
         new = list(zip(keys[start_block:], blocks))
         needed = sum(chunk.nbytes for _, chunk in new)
         if needed and self.reclaimer is not None:
@@ -220,6 +236,7 @@ class RadixPrefixCache:
             if room.max_bytes - room.pinned_bytes < needed:  # pins hold the room this request's KV needs
                 self.reclaimer(needed, room.name)
         stored = self.store.put_many(new[::-1])[::-1] if new else []
+        self.store.touch(keys[:start_block][::-1])
         with self._lock:
             self.counters.inserted_blocks += sum(stored)
             parent = keys[start_block - 1] if start_block > 0 else None
@@ -273,15 +290,20 @@ class RadixPrefixCache:
 
     # pins and prefetch (agents)
 
-    def pin_path(self, path: CachedPath, ttl_s: float) -> PathPin | None:
-        """Bring every block of path to the top tier and pin it there for ttl_s; None (nothing held)
-        when a block is in no local tier."""
+    def pin_path(self, path: CachedPath, ttl_s: float, tier: str | None = None) -> PathPin | None:
+        """Bring every block of path to the tier (the top one by default) and pin it there for ttl_s; None
+        (nothing held) when a block is in no local tier, or the tier cannot take it."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        self.store.get_many(path.keys[::-1])  # promotes what lower tiers hold
+        rooms = self.room()
+        if not rooms:
+            return None
+        tier = tier or rooms[0].name
+        if tier == rooms[0].name:
+            self.store.get_many(path.keys[::-1])  # promotes what lower tiers hold
         handles: list[PinHandle] = []
         for key in path.keys:
-            handle = self.store.pin(key, ttl_s)
+            handle = self.store.pin(key, ttl_s, tier)
             if handle is None:
                 for held in handles:
                     self.store.unpin(held)
@@ -291,7 +313,6 @@ class RadixPrefixCache:
             self.counters.path_pins += 1
             for key in path.keys:
                 self._pinned[key] = self._pinned.get(key, 0) + 1
-        tier = handles[0].tier if handles else self.room()[0].name
         expires = min((handle.expires_s for handle in handles), default=self.clock() + ttl_s)
         return PathPin(path, tuple(handles), tier, expires)
 
@@ -309,7 +330,7 @@ class RadixPrefixCache:
 
     def extend_pin(self, pin: PathPin, ttl_s: float) -> PathPin | None:
         """The same path pinned for ttl_s from now (the old pin released); None if it no longer can be."""
-        fresh = self.pin_path(pin.path, ttl_s)
+        fresh = self.pin_path(pin.path, ttl_s, pin.tier)
         if fresh is not None:
             self.unpin_path(pin)
         return fresh

@@ -8,7 +8,8 @@
                 the remote tier at once, so other replicas can reuse it.
     pins        reference-counted handles with an expiry stored as data. A pinned entry is never
                 evicted from its tier; release_expired() (run on every store call and by the
-                optional sweeper thread) demotes entries whose last pin expired, never drops them.
+                optional sweeper thread) demotes entries whose last pin expired, never drops them
+                (the bottom local tier keeps them when nothing is below it).
     locking     one lock guards the local tiers, the pins and the counters, and is never held
                 across a remote call: a read looks in the local tiers under it, asks the remote
                 tiers without it, then takes it again to promote. Entries the local tiers evict
@@ -237,14 +238,21 @@ class TieredStore:
 
     # pins
 
-    def pin(self, key: ChunkKey, ttl_s: float) -> PinHandle | None:
-        """Pin key in the fastest local tier holding it until unpin() or ttl_s; None if no local tier has it."""
+    def pin(self, key: ChunkKey, ttl_s: float, tier: str | None = None) -> PinHandle | None:
+        """Pin key in the fastest local tier holding it (or in tier, copied there) until unpin() or ttl_s;
+        None if no local tier has it, or tier cannot take it."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        with self._lock:
-            for tier in self.local:
-                if tier.pin(key):
-                    handle = PinHandle(next(self._pin_ids), key, tier.name, self._clock() + ttl_s)
+        if tier is not None and tier not in {local.name for local in self.local}:
+            raise ValueError(f"no local tier named {tier!r}; local tiers: {[local.name for local in self.local]}")
+        with self._locked():  # copying into tier may evict into Redis: the spill
+            for local in self.local if tier is None else [self._local(tier)]:
+                if not local.contains(key) and tier is not None:
+                    chunk = self._peek_local(key)
+                    if chunk is None or not local.put(key, chunk):
+                        return None
+                if local.pin(key):
+                    handle = PinHandle(next(self._pin_ids), key, local.name, self._clock() + ttl_s)
                     self._pins[handle.id] = handle
                     self.counters.pins += 1
                     return handle
@@ -292,6 +300,15 @@ class TieredStore:
         """The keys the top tier does not hold (a prefetch's work); not a use."""
         with self._lock:
             return [key for key in keys if not self.local[0].contains(key)] if self.local else list(keys)
+
+    def held_locally(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [any(tier.contains(key) for tier in self.local) for key in keys]
+
+    def touch(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in keys:
+                any(tier.touch(key) for tier in self.local)
 
     def local_room(self) -> list[TierRoom]:
         """Each local tier, fastest first: its byte budget and the bytes pins hold in it."""
@@ -380,10 +397,11 @@ class TieredStore:
             tier = self._local(handle.tier)
             tier.unpin(handle.key)
             self.counters.pins_expired += 1
-            if not tier.is_pinned(handle.key):
-                chunk = tier.pop(handle.key)
+            depth = self.local.index(tier) + 1
+            if not tier.is_pinned(handle.key) and (depth < len(self.local) or self.remote):
+                chunk = tier.pop(handle.key)  # the bottom local tier keeps it when nothing is below
                 if chunk is not None:
-                    self._demote(self.local.index(tier) + 1, handle.key, chunk)
+                    self._demote(depth, handle.key, chunk)
         return len(expired)
 
     def _promote(self, found: list[tuple[ChunkKey, KVChunk]]) -> None:

@@ -84,7 +84,7 @@ def test_an_expired_pin_demotes_the_kv_and_its_return_is_a_miss():
 
 
 def test_the_budget_share_holds_and_the_least_valuable_pin_gives_way():
-    pins, store, device, _, _ = make_pins(budget_share=0.5)  # 2 of the device's 4 entries
+    pins, store, device, _, _ = make_pins(budget_share=0.5, cpu_entries=1)  # 2 of the device's 4 entries, none of the cpu's
     teach(pins, "quick", [1.0, 1.0, 1.0])  # τ=1, worth 10·1 − 1 = 9 s
     teach(pins, "flaky", [0.5, 8.0, 8.0])  # τ=0.5, worth 10/3 − 0.5 = 2.83 s
     assert finish(pins, store, "p1", "flaky").pinned
@@ -101,11 +101,30 @@ def test_the_budget_share_holds_and_the_least_valuable_pin_gives_way():
     assert (counters["displaced"], counters["over_budget"], counters["returned_lost"]) == (1, 1, 1)
 
 
-def test_a_pin_larger_than_the_budget_is_refused():
-    pins, store, device, _, _ = make_pins(budget_share=0.5)
-    decision = finish(pins, store, "big", "search", tokens=12)  # 3 entries' worth > 2
+def test_a_pin_larger_than_every_tiers_budget_is_refused():
+    pins, store, device, cpu, _ = make_pins(budget_share=0.5, cpu_entries=4)
+    decision = finish(pins, store, "big", "search", tokens=12)  # 3 entries' worth > 2 in either tier
     assert (decision.pinned, decision.reason) == (False, "over_budget")
-    assert device.stats().pinned_bytes == 0
+    assert device.stats().pinned_bytes == cpu.stats().pinned_bytes == 0
+
+
+def test_a_pin_the_devices_budget_cannot_take_is_held_in_the_cpu_tier_and_prefetched_before_its_tool_returns():
+    pins, store, device, cpu, clock = make_pins(budget_share=0.5, device_entries=4, cpu_entries=8)
+    teach(pins, "search", [1.0, 1.0, 1.0])
+    assert finish(pins, store, "p1", "search").tier == "device"
+    assert finish(pins, store, "p2", "search").tier == "device"
+    third = finish(pins, store, "p3", "search")  # the device's pin budget (2 entries) is full
+    assert (third.pinned, third.tier, third.displaced) == (True, "cpu", 0)
+    key = ChunkKey("t-p3")
+    assert cpu.is_pinned(key) and not device.is_pinned(key)
+    for name in "abcdefgh":  # other work churns through both tiers: the cpu pin holds
+        stored(store, name)
+    assert cpu.contains(key) and not device.contains(key)
+    clock.now += 0.85  # the tool's median (1 s) less the 0.2 s lead has passed
+    due = pins.due_prefetches()
+    assert [p.keys for p in due] == [(key,)]  # held, but not where the next turn wants it
+    assert pins.prefetch(due[0]) == 4 and device.contains(key) and cpu.is_pinned(key)
+    assert pins.turn_arrived("t", "p3").pin_held
 
 
 def test_a_pin_brings_the_path_up_to_the_top_tier_and_holds_it_there_within_that_tiers_budget():
@@ -247,7 +266,7 @@ def test_policy_fixed_ttl_pins_every_call_for_the_fixed_ttl_whatever_it_is_worth
 
 
 def test_policy_fixed_ttl_stays_within_the_budget_and_displaces_nothing():
-    pins, store, device, _, _ = make_pins(policy="fixed_ttl", budget_share=0.5)  # 2 of 4 entries
+    pins, store, device, _, _ = make_pins(policy="fixed_ttl", budget_share=0.5, cpu_entries=1)  # 2 of 4 entries
     assert finish(pins, store, "p1", "search").pinned and finish(pins, store, "p2", "search").pinned
     third = finish(pins, store, "p3", "search")
     assert (third.pinned, third.reason, third.displaced) == (False, "over_budget", 0)

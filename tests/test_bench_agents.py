@@ -483,7 +483,8 @@ def test_a_small_run_end_to_end_over_http(tokenizer, monkeypatch):
         assert row["jct_mean_s_ci"] == [row["jct_mean_s"]] * 2 and row["prefetched_tokens"] >= 0
     assert policies["lru"]["pins_created"] == 0 and policies["lru"]["pinned_bytes_max"] == 0
     fixed = policies["fixed_ttl"]
-    assert fixed["calls_made"] > 0 and fixed["pins_created"] == round(fixed["calls_made"] * calls)  # 64 MB: all fit
+    # 64 MB: all fit; a call the model did not make is pinned too, from the bench's tool_start event
+    assert 0 < fixed["calls_made"] < 1 and fixed["pins_created"] == calls
     for name, row in policies.items():  # 64 MB: nothing evicted; a turn reuses all but its prompt's last partial block
         assert row["reprefill_tokens"] < DEFAULT_BLOCK_TOKENS * calls, name
     assert sum("done:" in line for line in lines) == 2 * 3 and sum("repeat 1/1, tool_ttl: program" in line for line in lines) == 2

@@ -5,13 +5,15 @@ import torch
 
 from ragcache.engine.generate import SamplingParams
 from ragcache.engine.runner import BlendEngine, EngineConfig, RagRequest
+from ragcache.kv import ChunkKey
 from ragcache.storage.cpu import CpuTier
 from ragcache.storage.eviction import make_policy
 from ragcache.storage.gpu import GpuTier
+from ragcache.storage.prefix import RadixPrefixCache
 from ragcache.storage.redis import RedisTier
 from ragcache.storage.tiered import TieredStore
 
-from conftest import loaded, tiny_model
+from conftest import kv_chunk, loaded, tiny_model
 
 SYSTEM = "You are an agent. Use tools when needed."
 DOCS = (
@@ -201,3 +203,33 @@ def test_a_next_turn_reuses_every_token_it_shares_with_the_previous_path_not_onl
     fed = shared((*first_ids, *first.token_ids[:-1]))  # the answer's last token never went through the model
     assert min(fed, len(second_ids) - 1) <= second.prefix_cached_tokens <= shared((*first_ids, *first.token_ids))
     assert second.prefix_cached_tokens % 8 or fed % 8 == 0  # not rounded down to a block
+
+
+def test_blocks_evicted_while_a_request_ran_count_as_not_stored_and_are_stored_again():
+    store = TieredStore([GpuTier(1 << 20, device="cpu")])
+    cache = RadixPrefixCache(store, "fp", block_tokens=4)
+    ids = list(range(100, 112))
+    keys = cache.block_keys("t", "exact", ids, tail=True)
+    cache.insert("t", "exact", keys, len(ids), 0, [kv_chunk(4)] * 3)
+    assert cache.known(keys) == 3
+    store.local[0].delete(keys[1])  # the store evicted it; the tree has not heard
+    assert cache.known(keys) == 1  # so a finished request stores the path from there on
+    cache.insert("t", "exact", keys, len(ids), 1, [kv_chunk(4)] * 2)
+    assert store.held_locally(keys) == [True, True, True]
+    assert cache.match("t", "exact", ids + [1]).num_tokens == 12
+
+
+def test_a_stored_path_ages_from_its_end_so_the_store_evicts_its_leaves_first():
+    store = TieredStore([GpuTier(5 * kv_chunk(4).nbytes, device="cpu", policy=make_policy("lru"))])
+    cache = RadixPrefixCache(store, "fp", block_tokens=4)
+    ids = list(range(100, 112))
+    keys = cache.block_keys("t", "exact", ids, tail=True)
+    cache.insert("t", "exact", keys[:2], 8, 0, [kv_chunk(4)] * 2)  # a first turn: its blocks are old now
+    other = cache.block_keys("t", "exact", list(range(500, 508)), tail=True)
+    cache.insert("t", "exact", other, 8, 0, [kv_chunk(4)] * 2)  # another program's, newer
+    cache.insert("t", "exact", keys, 12, 2, [kv_chunk(4)])  # the next turn extends the first path
+    store.put(ChunkKey("newcomer"), kv_chunk(4))  # no room: the oldest block goes
+    assert store.held_locally(other) == [True, False]  # the other path's leaf
+    store.put(ChunkKey("newcomer-2"), kv_chunk(4))
+    assert store.held_locally(other) == [False, False]
+    assert store.held_locally(keys) == [True, True, True]  # the path just used is the newest, root last

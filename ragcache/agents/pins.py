@@ -21,11 +21,16 @@ Policies (PinConfig.policy), what pin_for_tool does with a tool call:
                 that does not fit is refused and displaces nothing (there is no value to rank by)
     none        never pin: the store's eviction policy alone decides (durations are still recorded)
 
+Where a pin is held: in the fastest local tier whose pin budget has room (_place). A pin
+keeps the program's KV from being dropped while its tool runs; the top tier is where the
+next turn wants it, and a pin held lower (the CPU tier when the device's pin budget is
+full) is brought back up by the prefetcher before the tool is predicted to return.
+
 Budget (budget.py): program pins hold at most budget_share of each local tier's bytes,
-enforced by reclaim(): a pin that does not fit force-releases held pins in its tier, least
-valuable per byte first, only if it is worth more than all of them together (counted as
-reclaimed, and as displaced); a released path is unpinned, so the store may evict or
-demote its blocks as it would any entry. The prefix cache calls reclaim() too, when a live
+enforced by reclaim(): when no tier has room, a tool_ttl pin force-releases held pins in a
+tier, least valuable per byte first, only if it is worth more than all of them together
+(counted as reclaimed, and as displaced); a released path is unpinned, so the store may
+evict or demote its blocks as it would any entry. The prefix cache calls reclaim() too, when a live
 request's new blocks need more of the top tier than pins leave unpinned (its reclaimer).
 
 Deadlock freedom: budget_share < 1 leaves every local tier (1 − share) of its bytes that
@@ -33,12 +38,14 @@ pins never hold, and reclaim() force-releases pins, least valuable first, when a
 request needs more room than is unpinned.
 
 Prefetch (KVFlow: an agent's next step is predictable): a program whose path is not held
-while its tool runs (not worth pinning, over budget, or its pin expired) has its path
+on the top tier while its tool runs (pinned lower, not worth pinning, over budget, or its
+pin expired) has its path
 brought back to the top tier from CPU or Redis once the tool has run its predicted median
 duration, less prefetch_lead_s, so the next turn finds it there; prefetched_tokens counts
 the tokens that had to move.
 
-Expiry is the store's: release_expired demotes an expired pin's blocks one tier down; this
+Expiry is the store's: release_expired demotes an expired pin's blocks one tier down (the
+bottom local tier keeps them when nothing is below it); this
 class notices a pin past its expires_s and counts it as expired.
 """
 
@@ -291,17 +298,14 @@ class ProgramPins:
             if choice.ttl_s <= 0:
                 self.counters.not_worth_it += 1
                 return decision
-            handle = self.cache.pin_path(path, choice.ttl_s)
+            tier, victims = self._place(nbytes, choice.value_s, now)
+            if tier is None:
+                self.counters.over_budget += 1
+                return replace(decision, reason="over_budget")
+            handle = self.cache.pin_path(path, choice.ttl_s, tier)
             if handle is None:
                 self.counters.not_local += 1
-                return replace(decision, reason="not_local")
-            victims = self.budget.room_for(handle.tier, nbytes, choice.value_s, now)
-            if self.config.policy == "fixed_ttl" and victims:
-                victims = None  # a fixed pin displaces nothing: it only takes room that is free
-            if victims is None:
-                self.cache.unpin_path(handle)
-                self.counters.over_budget += 1
-                return replace(decision, reason="over_budget", tier=handle.tier)
+                return replace(decision, reason="not_local", tier=tier)
             for victim in victims:
                 self._release(victim.ref, "displaced")
             self.budget.add(
@@ -392,6 +396,24 @@ class ProgramPins:
         value = self.predictor.value_of(tenant, tool, ttl_s, reload_s, mem_ratio, delay_s, eta)
         return replace(value, source="fixed")
 
+    def _place(self, nbytes: int, value_s: float, now: float) -> tuple[str | None, list[HeldPin]]:
+        """The local tier a new pin of nbytes goes to, and the pins it displaces there: the fastest tier whose
+        budget has room for it as it is; else, under tool_ttl, the fastest where displacing less valuable pins
+        makes room (a fixed pin displaces nothing: there is no value to rank by). (None, []): over budget.
+
+        Why lower tiers: a pin's job is that the program's KV is not dropped while its tool runs, so it
+        need not be re-prefilled; the top tier is where a turn wants it, and the prefetcher brings a pin
+        held lower back up before the tool is predicted to return."""
+        for tier in self.budget.tiers:
+            if self.budget.room_for(tier, nbytes, value_s, now) == []:
+                return tier, []
+        if self.config.policy == "tool_ttl":
+            for tier in self.budget.tiers:
+                victims = self.budget.room_for(tier, nbytes, value_s, now)
+                if victims is not None:
+                    return tier, victims
+        return None, []
+
     def _program(self, ref: ProgramRef) -> _Program:
         program = self._programs.get(ref)
         if program is None:
@@ -451,13 +473,19 @@ class ProgramPins:
         return now + max(0.0, cdf.quantile(0.5) - self.config.prefetch_lead_s)
 
     def due_prefetches(self) -> list[CachedPath]:
-        """Paths whose tool is about to return and that no pin holds: prefetch them (prefetch() each)."""
+        """Paths whose tool is about to return and that no pin holds on the top tier: prefetch them (prefetch()
+        each)."""
         with self._lock:
             self._sweep()
-            now, due = self.clock(), []
+            now, due, top = self.clock(), [], self.budget.tiers[0]
             for ref, program in self._programs.items():
-                at = program.prefetch_at_s
-                if at is not None and at <= now and program.path is not None and ref not in self.budget.held:
+                at, pin = program.prefetch_at_s, self.budget.held.get(ref)
+                if (
+                    at is not None
+                    and at <= now
+                    and program.path is not None
+                    and (pin is None or pin.handle.tier != top)
+                ):
                     program.prefetch_at_s = None
                     due.append(program.path)
             return due

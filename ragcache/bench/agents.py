@@ -7,7 +7,9 @@ in-process ragcache server, with real HTTP and OpenAI wire bodies. A program, pe
     for each ground-truth call of the turn:
         POST /v1/chat/completions, tool_choice = that call's function (constrained decoding:
         the model makes a call of it, finish_reason "tool_calls", which starts the pin)
-        append the trace's call (not the model's) and wait the call's simulated duration
+        append the trace's call (not the model's) and wait the call's simulated duration (when the
+        model's reply was not that call, a program_id run sends a tool_start event first, as
+        an agent's SDK does for a tool it runs)
         append the trace's simulated result (role "tool")
     POST once more with tool_choice "none" (the answer); append a fixed answer text
     ("Done: <the calls>", not the model's, so every policy sends the same prompts)
@@ -468,8 +470,21 @@ async def _program(
         finished = time.perf_counter()
         records.append(_record(step, reply, previous_prompt, finished - sent))
         previous_prompt = reply["usage"]["prompt_tokens"]
+        if step.tool is not None and program_id is not None and not records[-1].called:
+            await tool_started(client, url, program_id, step.tool)
         await asyncio.sleep(step.wait_s * options.time_scale)
     return ProgramRecord(trace.id, finished - started, records)
+
+
+async def tool_started(client, url: str, program_id: str, tool: str) -> None:
+    """The trace's call runs though the model's reply did not call it (cut off by max_tokens, say): tell the
+    server, as an agent framework's SDK does for a tool it runs (sdk/programs.py), so the program's KV is
+    treated as any other waiting on a tool. Without program_id there is no program to name: no event."""
+    response = await client.post(url + f"/v1/programs/{program_id}/events", json={"type": "tool_start", "tool": tool})
+    if response.status_code >= 300:
+        raise BenchAgentsError(
+            f"the server refused a tool_start event: HTTP {response.status_code}: {response.text[:300]}"
+        )
 
 
 async def post_completion(client, url: str, body: dict) -> dict:
