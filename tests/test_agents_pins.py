@@ -346,3 +346,31 @@ def test_a_held_pin_needs_no_prefetch():
     assert finish(pins, store, "p1", "search").pinned
     clock.now += 1.9
     assert pins.due_prefetches() == []
+
+
+def test_a_pin_running_out_while_its_tool_runs_is_held_on_when_the_tail_pays_and_left_to_expire_when_not():
+    pins, store, device, _, clock = make_pins()
+    teach(pins, "search", [1.0] * 9 + [20.0])  # τ* = 1 s: the 20 s tail does not pay at the start
+    decision = finish(pins, store, "p1", "search")
+    assert (decision.pinned, decision.ttl_s) == (True, 1.0)
+    clock.now += 0.95
+    assert pins.renew_expiring(0.1) == 1  # past 1 s only the tail is left, and a reload costs 10 s
+    clock.now += 0.2
+    assert device.is_pinned(ChunkKey("t-p1")) and pins.stats()["counters"]["expired"] == 0
+    assert pins.turn_arrived("t", "p1").pin_held
+
+    pins, store, device, _, clock = make_pins(profile=PrefillProfile(((4, 1.0),)))  # a reload costs 1 s
+    teach(pins, "search", [1.0] * 9 + [20.0])
+    assert finish(pins, store, "p1", "search").ttl_s == 1.0
+    clock.now += 0.95
+    assert pins.renew_expiring(0.1) == 0  # 19 s more of memory for a 1 s reload: let it go
+    clock.now += 0.2
+    assert pins.stats()["counters"]["expired"] == 1 and not device.is_pinned(ChunkKey("t-p1"))
+
+
+def test_only_tool_ttl_renews_pins():
+    pins, store, device, _, clock = make_pins(policy="fixed_ttl")
+    teach(pins, "search", [1.0] * 9 + [20.0])
+    finish(pins, store, "p1", "search")
+    clock.now += 1.95
+    assert pins.renew_expiring(0.1) == 0

@@ -14,8 +14,9 @@
 arrive() does the arrival bookkeeping (the tool's duration ends when the next request
 arrives, not when it is admitted; the pin is released then) and takes the turn's ticket
 in the program-level FCFS order the engine admits by. Everything here is synchronous and
-quick, and safe from any thread. One daemon thread prefetches the paths of programs whose
-tool is about to return (pins.py), off every request's path; close() stops it.
+quick, and safe from any thread. One daemon thread renews pins that run out while their tool
+still runs, when holding on pays (pins.py), and prefetches the paths of programs whose
+tool is about to return, off every request's path; close() stops it.
 """
 
 from __future__ import annotations
@@ -143,5 +144,6 @@ class ProgramCoordinator:
 
     def _prefetch_loop(self, interval_s: float) -> None:
         while not self._closed.wait(interval_s):
+            self.pins.renew_expiring(2 * interval_s)
             for path in self.pins.due_prefetches():
                 self.pins.prefetch(path)

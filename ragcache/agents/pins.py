@@ -44,6 +44,10 @@ brought back to the top tier from CPU or Redis once the tool has run its predict
 duration, less prefetch_lead_s, so the next turn finds it there; prefetched_tokens counts
 the tokens that had to move.
 
+Renewal (tool_ttl): a pin about to run out while its tool still runs is judged again
+(renew_expiring): τ* over the durations beyond the time waited, P(d <= τ | d > waited),
+memory at the budget's pressure then; held on when that pays, left to expire when not.
+
 Expiry is the store's: release_expired demotes an expired pin's blocks one tier down (the
 bottom local tier keeps them when nothing is below it); this
 class notices a pin past its expires_s and counts it as expired.
@@ -141,6 +145,7 @@ class PinCounters:
     over_budget: int = 0
     extended: int = 0  # pins held on past tool_end for the next turn
     off: int = 0  # tool calls not pinned because the policy is "none"
+    renewed: int = 0  # pins running out while their tool ran, held on for a τ* judged then (tool_ttl)
     prefetches: int = 0  # paths brought back to the top tier before their tool's predicted return
     prefetched_tokens: int = 0  # tokens those prefetches moved up (already-resident blocks not counted)
 
@@ -315,6 +320,34 @@ class ProgramPins:
             self.counters.created += 1
             return PinDecision(True, "pinned", choice.ttl_s, choice.value_s, choice.source, handle.tier, len(victims))
 
+    def renew_expiring(self, within_s: float) -> int:
+        """tool_ttl: pins that run out within within_s while their tool still runs are held on for the τ* the
+        predictor judges now, on the durations beyond the time the tool will have run when the pin runs out
+        and the budget's pressure now (0: let it expire). How many were renewed. The coordinator calls it every prefetch interval."""
+        if self.config.policy != "tool_ttl":
+            return 0
+        with self._lock:
+            self._sweep()
+            now, renewed = self.clock(), 0
+            for ref, pin in list(self.budget.held.items()):
+                program = self._programs.get(ref)
+                if pin.handle.expires_s - now > within_s or program is None or program.tool_started_s is None:
+                    continue
+                running_s = pin.handle.expires_s - program.tool_started_s  # how long it will have run by then
+                reload_s = self.profile.reload_s(program.num_tokens, pin.nbytes)
+                mem_ratio = self._mem_ratio(pin.nbytes, held=True)
+                eta, delay_s = self.config.eta, self.queue_delay_s
+                choice = self.predictor.choose(pin.tenant, pin.tool, reload_s, mem_ratio, delay_s, eta, running_s)
+                until_s = program.tool_started_s + choice.ttl_s
+                handle = self.cache.extend_pin(pin.handle, until_s - now) if choice.ttl_s > running_s else None
+                if handle is None:
+                    continue
+                self.budget.held[ref] = replace(pin, handle=handle, ttl_s=handle.expires_s - pin.pinned_s)
+                program.predicted_ttl_s = choice.ttl_s
+                self.counters.renewed += 1
+                renewed += 1
+            return renewed
+
     def release(self, tenant: str, program_id: str, reason: str = "released") -> bool:
         """Unpin the program's KV now; True if its pin still held. reason: "released", "displaced" or "reclaimed"."""
         with self._lock:
@@ -430,10 +463,10 @@ class ProgramPins:
             self._sizes.append(nbytes)
         program.path, program.nbytes, program.num_tokens = path, nbytes, num_tokens
 
-    def _mem_ratio(self, nbytes: int) -> float:
+    def _mem_ratio(self, nbytes: int, held: bool = False) -> float:
         """mem / M, priced by how full the pin budget would be: this program's KV against the mean of recent
         programs' (1.0 before any), times memory_weight, times the share of the local tiers' pin budget
-        that pins would hold with this one.
+        that pins would hold with this one (held: a pin already in the budget, counted once).
 
         Why the pressure factor: a second of pinned memory costs what the memory would do otherwise.
         While the budget is mostly free nothing waits for it (the budget keeps the rest of each tier
@@ -445,7 +478,7 @@ class ProgramPins:
         mean = sum(self._sizes) / len(self._sizes) if self._sizes else 0.0
         budget = sum(self.budget.budget_bytes(name) for name in self.budget.tiers)
         pinned = sum(pin.nbytes for pin in self.budget.held.values())
-        pressure = min(1.0, (pinned + nbytes) / budget) if budget > 0 else 1.0
+        pressure = min(1.0, (pinned + (0 if held else nbytes)) / budget) if budget > 0 else 1.0
         return self.config.memory_weight * (nbytes / mean if mean > 0 else 1.0) * pressure
 
     def _release(self, ref: ProgramRef, reason: str) -> bool:

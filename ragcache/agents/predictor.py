@@ -16,6 +16,11 @@ because the objective only rises at them: between two samples P is flat and the 
 so the cap max_ttl_s drops the longer durations from the candidates (a TTL cut to the cap
 would score no better than the longest duration under it).
 
+A pin that runs out while its tool still runs is judged again (ProgramPins.renew_expiring,
+tool_ttl only): the same argmax over the durations beyond the time already waited, with
+P(d <= τ | d > waited) and the memory priced at the budget's pressure then. A heavy tail
+that did not pay at the start may pay now that the body of the distribution is past.
+
 Cold start, in order: the tool's own CDF (per tenant) once it has min_samples; else the
 global CDF over every tenant's and tool's durations once that has min_samples; else
 default_ttl_s (2 s, the flat pin of Continuum's released code), scored with
@@ -93,20 +98,31 @@ class ToolDurationPredictor:
         return None, "default"
 
     def choose(
-        self, tenant: str, tool: str, reload_s: float, mem_ratio: float, queue_delay_s: float, eta: float = 1.0
+        self,
+        tenant: str,
+        tool: str,
+        reload_s: float,
+        mem_ratio: float,
+        queue_delay_s: float,
+        eta: float = 1.0,
+        running_s: float = 0.0,
     ) -> TTLChoice:
-        """τ* for a pin of this tool's program (see the module docstring)."""
+        """τ* for a pin of this tool's program (see the module docstring). running_s > 0: the tool has run that
+        long already (a pin running out): τ* > running_s on the durations beyond it, P(d <= τ | d > running_s),
+        the memory priced from now on; ttl_s 0 when holding on does not pay (or before any CDF)."""
         saving_s = queue_delay_s * eta + reload_s
         cdf, source = self.distribution(tenant, tool)
         cap = self.config.max_ttl_s
         if cdf is None:
+            if running_s > 0:
+                return self._never(source, saving_s)
             ttl, probability = self.config.default_ttl_s, self.config.default_probability
             value = probability * saving_s - ttl * mem_ratio
             return TTLChoice(ttl, source, probability, saving_s, value) if value > 0 else self._never(source, saving_s)
         best = self._never(source, saving_s)
-        for tau in sorted({d for d in cdf.durations_s if 0 < d <= cap}):
-            probability = cdf.at(tau)
-            value = probability * saving_s - tau * mem_ratio
+        for tau in sorted({d for d in cdf.durations_s if running_s < d <= cap and d > 0}):
+            probability = cdf.between(running_s, tau) if running_s > 0 else cdf.at(tau)
+            value = probability * saving_s - (tau - running_s) * mem_ratio
             if value > best.value_s:
                 best = TTLChoice(tau, source, probability, saving_s, value)
         return best
