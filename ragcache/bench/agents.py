@@ -561,6 +561,8 @@ def policy_figures(programs: Sequence[ProgramRecord], stats: dict) -> dict:
         "pins_displaced": counters.get("displaced", 0),
         "pins_over_budget": counters.get("over_budget", 0),
         "pins_not_worth_it": counters.get("not_worth_it", 0),
+        "pins_not_local": counters.get("not_local", 0),
+        "pins_renewed": counters.get("renewed", 0),
         "pin_hit_rate": pins.get("pin_hit_rate"),
         **pin_outcomes(pins.get("predictor", {}).get("tools", {})),
         "programs": len(programs),
