@@ -30,8 +30,9 @@ Budget (budget.py): program pins hold at most budget_share of each local tier's 
 enforced by reclaim(): when no tier has room, a tool_ttl pin force-releases held pins in a
 tier, least valuable per byte first, only if it is worth more than all of them together
 (counted as reclaimed, and as displaced); a released path is unpinned, so the store may
-evict or demote its blocks as it would any entry. The prefix cache calls reclaim() too, when a live
-request's new blocks need more of the top tier than pins leave unpinned (its reclaimer).
+evict or demote its blocks as it would any entry. The prefix cache calls reclaim() too,
+when a live request's new blocks need more of the top tier than pins leave unpinned (its
+reclaimer).
 
 Deadlock freedom: budget_share < 1 leaves every local tier (1 − share) of its bytes that
 pins never hold, and reclaim() force-releases pins, least valuable first, when a live
@@ -39,18 +40,17 @@ request needs more room than is unpinned.
 
 Prefetch (KVFlow: an agent's next step is predictable): a program whose path is not held
 on the top tier while its tool runs (pinned lower, not worth pinning, over budget, or its
-pin expired) has its path
-brought back to the top tier from CPU or Redis once the tool has run its predicted median
-duration, less prefetch_lead_s, so the next turn finds it there; prefetched_tokens counts
-the tokens that had to move.
+pin expired) has its path brought back to the top tier from CPU or Redis once the tool has
+run its predicted median duration, less prefetch_lead_s, so the next turn finds it there;
+prefetched_tokens counts the tokens that had to move.
 
 Renewal (tool_ttl): a pin about to run out while its tool still runs is judged again
 (renew_expiring): τ* over the durations beyond the time waited, P(d <= τ | d > waited),
 memory at the budget's pressure then; held on when that pays, left to expire when not.
 
 Expiry is the store's: release_expired demotes an expired pin's blocks one tier down (the
-bottom local tier keeps them when nothing is below it); this
-class notices a pin past its expires_s and counts it as expired.
+bottom local tier keeps them when nothing is below it); this class notices a pin past its
+expires_s and counts it as expired.
 """
 
 from __future__ import annotations
@@ -323,7 +323,8 @@ class ProgramPins:
     def renew_expiring(self, within_s: float) -> int:
         """tool_ttl: pins that run out within within_s while their tool still runs are held on for the τ* the
         predictor judges now, on the durations beyond the time the tool will have run when the pin runs out
-        and the budget's pressure now (0: let it expire). How many were renewed. The coordinator calls it every prefetch interval."""
+        and the budget's pressure now (none that pays: let it expire). Returns how many were renewed; the
+        coordinator calls it every prefetch interval."""
         if self.config.policy != "tool_ttl":
             return 0
         with self._lock:
