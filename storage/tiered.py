@@ -308,7 +308,9 @@ class TieredStore:
     def touch(self, keys: Sequence[ChunkKey]) -> None:
         with self._lock:
             for key in keys:
-                any(tier.touch(key) for tier in self.local)
+                for tier in self.local:
+                    if tier.touch(key):
+                        break
 
     def local_room(self) -> list[TierRoom]:
         """Each local tier, fastest first: its byte budget and the bytes pins hold in it."""
