@@ -142,10 +142,6 @@ class KVStore(Protocol):
     def local_room(self) -> list[TierRoom]:
         """Each local tier, fastest first: its byte budget and the bytes pins hold in it."""
 
-    def retention_s(self) -> float | None:
-        """How long an unpinned entry stays in the local tiers unused before eviction drops it from the
-        bottom one (the median over recent evictions); None while nothing has been dropped."""
-
     def usage(self) -> TierUsage:
         """Entries and bytes summed over every tier (a key held in two tiers counts twice)."""
 
@@ -247,9 +243,6 @@ class PrefixCache(Protocol):
 
     def room(self) -> list[TierRoom]:
         """Each local tier, fastest first: bytes and pinned bytes."""
-
-    def retention_s(self) -> float | None:
-        """The store's retention_s: how long unpinned KV outlives its last use here (None: no pressure yet)."""
 
     def stats(self) -> dict:
         """nodes, cached tokens and bytes, lookups, hit tokens, hit rate, evictions, pins, prefetches."""

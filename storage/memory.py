@@ -7,9 +7,7 @@ put is refused and nothing is evicted, so a refused put never costs the tier an 
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,7 +19,6 @@ from ragcache.storage.base import KVTier, TierUsage
 from ragcache.storage.eviction import LRU, EntryInfo, EvictionPolicy
 
 EvictSink = Callable[[ChunkKey, KVChunk], None]
-EVICTION_AGES = 64  # recent evictions whose time unused gives retention_s
 
 
 @dataclass
@@ -70,7 +67,6 @@ class MemoryTier:
         self._chunks: dict[ChunkKey, KVChunk] = {}
         self._info: dict[ChunkKey, EntryInfo] = {}
         self._pins: dict[ChunkKey, int] = {}  # key -> pin count
-        self._eviction_ages: deque[float] = deque(maxlen=EVICTION_AGES)  # seconds unused when evicted
 
     def get(self, key: ChunkKey) -> KVChunk | None:
         chunk = self._chunks.get(key)
@@ -93,16 +89,15 @@ class MemoryTier:
         previous = self._chunks.get(key)
         needed = chunk.nbytes - (previous.nbytes if previous is not None else 0)
         victims = self._victims(needed, exclude=key)
-        now = self.clock()
         if victims is None:
             self.counters.rejected += 1
             return False
         for victim in victims:
-            self._eviction_ages.append(now - self._info[victim].last_used_s)
             evicted = self._remove(victim)
             self.counters.evictions += 1
             if self.on_evict is not None:
                 self.on_evict(victim, evicted)
+        now = self.clock()
         info = self._info.get(key) or EntryInfo(key, chunk.nbytes, chunk.num_tokens, now, now, uses=1, score=1.0)
         info.nbytes = chunk.nbytes
         if previous is not None:
@@ -145,11 +140,6 @@ class MemoryTier:
             self._pins[key] = count
         else:
             self._pins.pop(key, None)
-
-    def retention_s(self) -> float | None:
-        """How long an entry stays here unused before eviction takes it: the median time unused of the last
-        EVICTION_AGES entries evicted; None before any eviction (nothing has been pressed out yet)."""
-        return statistics.median(self._eviction_ages) if self._eviction_ages else None
 
     def is_pinned(self, key: ChunkKey) -> bool:
         return key in self._pins

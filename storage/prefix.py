@@ -347,9 +347,6 @@ class RadixPrefixCache:
     def release_expired(self) -> int:
         return self.store.release_expired()
 
-    def retention_s(self) -> float | None:
-        return self.store.retention_s()
-
     def room(self) -> list[TierRoom]:
         """Each local tier, fastest first: its bytes and what pins hold of them."""
         return self.store.local_room()

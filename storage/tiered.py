@@ -312,14 +312,6 @@ class TieredStore:
                     if tier.touch(key):
                         break
 
-    def retention_s(self) -> float | None:
-        """Each local tier's time unused at eviction, summed (a demoted entry starts unused again below);
-        None while the bottom local tier has evicted nothing."""
-        with self._lock:
-            if not self.local or self.local[-1].retention_s() is None:
-                return None
-            return sum(tier.retention_s() or 0.0 for tier in self.local)
-
     def local_room(self) -> list[TierRoom]:
         """Each local tier, fastest first: its byte budget and the bytes pins hold in it."""
         with self._lock:

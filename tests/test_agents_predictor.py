@@ -110,22 +110,3 @@ def test_bad_configs_and_samples_are_refused():
         ToolDurationPredictor().record("t", "x", -1.0)
     with pytest.raises(ValueError, match="at least one"):
         EmpiricalCDF(())
-
-
-def test_a_store_that_keeps_kv_a_while_anyway_leaves_pins_only_the_returns_beyond_it():
-    predictor = learned(SEARCH)
-    # H = 2 s: every 1 s call returns with its KV still there, pinned or not; a pin to τ keeps it to τ + 2,
-    # so only τ = 4 − 2 = 2 s can pay, for the 20% that take 4 s: 0.2·10 − 2·0.1 = 1.8
-    choice = predictor.choose("t", "search", reload_s=10.0, mem_ratio=0.1, queue_delay_s=0.0, retention_s=2.0)
-    assert (choice.ttl_s, choice.probability) == (2.0, pytest.approx(0.2))
-    assert choice.value_s == pytest.approx(1.8)
-    # the same, memory dearer: 0.2·10 − 2·1.5 < 0: no pin, where H = 0 would pin 1 s (0.8·10 − 1.5 = 6.5)
-    assert predictor.ttl_s("t", "search", reload_s=10.0, mem_ratio=1.5, queue_delay_s=0.0) == 1.0
-    dear = predictor.choose("t", "search", reload_s=10.0, mem_ratio=1.5, queue_delay_s=0.0, retention_s=2.0)
-    assert dear.ttl_s == 0.0
-    # H beyond every duration: the store keeps them all, a pin never pays
-    kept = predictor.choose("t", "search", reload_s=10.0, mem_ratio=0.0, queue_delay_s=0.0, retention_s=5.0)
-    assert kept.ttl_s == 0.0
-    # a pin running out at 1 s with H = 2 s keeps the KV to 3 s anyway; holding to 2 s keeps it to 4 s: all that wait
-    late = predictor.choose("t", "search", 10.0, 0.1, 0.0, running_s=1.0, retention_s=2.0)
-    assert (late.ttl_s, late.probability) == (2.0, 1.0)

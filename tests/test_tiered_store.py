@@ -20,7 +20,6 @@ class Clock:
         return self.now
 
 
-from conftest import ManualClock
 from conftest import kv_chunk as chunk
 
 
@@ -163,19 +162,3 @@ def test_policies_rank_entries():
     # Same reuse, half the bytes per token (a bfloat16 model beside a float32 one): more prefill saved per byte.
     compact = info("compact", uses=1, last_used=99, bytes_per_token=8)
     assert CostAware().priority(fresh_once, now) < CostAware().priority(compact, now)
-
-
-def test_retention_is_how_long_entries_sat_unused_when_the_local_tiers_dropped_them():
-    clock = ManualClock()
-    top, bottom = GpuTier(2 * chunk().nbytes, device="cpu"), CpuTier(2 * chunk().nbytes)
-    top.clock = bottom.clock = clock
-    store = TieredStore([top, bottom], clock=clock)
-    for i, name in enumerate("abcd"):  # a second apart: "a" and "b" are demoted, 2 s unused on top
-        clock.now = float(i)
-        store.put(ChunkKey(name), chunk())
-    assert store.retention_s() is None  # nothing dropped yet: no pressure
-    clock.now = 10.0
-    store.put(ChunkKey("e"), chunk())  # "c" goes down after 8 s unused; "a", 8 s unused below, is dropped
-    assert store.held_locally([ChunkKey("a"), ChunkKey("c")]) == [False, True]
-    assert (top.retention_s(), bottom.retention_s()) == (2.0, 8.0)  # medians of 2, 2, 8 and of 8
-    assert store.retention_s() == 10.0  # unused on top, then unused below

@@ -14,9 +14,8 @@ A program between two turns, as this class sees it (one record per (tenant, prog
 
 Policies (PinConfig.policy), what pin_for_tool does with a tool call:
 
-    tool_ttl    τ* from the tool's duration CDF (predictor.py), only when it pays beyond what the
-                store keeps anyway (its retention_s); a pin that does not fit displaces less
-                valuable ones
+    tool_ttl    τ* from the tool's duration CDF (predictor.py), only when it pays; a pin that does
+                not fit displaces less valuable ones
     fixed_ttl   every call pins for fixed_ttl_s whatever the tool or its value (the flat 2 s pin
                 of Continuum's released code); within the budget, first come first served: a pin
                 that does not fit is refused and displaces nothing (there is no value to rank by)
@@ -338,10 +337,8 @@ class ProgramPins:
                 running_s = pin.handle.expires_s - program.tool_started_s  # how long it will have run by then
                 reload_s = self.profile.reload_s(program.num_tokens, pin.nbytes)
                 mem_ratio = self._mem_ratio(pin.nbytes, held=True)
-                eta, delay_s, retention_s = self.config.eta, self.queue_delay_s, self.cache.retention_s() or 0.0
-                choice = self.predictor.choose(
-                    pin.tenant, pin.tool, reload_s, mem_ratio, delay_s, eta, running_s, retention_s
-                )
+                eta, delay_s = self.config.eta, self.queue_delay_s
+                choice = self.predictor.choose(pin.tenant, pin.tool, reload_s, mem_ratio, delay_s, eta, running_s)
                 until_s = program.tool_started_s + choice.ttl_s
                 handle = self.cache.extend_pin(pin.handle, until_s - now) if choice.ttl_s > running_s else None
                 if handle is None:
@@ -417,7 +414,6 @@ class ProgramPins:
                 "pin_hit_rate": c.returned_held / returns if returns else None,
                 "programs": len(self._programs),
                 "queue_delay_s": self.queue_delay_s,
-                "store_retention_s": self.cache.retention_s(),  # H: how long unpinned KV outlives its last use
                 "mean_program_bytes": sum(self._sizes) / len(self._sizes) if self._sizes else 0.0,
                 "predictor": self.predictor.stats(),
             }
@@ -429,8 +425,7 @@ class ProgramPins:
         predictor gives that hold (kept with the pin: it orders reclaim; it never refuses the pin)."""
         eta, delay_s = self.config.eta, self.queue_delay_s
         if self.config.policy == "tool_ttl":
-            retention_s = self.cache.retention_s() or 0.0
-            return self.predictor.choose(tenant, tool, reload_s, mem_ratio, delay_s, eta, retention_s=retention_s)
+            return self.predictor.choose(tenant, tool, reload_s, mem_ratio, delay_s, eta)
         ttl_s = self.config.fixed_ttl_s
         value = self.predictor.value_of(tenant, tool, ttl_s, reload_s, mem_ratio, delay_s, eta)
         return replace(value, source="fixed")

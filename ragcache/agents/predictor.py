@@ -21,13 +21,6 @@ tool_ttl only): the same argmax over the durations beyond the time already waite
 P(d <= τ | d > waited) and the memory priced at the budget's pressure then. A heavy tail
 that did not pay at the start may pay now that the body of the distribution is past.
 
-A store with tiers below the pins' keeps unpinned KV a while anyway: measured as its
-retention H (how long entries sat unused when eviction dropped them, storage's
-retention_s). A pin held to τ keeps the KV until τ + H, none until H, so ProgramPins
-passes H and the saving is weighed by P(H < d <= τ + H) instead of P(d <= τ): a tool that
-returns well within H needs no pin (LRU keeps its KV), and the pin budget goes to the
-tools that outlast it. With no eviction yet, H = 0: Continuum's own model.
-
 Cold start, in order: the tool's own CDF (per tenant) once it has min_samples; else the
 global CDF over every tenant's and tool's durations once that has min_samples; else
 default_ttl_s (2 s, the flat pin of Continuum's released code), scored with
@@ -113,13 +106,10 @@ class ToolDurationPredictor:
         queue_delay_s: float,
         eta: float = 1.0,
         running_s: float = 0.0,
-        retention_s: float = 0.0,
     ) -> TTLChoice:
         """τ* for a pin of this tool's program (see the module docstring). running_s > 0: the tool has run that
-        long already (a pin running out): τ* > running_s, probabilities given d > running_s, the memory priced
-        from then on; ttl_s 0 when holding on does not pay (or before any CDF). retention_s (H): how long the
-        store keeps unpinned KV after its last use anyway, so a pin held to τ keeps it to τ + H where no pin
-        keeps it to H (running_s + H for a pin running out): the pin pays only for returns in between."""
+        long already (a pin running out): τ* > running_s on the durations beyond it, P(d <= τ | d > running_s),
+        the memory priced from now on; ttl_s 0 when holding on does not pay (or before any CDF)."""
         saving_s = queue_delay_s * eta + reload_s
         cdf, source = self.distribution(tenant, tool)
         cap = self.config.max_ttl_s
@@ -130,13 +120,8 @@ class ToolDurationPredictor:
             value = probability * saving_s - ttl * mem_ratio
             return TTLChoice(ttl, source, probability, saving_s, value) if value > 0 else self._never(source, saving_s)
         best = self._never(source, saving_s)
-        waiting = 1.0 - cdf.at(running_s) if running_s > 0 else 1.0  # P(d > running_s)
-        kept = running_s + retention_s  # the store keeps the KV this long without (more of) the pin
-        kept_anyway = cdf.at(kept) if kept > 0 else 0.0
-        if waiting <= 0:
-            return best
-        for tau in sorted({d - retention_s for d in cdf.durations_s if running_s < d - retention_s <= cap}):
-            probability = (cdf.at(tau + retention_s) - kept_anyway) / waiting
+        for tau in sorted({d for d in cdf.durations_s if running_s < d <= cap and d > 0}):
+            probability = cdf.between(running_s, tau) if running_s > 0 else cdf.at(tau)
             value = probability * saving_s - (tau - running_s) * mem_ratio
             if value > best.value_s:
                 best = TTLChoice(tau, source, probability, saving_s, value)
