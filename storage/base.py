@@ -192,7 +192,8 @@ class PrefixCache(Protocol):
         replica's included), then the tokens a known block after them shares with ids."""
 
     def known(self, keys: Sequence[ChunkKey]) -> int:
-        """Leading blocks of a path (its block_keys with tail) this process knows are stored (no I/O)."""
+        """Leading blocks of a path (its block_keys with tail) stored: in this process's tree and, with local
+        tiers, still held there (no remote call); they count as used now."""
 
     def insert(
         self,
