@@ -63,6 +63,8 @@ class Settings:
     # agent programs: how a tool call pins the program's KV (tool_ttl, fixed_ttl or none; see agents/pins.py)
     pin_policy: str = "tool_ttl"
     pin_fixed_ttl_s: float = 2.0  # the pin of every tool call under pin_policy fixed_ttl
+    pin_budget_share: float = 0.5  # of the device tier that pins may hold (the rest is for live requests)
+    pin_lower_budget_share: float = 0.8  # of each local tier below it (no live request writes there)
     # chats that name no program (with tools or history) kept as programs found by their token prefix
     conversation_kv: bool = True
     # batching: working KV of running sequences, tokens per batched step, KV growth block, concurrency
@@ -118,6 +120,8 @@ class Settings:
             (self.registry != "redis" or bool(self.redis_url), "registry redis needs redis_url"),
             (self.pin_policy in ("tool_ttl", "fixed_ttl", "none"), "pin_policy must be tool_ttl, fixed_ttl or none"),
             (self.pin_fixed_ttl_s > 0, "pin_fixed_ttl_s must be positive"),
+            (0 < self.pin_budget_share < 1, "pin_budget_share must be in (0, 1)"),
+            (0 < self.pin_lower_budget_share < 1, "pin_lower_budget_share must be in (0, 1)"),
             (all(k and t for k, t in self.api_keys.items()), "api_keys must map non-empty keys to non-empty tenants"),
         ]
         for ok, message in checks:

@@ -16,6 +16,7 @@ from conftest import kv_chunk as chunk
 
 SIZE = chunk().nbytes  # 64 bytes for 4 tokens
 SLOW_PREFILL = PrefillProfile(((4, 10.0),))  # re-prefilling a program costs 10 s: pins pay
+PRESSURE = SIZE / (int(0.5 * 4 * SIZE) + int(0.8 * 16 * SIZE))  # one entry's share of make_pins' default pin budgets
 
 
 def make_pins(profile=SLOW_PREFILL, device_entries=4, cpu_entries=16, **config):
@@ -51,8 +52,7 @@ def test_a_tool_call_pins_the_programs_kv_for_the_predicted_ttl():
     pins, store, device, _, _ = make_pins()
     decision = finish(pins, store, "p1", "search")
     assert (decision.pinned, decision.reason, decision.tier, decision.source) == (True, "pinned", "device", "default")
-    pressure = SIZE / (0.5 * 4 * SIZE + 0.5 * 16 * SIZE)  # its share of the local tiers' pin budget
-    assert decision.ttl_s == 2.0 and decision.value_s == pytest.approx(0.5 * 10 - 2.0 * pressure)
+    assert decision.ttl_s == 2.0 and decision.value_s == pytest.approx(0.5 * 10 - 2.0 * PRESSURE)
     for name in "abcdef":  # other work fills the tier: the pinned program stays
         stored(store, name)
     assert device.contains(ChunkKey("t-p1")) and device.is_pinned(ChunkKey("t-p1"))
@@ -102,10 +102,21 @@ def test_the_budget_share_holds_and_the_least_valuable_pin_gives_way():
 
 
 def test_a_pin_larger_than_every_tiers_budget_is_refused():
-    pins, store, device, cpu, _ = make_pins(budget_share=0.5, cpu_entries=4)
+    pins, store, device, cpu, _ = make_pins(budget_share=0.5, lower_budget_share=0.5, cpu_entries=4)
     decision = finish(pins, store, "big", "search", tokens=12)  # 3 entries' worth > 2 in either tier
     assert (decision.pinned, decision.reason) == (False, "over_budget")
     assert device.stats().pinned_bytes == cpu.stats().pinned_bytes == 0
+
+
+def test_the_cpu_tiers_pin_budget_is_its_own_larger_share():
+    pins, store, device, cpu, _ = make_pins(policy="fixed_ttl", budget_share=0.5, lower_budget_share=0.75, cpu_entries=4)
+    assert (pins.budget_bytes("device"), pins.budget_bytes("cpu")) == (2 * SIZE, 3 * SIZE)
+    tiers = [finish(pins, store, f"p{i}", "search").tier for i in range(5)]
+    assert tiers == ["device", "device", "cpu", "cpu", "cpu"]
+    sixth = finish(pins, store, "p5", "search")  # both budgets full: fixed TTL displaces nothing
+    assert (sixth.pinned, sixth.reason) == (False, "over_budget")
+    assert (device.stats().pinned_bytes, cpu.stats().pinned_bytes) == (2 * SIZE, 3 * SIZE)
+    assert all(cpu.contains(ChunkKey(f"t-p{i}")) for i in (2, 3, 4))  # held below while the device churns
 
 
 def test_a_pin_the_devices_budget_cannot_take_is_held_in_the_cpu_tier_and_prefetched_before_its_tool_returns():
@@ -228,6 +239,8 @@ def test_close_releases_every_pin():
 def test_a_share_of_the_whole_tier_is_refused():
     with pytest.raises(ValueError, match="budget_share"):
         PinConfig(budget_share=1.0)
+    with pytest.raises(ValueError, match="lower_budget_share"):
+        PinConfig(lower_budget_share=0.0)
 
 
 def test_pinned_bytes_max_is_the_high_water_mark_of_the_budget():
@@ -260,7 +273,7 @@ def test_policy_fixed_ttl_pins_every_call_for_the_fixed_ttl_whatever_it_is_worth
     teach(pins, "search", [0.1, 0.1, 0.1])  # and the tool is always quick
     decision = finish(pins, store, "p1", "search")
     assert (decision.pinned, decision.ttl_s, decision.source) == (True, 3.0, "fixed")
-    assert decision.value_s == pytest.approx(-3.0 * 0.1)  # P(3 s) = 1, saving 0, 3 s at mem ratio 1 x pressure 0.1
+    assert decision.value_s == pytest.approx(-3.0 * PRESSURE)  # P(3 s) = 1, saving 0, 3 s at mem ratio 1 x pressure
     clock.now += 3.0
     assert pins.stats()["counters"]["expired"] == 1 and not device.is_pinned(ChunkKey("t-p1"))
 
@@ -286,14 +299,17 @@ def test_policy_tool_ttl_is_the_default_and_an_unknown_policy_is_refused():
 
 def test_the_settings_name_the_pin_policy_and_refuse_an_unknown_one():
     from ragcache.config import SettingsError, load_settings
+    from ragcache.service.server import _pin_config
 
-    settings = load_settings(env={"RAGCACHE_PIN_POLICY": "fixed_ttl", "RAGCACHE_PIN_FIXED_TTL_S": "0.5"})
-    assert (settings.pin_policy, settings.pin_fixed_ttl_s) == ("fixed_ttl", 0.5)
-    assert PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s).fixed_ttl_s == 0.5
+    env = {"RAGCACHE_PIN_POLICY": "fixed_ttl", "RAGCACHE_PIN_FIXED_TTL_S": "0.5", "RAGCACHE_PIN_LOWER_BUDGET_SHARE": "0.7"}
+    config = _pin_config(load_settings(env=env))
+    assert (config.policy, config.fixed_ttl_s, config.budget_share, config.lower_budget_share) == ("fixed_ttl", 0.5, 0.5, 0.7)
     with pytest.raises(SettingsError, match="pin_policy"):
         load_settings(env={"RAGCACHE_PIN_POLICY": "lru"})
     with pytest.raises(SettingsError, match="pin_fixed_ttl_s"):
         load_settings(flags={"pin_fixed_ttl_s": 0})
+    with pytest.raises(SettingsError, match="pin_lower_budget_share"):
+        load_settings(flags={"pin_lower_budget_share": 1.0})
 
 
 def test_a_fuller_pin_budget_prices_memory_higher_and_shortens_the_ttl():

@@ -46,13 +46,16 @@ class HeldPin:
 
 
 class PinBudget:
-    def __init__(self, room: Callable[[], list[TierRoom]], predictor: ToolDurationPredictor, share: float) -> None:
-        """room: the local tiers' bytes and pinned bytes now (PrefixCache.room)."""
+    def __init__(
+        self, room: Callable[[], list[TierRoom]], predictor: ToolDurationPredictor, top_share: float, lower_share: float
+    ) -> None:
+        """room: the local tiers' bytes and pinned bytes now (PrefixCache.room), fastest first.
+        top_share of the fastest tier's bytes and lower_share of each tier below it may be pinned."""
         self.room = room
         self.max_bytes = {tier.name: tier.max_bytes for tier in room()}  # a tier's budget never changes
         self.tiers = list(self.max_bytes)
         self.predictor = predictor
-        self.share = share
+        self.shares = {name: top_share if i == 0 else lower_share for i, name in enumerate(self.tiers)}
         self.held: dict[ProgramRef, HeldPin] = {}
         self.pinned_bytes_max: dict[str, int] = dict.fromkeys(self.tiers, 0)  # high-water mark per tier
 
@@ -65,7 +68,7 @@ class PinBudget:
     def budget_bytes(self, tier: str) -> int:
         if tier not in self.max_bytes:
             raise ValueError(f"no local tier named {tier!r}; local tiers: {self.tiers}")
-        return int(self.share * self.max_bytes[tier])
+        return int(self.shares[tier] * self.max_bytes[tier])
 
     def unpinned_bytes(self, tier: str) -> int:
         """The tier's bytes no pin holds (the store's count: pins of every kind)."""

@@ -42,7 +42,7 @@ def build_runtime(settings: Settings) -> Runtime:
     )
     registry = make_registry(settings.registry_kind, settings.redis_url, settings.data_path)
     engine = BlendEngine(loaded, store, config)
-    pins = PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s)
+    pins = _pin_config(settings)
     coordinator = ProgramCoordinator.measured(engine.prefix, engine.stack, AgentConfig(pins=pins))
     engine.use_admission_order(coordinator.scheduler)
     semantic = _semantic_cache(settings)
@@ -77,7 +77,7 @@ def _vllm_runtime(settings: Settings) -> Runtime:
     coordinator = None
     try:  # a program's reload cost on these servers: their prefill time, measured now (a few seconds)
         profile = measure_prefill_profile(engine.prefill_seconds, (64, 256, 1024), repeats=1)
-        pins = PinConfig(policy=settings.pin_policy, fixed_ttl_s=settings.pin_fixed_ttl_s)
+        pins = _pin_config(settings)
         coordinator = ProgramCoordinator(RadixPrefixCache(store, "vllm"), profile, AgentConfig(pins=pins))
         engine.use_admission_order(coordinator.scheduler)
     except Exception as exc:  # no server up yet: programs are served, without pins or program-level order
@@ -129,6 +129,15 @@ def _agreement(semantic):
     from ragcache.semantic.agreement import answers_agree
 
     return lambda cached, fresh: answers_agree(cached, fresh, semantic.embedder).agree
+
+
+def _pin_config(settings: Settings) -> PinConfig:
+    return PinConfig(
+        policy=settings.pin_policy,
+        fixed_ttl_s=settings.pin_fixed_ttl_s,
+        budget_share=settings.pin_budget_share,
+        lower_budget_share=settings.pin_lower_budget_share,
+    )
 
 
 def _semantic_cache(settings: Settings):
