@@ -20,6 +20,7 @@ PRESSURE = SIZE / (int(0.5 * 4 * SIZE) + int(0.8 * 16 * SIZE))  # one entry's sh
 
 
 def make_pins(profile=SLOW_PREFILL, device_entries=4, cpu_entries=16, **config):
+    config.setdefault("memory_weight", 1.0)  # the values below are worked out at weight 1
     clock = Clock()
     device, cpu = GpuTier(device_entries * SIZE, device="cpu"), CpuTier(cpu_entries * SIZE)
     device.clock = cpu.clock = clock

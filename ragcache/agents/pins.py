@@ -81,8 +81,10 @@ class PinConfig:
     budget_share: float = 0.5  # of the top (device) tier's max_bytes that program pins may hold
     lower_budget_share: float = 0.8  # of each local tier below the top: no live request writes there
     eta: float = 1.0  # Continuum's η: how much of the queueing delay a held pin saves
-    memory_weight: float = 1.0  # seconds of cost per second an average-sized program's KV is held with
-    # the pin budget full (scaled by how full it would be: _mem_ratio)
+    memory_weight: float = 0.25  # seconds of cost per second an average-sized program's KV is held with
+    # the pin budget full (scaled by how full it would be: _mem_ratio). The cost model's one free
+    # parameter: bench agents (program_id, 3 repeats) re-prefilled 4,853 / 3,269 / 4,227 tokens at
+    # 0 / 0.25 / 1.0 (README, "Agent pins on the prefix cache")
     resume_grace_s: float = 2.0  # after tool_end, the pin holds at least this long for the next turn
     delay_window: int = 64  # queueing delays of returning programs averaged into T
     size_window: int = 256  # program KV sizes averaged into M
