@@ -231,7 +231,8 @@ def synthetic_runs():
 def test_figures_aggregate_to_the_json_shape_with_cuts_against_lru_and_the_targets():
     traces = bfcl.load_traces(2, 1, seed=0)
     summary = summarise(synthetic_runs(), traces, AgentsBenchOptions(programs=2, turns=1), Sizes(2000, 2000, 9000))
-    assert set(summary) == {"policies", "by_prefix", "pin_budget_bytes", "config", "durations", "machine", "targets"}
+    assert set(summary) == {"policies", "by_prefix", "pin_budget_bytes", "pin_budget_bytes_by_tier", "config",
+                            "durations", "machine", "targets"}
     assert list(summary["policies"]) == ["lru", "fixed_ttl", "tool_ttl"] and summary["by_prefix"] == {"policies": {}}
     lru, fixed, tool = (summary["policies"][name] for name in ("lru", "fixed_ttl", "tool_ttl"))
     assert (lru["reprefill_tokens"], lru["reprefill_tokens_per_turn"], lru["returning_turns"]) == (1000, 500.0, 2)
@@ -244,6 +245,7 @@ def test_figures_aggregate_to_the_json_shape_with_cuts_against_lru_and_the_targe
     assert (tool["pin_ttl_mean_s"], tool["pins_covering"]) == (1.5, 0.5)
     assert (lru["pin_ttl_mean_s"], lru["pins_covering"]) == (None, None)
     assert summary["pin_budget_bytes"] == 1000 and tool["within_pin_budget"]
+    assert summary["pin_budget_bytes_by_tier"] == {"device": 1000, "cpu": 1000}
     assert summary["targets"] == {"program_id": {"reprefill_cut_ge_80pct": True, "lowest_jct_mean": True,
                                                  "reprefill_ci_separate_from_lru": True,
                                                  "jct_ci_separate_from_lru": True, "within_pin_budget": True,
@@ -255,6 +257,7 @@ def test_figures_aggregate_to_the_json_shape_with_cuts_against_lru_and_the_targe
     json.dumps(summary)  # JSON-ready
     table = format_agents_table(summary)
     assert "tool_ttl" in table and "90%" in table and "met yes" in table and "1000 ± 0" in table and "8.5 ± 0.0" in table
+    assert "pins device 0 + cpu 0 MiB" in table.splitlines()[0]  # each tier's pin budget (1000 bytes)
 
 
 def test_noise_compares_each_policys_two_runs_of_the_same_work():
@@ -478,7 +481,7 @@ def test_a_small_run_end_to_end_over_http(tokenizer, monkeypatch):
     calls = requests - 2
     for row in policies.values():
         assert row["turns"] == requests and row["programs"] == 2 and row["returning_turns"] == calls
-        assert row["within_pin_budget"] and row["pinned_bytes_max"] <= summary["pin_budget_bytes"]
+        assert row["within_pin_budget"] and row["pinned_bytes_max"] <= max(summary["pin_budget_bytes_by_tier"].values())
         assert row["reprefill_tokens_repeats"] == [row["reprefill_tokens"]] and row["repeats"] == 1
         assert row["jct_mean_s_ci"] == [row["jct_mean_s"]] * 2 and row["prefetched_tokens"] >= 0
     assert policies["lru"]["pins_created"] == 0 and policies["lru"]["pinned_bytes_max"] == 0

@@ -554,6 +554,7 @@ def policy_figures(programs: Sequence[ProgramRecord], stats: dict) -> dict:
         "queue_delay_mean_s": _mean([r.queue_s for r in returning]),
         "pinned_bytes_max": max((t.get("pinned_bytes_max", 0) for t in budget.values()), default=0),
         "pin_budget_bytes": tier.get("budget_bytes"),
+        "pin_budget_bytes_by_tier": {name: t["budget_bytes"] for name, t in budget.items()},
         "within_pin_budget": all(t.get("pinned_bytes_max", 0) <= t["budget_bytes"] for t in budget.values()),
         "pins_created": counters.get("created", 0),
         "pins_expired": counters.get("expired", 0),
@@ -663,6 +664,7 @@ def summarise(runs: dict[str, dict], traces: Sequence[Trace], options: AgentsBen
         "policies": runs["program_id"],
         "by_prefix": {"policies": runs["prefix"]},
         "pin_budget_bytes": runs["program_id"]["lru"]["pin_budget_bytes"] if runs["program_id"] else None,
+        "pin_budget_bytes_by_tier": runs["program_id"]["lru"]["pin_budget_bytes_by_tier"] if runs["program_id"] else {},
         "config": {
             **asdict(options),
             "device_tier_bytes": sizes.device_bytes,
@@ -794,7 +796,7 @@ def format_agents_table(summary: dict) -> str:
         f"tools {_f(durations['mean_s'], 2)} ± {_f(durations['sd_s'], 2)} s, slowest 10% "
         f"{_f(100 * (durations['slowest_10pct_share'] or 0), 0)}% of the delay; KV device + host "
         f"{2 * config['device_tier_bytes'] / 2**20:.0f} MiB of {config['expected_kv_bytes'] / 2**20:.0f}, pins "
-        f"{(summary['pin_budget_bytes'] or 0) / 2**20:.0f} MiB",
+        f"{_tier_budgets(summary)}",
         header,
         "-" * len(header),
     ]
@@ -819,6 +821,13 @@ def format_agents_table(summary: dict) -> str:
     for identify, check in summary["targets"].items():
         lines.append(f"targets ({identify}): " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in check.items()))
     return "\n".join(lines)
+
+
+def _tier_budgets(summary: dict) -> str:
+    """What pins may hold, per tier ("device 91 + cpu 146 MiB"); a summary from before the per-tier key: the
+    device tier's."""
+    tiers = summary.get("pin_budget_bytes_by_tier") or {PIN_TIER: summary["pin_budget_bytes"] or 0}
+    return " + ".join(f"{name} {nbytes / 2**20:.0f}" for name, nbytes in tiers.items()) + " MiB"
 
 
 def _pm(row: dict, figure: str, digits: int) -> str:
