@@ -65,6 +65,7 @@ class Settings:
     pin_fixed_ttl_s: float = 2.0  # the pin of every tool call under pin_policy fixed_ttl
     pin_budget_share: float = 0.5  # of the device tier that pins may hold (the rest is for live requests)
     pin_lower_budget_share: float = 0.8  # of each local tier below it (no live request writes there)
+    pin_memory_weight: float = 0.25  # tool_ttl's cost of a second of pinned memory (agents/pins.py PinConfig)
     # chats that name no program (with tools or history) kept as programs found by their token prefix
     conversation_kv: bool = True
     # batching: working KV of running sequences, tokens per batched step, KV growth block, concurrency
@@ -122,6 +123,7 @@ class Settings:
             (self.pin_fixed_ttl_s > 0, "pin_fixed_ttl_s must be positive"),
             (0 < self.pin_budget_share < 1, "pin_budget_share must be in (0, 1)"),
             (0 < self.pin_lower_budget_share < 1, "pin_lower_budget_share must be in (0, 1)"),
+            (self.pin_memory_weight >= 0, "pin_memory_weight must be >= 0"),
             (all(k and t for k, t in self.api_keys.items()), "api_keys must map non-empty keys to non-empty tenants"),
         ]
         for ok, message in checks:

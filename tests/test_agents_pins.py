@@ -302,15 +302,19 @@ def test_the_settings_name_the_pin_policy_and_refuse_an_unknown_one():
     from ragcache.config import SettingsError, load_settings
     from ragcache.service.server import _pin_config
 
-    env = {"RAGCACHE_PIN_POLICY": "fixed_ttl", "RAGCACHE_PIN_FIXED_TTL_S": "0.5", "RAGCACHE_PIN_LOWER_BUDGET_SHARE": "0.7"}
+    env = {"RAGCACHE_PIN_POLICY": "fixed_ttl", "RAGCACHE_PIN_FIXED_TTL_S": "0.5", "RAGCACHE_PIN_LOWER_BUDGET_SHARE": "0.7",
+           "RAGCACHE_PIN_MEMORY_WEIGHT": "1.5"}
     config = _pin_config(load_settings(env=env))
-    assert (config.policy, config.fixed_ttl_s, config.budget_share, config.lower_budget_share) == ("fixed_ttl", 0.5, 0.5, 0.7)
+    assert (config.policy, config.fixed_ttl_s, config.lower_budget_share, config.memory_weight) == ("fixed_ttl", 0.5, 0.7, 1.5)
+    assert _pin_config(load_settings(env={})) == PinConfig()  # the settings' defaults are the pins' own
     with pytest.raises(SettingsError, match="pin_policy"):
         load_settings(env={"RAGCACHE_PIN_POLICY": "lru"})
     with pytest.raises(SettingsError, match="pin_fixed_ttl_s"):
         load_settings(flags={"pin_fixed_ttl_s": 0})
     with pytest.raises(SettingsError, match="pin_lower_budget_share"):
         load_settings(flags={"pin_lower_budget_share": 1.0})
+    with pytest.raises(SettingsError, match="pin_memory_weight"):
+        load_settings(flags={"pin_memory_weight": -1})
 
 
 def test_a_fuller_pin_budget_prices_memory_higher_and_shortens_the_ttl():

@@ -137,6 +137,7 @@ def _pin_config(settings: Settings) -> PinConfig:
         fixed_ttl_s=settings.pin_fixed_ttl_s,
         budget_share=settings.pin_budget_share,
         lower_budget_share=settings.pin_lower_budget_share,
+        memory_weight=settings.pin_memory_weight,
     )
 
 
