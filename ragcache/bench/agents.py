@@ -39,7 +39,7 @@ dropped, as in a deployment (with one local tier and nothing below it, the store
 expired pin's entry at once: every pin that expires would cost more than no pin). By default KV_SHARE of all programs' final KV, so it holds well
 under all of them (and each program's system-prefix chunk takes room too). Pins may hold
 budget_share (0.5) of the device tier and lower_budget_share (0.8) of the host tier
-(pin_budget_bytes: the device tier's; budget, per tier), the device tier first; a pin that
+(pin_budget_bytes: the device tier's; pin_budget_bytes_by_tier: each), the device tier first; a pin that
 fits neither is refused (or, under tool_ttl, displaces less valuable pins).
 
 Measured, per policy:
